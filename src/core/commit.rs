@@ -1,0 +1,70 @@
+//! Group commit bookkeeping: which metadata commit a request must wait for.
+//!
+//! The metadata store numbers its commits. A request whose track bit is
+//! unsynced must wait for a commit that *starts* after it looked (its bit
+//! may have missed the snapshot of the one in progress); a request whose bit
+//! is synced but may have been taken by the commit in progress waits for
+//! that one. A request whose bits are all durable waits for nothing: that is
+//! what keeps the common write free of metadata I/O.
+
+use super::geometry::Track;
+use super::table::TrackTable;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+
+/// Number of a metadata commit; commit `n` is durable once `done >= n`.
+pub type CommitSeq = u64;
+
+#[derive(Default)]
+pub struct CommitClock {
+    started: AtomicU64,
+    done: AtomicU64,
+}
+
+impl CommitClock {
+    /// Called by the store as a commit starts, before it takes any chunk.
+    pub fn begin(&self) -> CommitSeq {
+        self.started.fetch_add(1, SeqCst) + 1
+    }
+
+    /// Called by the store once commit `seq` is durable.
+    pub fn finish(&self, seq: CommitSeq) {
+        self.done.fetch_max(seq, SeqCst);
+    }
+
+    /// Restarts the numbering after the metadata was loaded.
+    pub fn reset(&self, seq: CommitSeq) {
+        self.started.store(seq, SeqCst);
+        self.done.store(seq, SeqCst);
+    }
+
+    pub fn done(&self) -> CommitSeq {
+        self.done.load(SeqCst)
+    }
+
+    pub fn is_durable(&self, seq: CommitSeq) -> bool {
+        self.done() >= seq
+    }
+
+    /// The commit after which `table[t]` is durable as it is now, if any.
+    pub fn needed_for(&self, table: &TrackTable, t: Track) -> Option<CommitSeq> {
+        let unsynced = table.is_unsynced(t);
+        let started = self.started.load(SeqCst);
+        if unsynced {
+            Some(started + 1)
+        } else if started > self.done() {
+            Some(started)
+        } else {
+            None
+        }
+    }
+
+    /// The commit that makes everything changed up to now durable.
+    pub fn next(&self) -> CommitSeq {
+        self.started.load(SeqCst) + 1
+    }
+}
+
+/// The later of two optional commit requirements.
+pub fn later(a: Option<CommitSeq>, b: Option<CommitSeq>) -> Option<CommitSeq> {
+    a.max(b)
+}

@@ -1,0 +1,145 @@
+//! What the core tells an executor to do: the plans for host requests and
+//! copies. Offsets are absolute byte offsets on the devices (the volume's
+//! offset N is offset N on both the primary and the secondary).
+
+use super::commit::CommitSeq;
+use super::geometry::Track;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dev {
+    Primary,
+    Secondary,
+}
+
+/// A set of data devices (for writes and flushes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DevSet {
+    pub primary: bool,
+    pub secondary: bool,
+}
+
+impl DevSet {
+    pub const NONE: DevSet = DevSet {
+        primary: false,
+        secondary: false,
+    };
+    pub const PRIMARY: DevSet = DevSet {
+        primary: true,
+        secondary: false,
+    };
+    pub const SECONDARY: DevSet = DevSet {
+        primary: false,
+        secondary: true,
+    };
+    pub const BOTH: DevSet = DevSet {
+        primary: true,
+        secondary: true,
+    };
+
+    pub fn union(self, o: DevSet) -> DevSet {
+        DevSet {
+            primary: self.primary || o.primary,
+            secondary: self.secondary || o.secondary,
+        }
+    }
+
+    pub fn devs(self) -> impl Iterator<Item = Dev> {
+        let p = self.primary.then_some(Dev::Primary);
+        let s = self.secondary.then_some(Dev::Secondary);
+        p.into_iter().chain(s)
+    }
+}
+
+/// Read `len` bytes at `offset` of `dev` into the request buffer at `buf_offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadSeg {
+    pub dev: Dev,
+    pub offset: u64,
+    pub len: u64,
+    pub buf_offset: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteStep {
+    /// Write the host bytes `buf_offset..+len` at `offset` on `devs`.
+    Direct {
+        devs: DevSet,
+        offset: u64,
+        len: u64,
+        buf_offset: u64,
+    },
+    /// Claims 6, 8, 9: read the secondary's whole track
+    /// (`track_offset..+track_len`), overlay the host bytes
+    /// (`buf_offset..+len`, landing at `offset`), write the combined track
+    /// to the primary.
+    Merge {
+        track: Track,
+        track_offset: u64,
+        track_len: u64,
+        offset: u64,
+        len: u64,
+        buf_offset: u64,
+    },
+}
+
+/// How a request holds one track while it is in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hold {
+    Shared,
+    Exclusive,
+}
+
+/// A planned host write. Run [`WritePlan::steps`] (after
+/// `commit_before_issue` is durable), then hand the plan back to
+/// [`super::Volume::finish_write`].
+#[derive(Debug)]
+pub struct WritePlan {
+    pub steps: Vec<WriteStep>,
+    /// Bits this write set (changed since split, write intent, ...) must be
+    /// durable before any data reaches a device: wait for this commit.
+    pub commit_before_issue: Option<CommitSeq>,
+    pub(crate) holds: Vec<(Track, Hold)>,
+    /// Pending tracks this write makes restored once its data is on primary.
+    pub(crate) restores: Vec<Track>,
+    pub(crate) mirrored: bool,
+}
+
+impl WritePlan {
+    pub fn devs(&self) -> DevSet {
+        self.steps.iter().fold(DevSet::NONE, |acc, s| match s {
+            WriteStep::Direct { devs, .. } => acc.union(*devs),
+            WriteStep::Merge { .. } => acc.union(DevSet::PRIMARY),
+        })
+    }
+
+    /// Tracks this write makes restored (claims 5, 6), for tests and stats.
+    pub fn restores(&self) -> &[Track] {
+        &self.restores
+    }
+}
+
+/// What the executor reports back about a write's data I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriteOutcome {
+    pub primary_failed: bool,
+    pub secondary_failed: bool,
+}
+
+/// How a host write ends: `ok` is the status for the host, and the
+/// acknowledgement waits until `ack_after` is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteDone {
+    pub ok: bool,
+    pub ack_after: Option<CommitSeq>,
+}
+
+/// One track to copy from `from` to `to`; the track is locked exclusive
+/// until [`super::Volume::finish_copy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyJob {
+    pub track: Track,
+    pub from: Dev,
+    pub to: Dev,
+    pub offset: u64,
+    pub len: u64,
+}

@@ -23,4 +23,5 @@ pub mod error;
 pub mod hostpath;
 pub mod metadata;
 pub mod server;
+pub mod sim;
 pub mod ublk;

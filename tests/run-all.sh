@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite, as README.md gives it: style, unit/claim/model/crash
+# tests, then the VM tier against Debian's real kernel with ublk_drv.
+# Opt out of the VM tier only explicitly: SPLITMIRROR_SKIP_VM=reason.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --all-targets -- -D warnings
+echo "== cargo test (release: the model and crash seeds run faster)"
+cargo test --release
+if [ -n "${SPLITMIRROR_SKIP_VM:-}" ]; then
+  echo "== VM tier SKIPPED on request: $SPLITMIRROR_SKIP_VM"
+  echo "   (unset SPLITMIRROR_SKIP_VM to run it; CI always runs it)"
+  exit 0
+fi
+echo "== VM tier (qemu TCG, Debian 6.12 kernel, real ublk_drv)"
+bash tests/vm/run.sh

@@ -197,7 +197,11 @@ fn bad_configs(dir: &Path) -> Vec<(String, PathBuf, &'static str)> {
             "too large",
         ),
         ("queues 0", config_with("ublk:\n  queues: 0\n"), "CPUs"),
-        ("depth 0", config_with("ublk:\n  depth: 0\n"), "out of range"),
+        (
+            "depth 0",
+            config_with("ublk:\n  depth: 0\n"),
+            "out of range",
+        ),
         (
             "depth huge",
             config_with("ublk:\n  depth: 100000\n"),
@@ -578,4 +582,22 @@ fn other_users_are_refused() {
     let o = as_nobody();
     assert_fails(&o, 1, "peer check refuses nobody");
     assert!(stderr(&o).contains("permission denied"), "{}", stderr(&o));
+}
+
+#[test]
+fn wait_gives_up_on_a_paused_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vol0.sock");
+    let fake = Fake::new("restoring", vec![]);
+    fake.status.lock().unwrap().errors = vec!["read error on track 12".into()];
+    let _server = control::serve(&sock, fake).unwrap();
+    let o = splitmirror(&[
+        "wait",
+        "--timeout",
+        "30",
+        "--socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert_fails(&o, 1, "paused copy");
+    assert!(stderr(&o).contains("track 12"), "{}", stderr(&o));
 }

@@ -498,10 +498,7 @@ impl Progress {
         let Some(op) = &st.operation else { return };
         if self.terminal {
             self.update_bar(op);
-        } else if self
-            .last_line
-            .map_or(true, |t| t.elapsed() >= PLAIN_INTERVAL)
-        {
+        } else if self.last_line.is_none_or(|t| t.elapsed() >= PLAIN_INTERVAL) {
             println!("{}", progress_line(op));
             self.last_line = Some(Instant::now());
         }

@@ -26,8 +26,16 @@ const SECTOR: u64 = 512;
 type Slot<T> = Rc<RefCell<Option<std::io::Result<T>>>>;
 
 enum InFlight {
-    Write { offset: u64, data: Vec<u8>, slot: Slot<()> },
-    Read { offset: u64, len: u64, slot: Slot<Vec<u8>> },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        slot: Slot<()>,
+    },
+    Read {
+        offset: u64,
+        len: u64,
+        slot: Slot<Vec<u8>>,
+    },
 }
 
 impl InFlight {
@@ -70,7 +78,17 @@ impl Model {
         let h = Harness::new(seed, size, track, VolumeState::Established);
         let base = pattern(seed, size as usize);
         h.preload(&base);
-        Model { h, seed, bytes: base, split_image: None, inflight: Vec::new(), restore_mark: None, rng, track, size }
+        Model {
+            h,
+            seed,
+            bytes: base,
+            split_image: None,
+            inflight: Vec::new(),
+            restore_mark: None,
+            rng,
+            track,
+            size,
+        }
     }
 
     fn overlaps_inflight(&self, start: u64, end: u64) -> bool {
@@ -89,7 +107,11 @@ impl Model {
             1 => 2 * self.track / SECTOR,
             _ => self.rng.u64(1..=self.track / SECTOR),
         };
-        let start = if self.rng.u8(0..3) == 0 { start / (self.track / SECTOR) * (self.track / SECTOR) } else { start };
+        let start = if self.rng.u8(0..3) == 0 {
+            start / (self.track / SECTOR) * (self.track / SECTOR)
+        } else {
+            start
+        };
         let end = (start + len).min(sectors);
         (start * SECTOR, end * SECTOR)
     }
@@ -102,10 +124,18 @@ impl Model {
         if self.rng.bool() {
             let data = pattern(self.rng.u64(..), (end - start) as usize);
             let slot = self.h.start_write(start, data.clone());
-            self.inflight.push(InFlight::Write { offset: start, data, slot });
+            self.inflight.push(InFlight::Write {
+                offset: start,
+                data,
+                slot,
+            });
         } else {
             let slot = self.h.start_read(start, end - start);
-            self.inflight.push(InFlight::Read { offset: start, len: end - start, slot });
+            self.inflight.push(InFlight::Read {
+                offset: start,
+                len: end - start,
+                slot,
+            });
         }
     }
 
@@ -118,14 +148,23 @@ impl Model {
             }
             match self.inflight.swap_remove(i) {
                 InFlight::Write { offset, data, slot } => {
-                    slot.borrow_mut().take().unwrap().unwrap_or_else(|e| panic!("seed {}: write failed: {e}", self.seed));
-                    self.bytes[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+                    slot.borrow_mut()
+                        .take()
+                        .unwrap()
+                        .unwrap_or_else(|e| panic!("seed {}: write failed: {e}", self.seed));
+                    self.bytes[offset as usize..offset as usize + data.len()]
+                        .copy_from_slice(&data);
                 }
                 InFlight::Read { offset, len, slot } => {
-                    let got = slot.borrow_mut().take().unwrap().unwrap_or_else(|e| panic!("seed {}: read failed: {e}", self.seed));
+                    let got = slot
+                        .borrow_mut()
+                        .take()
+                        .unwrap()
+                        .unwrap_or_else(|e| panic!("seed {}: read failed: {e}", self.seed));
                     let want = &self.bytes[offset as usize..(offset + len) as usize];
                     if got != want {
-                        let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap() as u64 + offset;
+                        let at =
+                            got.iter().zip(want).position(|(a, b)| a != b).unwrap() as u64 + offset;
                         panic!(
                             "seed {}: read {offset}+{len} differs from the model at byte {at} (track {}), state {:?}",
                             self.seed,
@@ -148,8 +187,13 @@ impl Model {
     fn random_command(&mut self) -> Command {
         match self.rng.u8(0..3) {
             0 => Command::Split,
-            1 => Command::Establish { full: self.rng.bool() },
-            _ => Command::Restore { incremental: self.rng.bool(), protect: self.rng.bool() },
+            1 => Command::Establish {
+                full: self.rng.bool(),
+            },
+            _ => Command::Restore {
+                incremental: self.rng.bool(),
+                protect: self.rng.bool(),
+            },
         }
     }
 
@@ -160,14 +204,22 @@ impl Model {
         let cmd = self.random_command();
         let before = self.h.vol.state();
         if self.h.command(cmd).is_err() {
-            assert_eq!(self.h.vol.state(), before, "seed {}: a refused command changed the state", self.seed);
+            assert_eq!(
+                self.h.vol.state(),
+                before,
+                "seed {}: a refused command changed the state",
+                self.seed
+            );
             return;
         }
         match cmd {
             Command::Split => self.split_image = Some(self.bytes.clone()),
             Command::Restore { .. } => {
                 // Instant restore: from now on the host sees the split image.
-                self.bytes = self.split_image.clone().expect("restore only after a split");
+                self.bytes = self
+                    .split_image
+                    .clone()
+                    .expect("restore only after a split");
                 self.restore_mark = Some(self.h.disks.secondary_written.get());
             }
             Command::Establish { .. } => {}
@@ -217,26 +269,47 @@ impl Model {
         self.h.sched.run_until(common::STEP_LIMIT, || {
             if let Some(m) = mark {
                 if vol.state() == VolumeState::Restoring {
-                    assert_eq!(disks.secondary_written.get(), m, "seed {seed}: secondary written during restore");
+                    assert_eq!(
+                        disks.secondary_written.get(),
+                        m,
+                        "seed {seed}: secondary written during restore"
+                    );
                 }
             }
             vol.state().copy_kind().is_none()
         });
         let state = self.h.vol.state();
-        assert_eq!(self.h.read(0, self.size), self.bytes, "seed {seed}: host view differs from the model in {state:?}");
-        assert!(self.h.primary() == self.bytes, "seed {seed}: primary differs from the model in {state:?}");
+        assert_eq!(
+            self.h.read(0, self.size),
+            self.bytes,
+            "seed {seed}: host view differs from the model in {state:?}"
+        );
+        assert!(
+            self.h.primary() == self.bytes,
+            "seed {seed}: primary differs from the model in {state:?}"
+        );
         match state {
             VolumeState::Established => {
-                assert!(self.h.secondary() == self.bytes, "seed {seed}: established but the secondary differs")
+                assert!(
+                    self.h.secondary() == self.bytes,
+                    "seed {seed}: established but the secondary differs"
+                )
             }
             VolumeState::Split => {
                 let image = self.split_image.as_ref().unwrap();
-                assert!(&self.h.secondary() == image, "seed {seed}: split but the secondary lost its image");
+                assert!(
+                    &self.h.secondary() == image,
+                    "seed {seed}: split but the secondary lost its image"
+                );
                 // Changed-since-split covers every track that differs.
                 for t in 0..self.h.vol.geometry().tracks() {
-                    let r = (t * self.track) as usize..((t + 1) * self.track).min(self.size) as usize;
+                    let r =
+                        (t * self.track) as usize..((t + 1) * self.track).min(self.size) as usize;
                     if self.bytes[r.clone()] != image[r] {
-                        assert!(self.h.vol.tables.changed.get(t), "seed {seed}: track {t} differs but is not tracked");
+                        assert!(
+                            self.h.vol.tables.changed.get(t),
+                            "seed {seed}: track {t} differs but is not tracked"
+                        );
                     }
                 }
             }
@@ -249,7 +322,10 @@ fn seeds(default: u64) -> Vec<u64> {
     if let Ok(s) = std::env::var("SPLITMIRROR_MODEL_SEED") {
         return vec![s.parse().expect("SPLITMIRROR_MODEL_SEED must be a number")];
     }
-    let n = std::env::var("SPLITMIRROR_MODEL_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+    let n = std::env::var("SPLITMIRROR_MODEL_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
     (0..n).collect()
 }
 
@@ -272,7 +348,10 @@ fn model_restore_heavy_interleavings() {
             m.start_io();
         }
         m.drain();
-        let cmd = Command::Restore { incremental: m.rng.bool(), protect: m.rng.bool() };
+        let cmd = Command::Restore {
+            incremental: m.rng.bool(),
+            protect: m.rng.bool(),
+        };
         m.h.command(cmd).unwrap();
         m.bytes = m.split_image.clone().unwrap();
         m.restore_mark = Some(m.h.disks.secondary_written.get());

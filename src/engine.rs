@@ -65,7 +65,7 @@ pub async fn copy_batch<B: Backend>(vol: &Volume, b: &B, cfg: &EngineConfig) -> 
     let results = join_all(runs.iter().map(|run| copy_run(b, run))).await;
     let mut out = BatchResult::default();
     for (run, res) in runs.iter().zip(results) {
-        for job in run {
+        for (job, res) in run.iter().zip(res) {
             let ok = match &res {
                 Ok(()) => true,
                 Err(e) => {
@@ -109,7 +109,22 @@ fn coalesce(jobs: &[CopyJob], max_io: u64) -> Vec<Vec<CopyJob>> {
     runs
 }
 
-async fn copy_run<B: Backend>(b: &B, run: &[CopyJob]) -> io::Result<()> {
+/// Copies a run of adjacent tracks in one I/O; if that fails, track by
+/// track, so that one bad track does not fail (or skip) its neighbours.
+async fn copy_run<B: Backend>(b: &B, run: &[CopyJob]) -> Vec<io::Result<()>> {
+    match copy_span(b, run).await {
+        Ok(()) => return run.iter().map(|_| Ok(())).collect(),
+        Err(e) if run.len() == 1 => return vec![Err(e)],
+        Err(_) => {}
+    }
+    let mut out = Vec::with_capacity(run.len());
+    for job in run {
+        out.push(copy_span(b, std::slice::from_ref(job)).await);
+    }
+    out
+}
+
+async fn copy_span<B: Backend>(b: &B, run: &[CopyJob]) -> io::Result<()> {
     let first = run[0];
     let len: u64 = run.iter().map(|j| j.len).sum();
     let mut buf: AlignedBuf = b.buffer(len as usize);

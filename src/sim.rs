@@ -62,6 +62,8 @@ pub struct SimBackend {
     rng: SimRng,
     max_yields: u32,
     commit_wanted: Cell<bool>,
+    /// Metadata commits fail while set (fault tests).
+    pub commits_fail: Cell<bool>,
 }
 
 impl SimBackend {
@@ -71,6 +73,7 @@ impl SimBackend {
             rng,
             max_yields,
             commit_wanted: Cell::new(false),
+            commits_fail: Cell::new(false),
         }
     }
 
@@ -136,6 +139,10 @@ impl Backend for SimBackend {
 
     fn request_commit(&self) {
         self.commit_wanted.set(true);
+    }
+
+    fn commit_failed(&self) -> bool {
+        self.commits_fail.get()
     }
 }
 

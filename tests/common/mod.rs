@@ -169,7 +169,7 @@ impl Harness {
 
 async fn committer(vol: Rc<Volume>, b: Rc<SimBackend>) {
     loop {
-        if b.take_commit_request() || vol.needs_commit() {
+        if (b.take_commit_request() || vol.needs_commit()) && !b.commits_fail.get() {
             let seq = sim::mem_commit_begin(&vol);
             sim::YieldNow(2).await;
             vol.clock.finish(seq);

@@ -34,7 +34,8 @@ use crate::core::geometry::{MAX_TRACK_SIZE, MIN_TRACK_SIZE};
 use crate::error::Error;
 
 /// The keys of each section, for the "valid keys are" hint of an error.
-const TOP_KEYS: &str = "name, primary, secondary, metadata, track_size, ublk, restore, control";
+const TOP_KEYS: &str =
+    "name, primary, secondary, metadata, track_size, ublk, restore, control, metrics";
 
 /// The largest `ublk.depth`: ublk's tag field holds 4096 requests per queue
 /// (`UBLK_MAX_QUEUE_DEPTH` in ublk_cmd.h).
@@ -77,6 +78,8 @@ pub struct Config {
     pub restore: RestoreConfig,
     #[serde(default, deserialize_with = "de_section")]
     pub control: ControlConfig,
+    #[serde(default, deserialize_with = "de_section")]
+    pub metrics: MetricsConfig,
 }
 
 /// How the ublk block device is created.
@@ -132,6 +135,15 @@ pub struct ControlConfig {
     pub socket: PathBuf,
 }
 
+/// Prometheus metrics over HTTP; off unless `listen` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `ADDR:PORT` to serve `/metrics` on, e.g. `127.0.0.1:9477`; empty = off.
+    #[serde(deserialize_with = "de_listen")]
+    pub listen: String,
+}
+
 impl Default for UblkConfig {
     fn default() -> Self {
         UblkConfig {
@@ -184,6 +196,7 @@ impl Config {
             track_size: default_track_size(),
             ublk: UblkConfig::default(),
             restore: RestoreConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 
@@ -657,6 +670,16 @@ fn de_batch<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 }
 fn de_max_inflight<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     Ok(de_int(d, check_copy_tracks)? as u32)
+}
+
+fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    if !s.is_empty() && s.parse::<std::net::SocketAddr>().is_err() {
+        return Err(de::Error::custom(format!(
+            "metrics.listen {s:?} is not an ADDR:PORT (e.g. 127.0.0.1:9477)"
+        )));
+    }
+    Ok(s)
 }
 
 fn de_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {

@@ -22,6 +22,7 @@ pub mod engine;
 pub mod error;
 pub mod hostpath;
 pub mod metadata;
+pub mod metrics;
 pub mod server;
 pub mod sim;
 pub mod ublk;

@@ -53,12 +53,10 @@ fn binding() -> Binding {
 /// The bytes of value `id` in block `block`: (id, block) repeated, so a
 /// mismatch can be decoded from the first 16 bytes.
 fn block_bytes(id: u64, block: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(BLOCK as usize);
-    while v.len() < BLOCK as usize {
-        v.extend_from_slice(&id.to_le_bytes());
-        v.extend_from_slice(&block.to_le_bytes());
-    }
-    v
+    let mut pair = [0u8; 16];
+    pair[..8].copy_from_slice(&id.to_le_bytes());
+    pair[8..].copy_from_slice(&block.to_le_bytes());
+    pair.repeat(BLOCK as usize / 16)
 }
 
 fn decode(bytes: &[u8]) -> (u64, u64) {
@@ -67,10 +65,13 @@ fn decode(bytes: &[u8]) -> (u64, u64) {
     (id, block)
 }
 
-fn image(ids: impl Iterator<Item = u64>) -> Vec<u8> {
-    ids.enumerate()
-        .flat_map(|(b, id)| block_bytes(id, b as u64))
-        .collect()
+/// Blocks `first..` holding the values `ids`.
+fn image(first: u64, ids: impl Iterator<Item = u64>) -> Vec<u8> {
+    let mut v = Vec::new();
+    for (i, id) in ids.enumerate() {
+        v.extend_from_slice(&block_bytes(id, first + i as u64));
+    }
+    v
 }
 
 // ---- the model ---------------------------------------------------------
@@ -259,7 +260,7 @@ impl Run {
         let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed_c0de);
         let assume_clean = rng.bool();
         let power = Power::new();
-        let primary = image((0..BLOCKS).map(|_| 0));
+        let primary = image(0, (0..BLOCKS).map(|_| 0));
         let secondary = if assume_clean {
             primary.clone()
         } else {
@@ -353,7 +354,7 @@ impl Run {
             self.busy[b] = true;
             self.model.blocks[b].since.push(Entry { id, acked: None });
         }
-        let data: Vec<u8> = (first..first + n).flat_map(|b| block_bytes(id, b)).collect();
+        let data = image(first, (0..n).map(|_| id));
         let fua = self.rng.u32(0..5) == 0;
         let (vol, b) = (self.vol.clone(), self.b.clone());
         let slot = self.sched.spawn_with(async move {
@@ -612,9 +613,15 @@ fn block(d: &[u8], b: usize) -> &[u8] {
 }
 
 fn run_seed(seed: u64) -> Result<(), String> {
+    let t0 = std::time::Instant::now();
     let mut run = Run::new(seed);
     run.until_crash()?;
-    run.recover()
+    let t1 = t0.elapsed();
+    let r = run.recover();
+    if std::env::var("SPLITMIRROR_CRASH_VERBOSE").is_ok() {
+        eprintln!("seed {seed}: workload {t1:?}, total {:?}", t0.elapsed());
+    }
+    r
 }
 
 fn seeds() -> std::ops::Range<u64> {

@@ -69,7 +69,10 @@ impl SimDisks {
         Rc::new(SimDisks {
             volatile: Some(Volatile {
                 power,
-                caches: [WriteCache::new(primary.clone()), WriteCache::new(secondary.clone())],
+                caches: [
+                    WriteCache::new(primary.clone()),
+                    WriteCache::new(secondary.clone()),
+                ],
             }),
             primary: RefCell::new(primary),
             secondary: RefCell::new(secondary),
@@ -171,7 +174,10 @@ impl Backend for SimBackend {
             let w = &self.disks.secondary_written;
             w.set(w.get() + buf.len() as u64);
         }
-        self.disks.write_log.borrow_mut().push((dev, offset, buf.len() as u64));
+        self.disks
+            .write_log
+            .borrow_mut()
+            .push((dev, offset, buf.len() as u64));
         let mut d = self.disks.dev(dev).borrow_mut();
         d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
         Ok(())
@@ -315,6 +321,11 @@ impl Power {
     /// Cuts the power at the `n`th write or flush from now (n >= 1).
     pub fn arm(&self, n: u64) {
         self.cut_at.set(self.ops.get() + n);
+    }
+
+    /// Keeps the power on after all.
+    pub fn disarm(&self) {
+        self.cut_at.set(u64::MAX);
     }
 
     pub fn cut(&self) {
@@ -484,7 +495,7 @@ impl crate::metadata::MetaDevice for SimMetaDevice {
         Ok(())
     }
 
-    fn len(&mut self) -> io::Result<u64> {
+    fn size(&mut self) -> io::Result<u64> {
         Ok(self.disk.current.borrow().len() as u64)
     }
 

@@ -99,7 +99,11 @@ impl BlockModel {
     /// A flush that started at event `start` completed: the newest value
     /// acknowledged before it is durable.
     fn flushed(&mut self, start: u64) {
-        if let Some(i) = self.since.iter().rposition(|e| e.acked.is_some_and(|a| a <= start)) {
+        if let Some(i) = self
+            .since
+            .iter()
+            .rposition(|e| e.acked.is_some_and(|a| a <= start))
+        {
             self.durable = self.since[i].id;
             self.since.drain(..=i);
         }
@@ -217,7 +221,13 @@ async fn copier(vol: Rc<Volume>, b: Rc<SimBackend>) {
 
 /// The real store, committing on request and whenever something changed,
 /// with other tasks running between taking a commit and writing it.
-async fn committer(vol: Rc<Volume>, b: Rc<SimBackend>, disks: Rc<SimDisks>, store: Store, rng: SimRng) {
+async fn committer(
+    vol: Rc<Volume>,
+    b: Rc<SimBackend>,
+    disks: Rc<SimDisks>,
+    store: Store,
+    rng: SimRng,
+) {
     loop {
         if rng.borrow_mut().u32(0..16) == 0 {
             vol.clear_idle_intents();
@@ -277,7 +287,14 @@ impl Run {
         let srng = sim::rng(seed);
         let b = Rc::new(SimBackend::new(disks.clone(), srng.clone(), 3));
         let mut sched = Scheduler::new(srng.clone());
-        spawn_engine(&mut sched, &vol, &b, &disks, Rc::new(RefCell::new(store)), &srng);
+        spawn_engine(
+            &mut sched,
+            &vol,
+            &b,
+            &disks,
+            Rc::new(RefCell::new(store)),
+            &srng,
+        );
         power.arm(rng.u64(1..=MAX_CUT_OP));
         Run {
             seed,
@@ -357,9 +374,9 @@ impl Run {
         let data = image(first, (0..n).map(|_| id));
         let fua = self.rng.u32(0..5) == 0;
         let (vol, b) = (self.vol.clone(), self.b.clone());
-        let slot = self.sched.spawn_with(async move {
-            hostpath::write(&vol, &*b, first * BLOCK, &data, fua).await
-        });
+        let slot = self
+            .sched
+            .spawn_with(async move { hostpath::write(&vol, &*b, first * BLOCK, &data, fua).await });
         self.writes.push(Write {
             id,
             first,
@@ -414,9 +431,9 @@ impl Run {
         }
         let start = self.model.tick();
         let (vol, b) = (self.vol.clone(), self.b.clone());
-        let slot = self.sched.spawn_with(async move {
-            engine::transition(&vol, &*b, |v| v.apply(cmd)).await
-        });
+        let slot = self
+            .sched
+            .spawn_with(async move { engine::transition(&vol, &*b, |v| v.apply(cmd)).await });
         self.command = Some(CommandRun { cmd, start, slot });
     }
 
@@ -436,7 +453,11 @@ impl Run {
                 Err(_) => {}
             }
         }
-        if self.command.as_ref().is_some_and(|c| c.slot.borrow().is_some()) {
+        if self
+            .command
+            .as_ref()
+            .is_some_and(|c| c.slot.borrow().is_some())
+        {
             let c = self.command.take().unwrap();
             self.command_done(c, crashed)?;
         }
@@ -510,49 +531,133 @@ impl Run {
         Ok(())
     }
 
-    /// Cuts over to what survived: reopens, finishes the operation, checks.
+    /// Cuts over to what survived: reopens and finishes the operation (in
+    /// half the seeds crashing once more on the way), then checks.
     fn recover(self) -> Result<(), String> {
-        let mut crash_rng = fastrand::Rng::with_seed(self.seed ^ 0xdead_beef);
-        let (p, s) = self.disks.crash_images(&mut crash_rng);
-        let meta_img = self.meta.crash_image(&mut crash_rng);
-        let power = Power::new();
-        let meta = SimMetaDevice::new(meta_img, power.clone());
-        let (store, vol) = MetadataStore::open_dev(meta, &binding())
-            .map_err(|e| format!("reopen failed: {e}"))?;
+        let mut rng = fastrand::Rng::with_seed(self.seed ^ 0xdead_beef);
+        let mut images = Images::take(&self.disks, &self.meta, &mut rng);
+        let mut r = Resumed::open(&images, self.seed.wrapping_add(1))?;
         let mut model = self.model;
         let mut split_known = true;
         if let Some(c) = &self.command {
             match c.cmd {
                 // The restore is durable iff the volume left `split`.
-                Command::Restore { .. } if vol.state() != VolumeState::Split => {
+                Command::Restore { .. } if r.vol.state() != VolumeState::Split => {
                     model.restored(c.start)
                 }
                 Command::Split => split_known = false,
                 _ => {}
             }
         }
-        let vol = Rc::new(vol);
-        let disks = SimDisks::volatile(p, s, power);
-        let srng = sim::rng(self.seed.wrapping_add(1));
-        let b = Rc::new(SimBackend::new(disks.clone(), srng.clone(), 3));
-        let mut sched = Scheduler::new(srng.clone());
-        let opened = vol.state();
-        spawn_engine(&mut sched, &vol, &b, &disks, Rc::new(RefCell::new(store)), &srng);
-        let v = vol.clone();
-        sched.run_until(RECOVERY_STEPS, || v.state().copy_kind().is_none());
-        let (v, bb) = (vol.clone(), b.clone());
-        let slot = sched.spawn_with(async move {
-            let mut buf = vec![0u8; SIZE as usize];
-            hostpath::read(&v, &*bb, 0, &mut buf).await.map(|()| buf)
-        });
-        sched.run_until(RECOVERY_STEPS, || slot.borrow().is_some());
-        let content = slot.borrow_mut().take().unwrap().map_err(|e| e.to_string())?;
-        let ctx = format!("reopened {opened}, ended {}", vol.state());
+        let mut ctx = format!("crashed {}, reopened {}", self.vol.state(), r.vol.state());
+        if rng.bool() {
+            r.power.arm(rng.u64(1..=100));
+            r.settle();
+            // Done before the cut: no cut while the final state change
+            // waits for its commit.
+            r.power.disarm();
+            if r.power.is_off() {
+                images = Images::take(&r.disks, &r.meta, &mut rng);
+                r = Resumed::open(&images, self.seed.wrapping_add(2))?;
+                ctx += &format!(", crashed again, reopened {}", r.vol.state());
+            }
+        }
+        r.settle();
+        if r.vol.state().copy_kind().is_some() {
+            return Err(format!("{ctx}: the operation did not finish"));
+        }
+        let content = r.read_all()?;
+        ctx += &format!(", ended {}", r.vol.state());
         if std::env::var("SPLITMIRROR_CRASH_VERBOSE").is_ok() {
-            eprintln!("seed {}: crash in {} after {} writes, {ctx}", self.seed, self.vol.state(), self.next_id - 1);
+            eprintln!("seed {}: {} writes, {ctx}", self.seed, self.next_id - 1);
         }
         check_content(&model, &content).map_err(|e| format!("{ctx}: {e}"))?;
-        check_devices(&model, &vol, &disks, split_known).map_err(|e| format!("{ctx}: {e}"))
+        check_devices(&model, &r.vol, &r.disks, split_known).map_err(|e| format!("{ctx}: {e}"))
+    }
+}
+
+/// What survives a power cut.
+struct Images {
+    primary: Vec<u8>,
+    secondary: Vec<u8>,
+    meta: Vec<u8>,
+}
+
+impl Images {
+    fn take(disks: &SimDisks, meta: &SimMetaDevice, rng: &mut fastrand::Rng) -> Images {
+        let (primary, secondary) = disks.crash_images(rng);
+        let meta = meta.crash_image(rng);
+        Images {
+            primary,
+            secondary,
+            meta,
+        }
+    }
+}
+
+/// A volume reopened from crash images, with its engine and committer.
+struct Resumed {
+    vol: Rc<Volume>,
+    b: Rc<SimBackend>,
+    disks: Rc<SimDisks>,
+    meta: SimMetaDevice,
+    power: Rc<Power>,
+    sched: Scheduler<'static>,
+}
+
+impl Resumed {
+    fn open(images: &Images, seed: u64) -> Result<Resumed, String> {
+        let power = Power::new();
+        let meta = SimMetaDevice::new(images.meta.clone(), power.clone());
+        let (store, vol) = MetadataStore::open_dev(meta.clone(), &binding())
+            .map_err(|e| format!("reopen failed: {e}"))?;
+        let vol = Rc::new(vol);
+        let disks = SimDisks::volatile(
+            images.primary.clone(),
+            images.secondary.clone(),
+            power.clone(),
+        );
+        let srng = sim::rng(seed);
+        let b = Rc::new(SimBackend::new(disks.clone(), srng.clone(), 3));
+        let mut sched = Scheduler::new(srng.clone());
+        spawn_engine(
+            &mut sched,
+            &vol,
+            &b,
+            &disks,
+            Rc::new(RefCell::new(store)),
+            &srng,
+        );
+        Ok(Resumed {
+            vol,
+            b,
+            disks,
+            meta,
+            power,
+            sched,
+        })
+    }
+
+    /// Runs until no copy is left or the power is cut.
+    fn settle(&mut self) {
+        for _ in 0..RECOVERY_STEPS {
+            if self.vol.state().copy_kind().is_none() || self.power.is_off() {
+                return;
+            }
+            self.sched.step();
+        }
+    }
+
+    fn read_all(&mut self) -> Result<Vec<u8>, String> {
+        let (v, b) = (self.vol.clone(), self.b.clone());
+        let slot = self.sched.spawn_with(async move {
+            let mut buf = vec![0u8; SIZE as usize];
+            hostpath::read(&v, &*b, 0, &mut buf).await.map(|()| buf)
+        });
+        self.sched
+            .run_until(RECOVERY_STEPS, || slot.borrow().is_some());
+        let r = slot.borrow_mut().take().unwrap();
+        r.map_err(|e| format!("final read failed: {e}"))
     }
 }
 
@@ -580,7 +685,12 @@ fn check_content(model: &Model, content: &[u8]) -> Result<(), String> {
 }
 
 /// Mirrors agree once established; a split secondary holds the split image.
-fn check_devices(model: &Model, vol: &Volume, disks: &SimDisks, split_known: bool) -> Result<(), String> {
+fn check_devices(
+    model: &Model,
+    vol: &Volume,
+    disks: &SimDisks,
+    split_known: bool,
+) -> Result<(), String> {
     let (p, s) = (disks.primary.borrow(), disks.secondary.borrow());
     match vol.state() {
         VolumeState::Established => {
@@ -594,7 +704,9 @@ fn check_devices(model: &Model, vol: &Volume, disks: &SimDisks, split_known: boo
         }
         VolumeState::Split if split_known => {
             if let Some(img) = &model.split_image {
-                if let Some(b) = (0..BLOCKS as usize).find(|&b| block(&s, b) != block_bytes(img[b], b as u64)) {
+                if let Some(b) =
+                    (0..BLOCKS as usize).find(|&b| block(&s, b) != block_bytes(img[b], b as u64))
+                {
                     return Err(format!(
                         "split secondary block {b} holds {:?}, the split image has {}",
                         decode(block(&s, b)),

@@ -4,9 +4,7 @@
 use splitmirror::core::{DevSet, Geometry, Volume, VolumeState};
 use splitmirror::error::Error;
 use splitmirror::metadata::format::{Header, Layout};
-use splitmirror::metadata::{
-    Binding, Committer, DataFlush, FileMeta, MetaDevice, MetadataStore,
-};
+use splitmirror::metadata::{Binding, Committer, DataFlush, FileMeta, MetaDevice, MetadataStore};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -107,8 +105,16 @@ fn format_refuses_valid_metadata_unless_forced() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vol.meta");
     MetadataStore::format(&path, &binding(), &fresh(true), false).unwrap();
-    let msg = config_message(MetadataStore::format(&path, &binding(), &fresh(true), false));
-    assert!(msg.contains("already holds a valid splitmirror volume"), "{msg}");
+    let msg = config_message(MetadataStore::format(
+        &path,
+        &binding(),
+        &fresh(true),
+        false,
+    ));
+    assert!(
+        msg.contains("already holds a valid splitmirror volume"),
+        "{msg}"
+    );
     assert!(msg.contains("--force"), "{msg}");
     MetadataStore::format(&path, &binding(), &fresh(false), true).unwrap();
     let (_, vol) = MetadataStore::open(&path, &binding()).unwrap();
@@ -120,7 +126,10 @@ fn open_refuses_other_devices_foreign_and_missing_files() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vol.meta");
     let msg = config_message(MetadataStore::open(&path, &binding()));
-    assert!(msg.contains("does not exist") && msg.contains("format"), "{msg}");
+    assert!(
+        msg.contains("does not exist") && msg.contains("format"),
+        "{msg}"
+    );
     MetadataStore::format(&path, &binding(), &fresh(true), false).unwrap();
     let mut other = binding();
     other.secondary_size += 4096;
@@ -203,8 +212,8 @@ impl MetaDevice for Flaky {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
-    fn len(&mut self) -> io::Result<u64> {
-        self.inner.len()
+    fn size(&mut self) -> io::Result<u64> {
+        self.inner.size()
     }
     fn grow(&mut self, bytes: u64) -> io::Result<()> {
         self.inner.grow(bytes)
@@ -239,7 +248,10 @@ fn a_failed_commit_is_retried_whole_by_the_next() {
     ctl.fail_from_now(0, false);
     assert!(store.commit(&vol, &mut no_flush()).is_err());
     assert!(!vol.clock.is_durable(seq));
-    assert!(vol.needs_commit(), "the failed commit's chunks are dirty again");
+    assert!(
+        vol.needs_commit(),
+        "the failed commit's chunks are dirty again"
+    );
     ctl.heal();
     store.commit(&vol, &mut no_flush()).unwrap();
     assert!(vol.clock.is_durable(seq));
@@ -315,7 +327,10 @@ fn the_committer_reports_failures_and_recovers() {
     assert!(h.failed().unwrap().contains("metadata commit failed"));
     ctl.heal();
     while h.failed().is_some() {
-        assert!(Instant::now() < deadline, "no retry after the device recovered");
+        assert!(
+            Instant::now() < deadline,
+            "no retry after the device recovered"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     c.stop().unwrap();

@@ -14,7 +14,7 @@ pub trait MetaDevice {
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable.
     fn flush(&mut self) -> io::Result<()>;
-    fn len(&mut self) -> io::Result<u64>;
+    fn size(&mut self) -> io::Result<u64>;
     /// Grows the device to `bytes`; block devices cannot.
     fn grow(&mut self, bytes: u64) -> io::Result<()>;
     /// For messages: the path, or what the device is.
@@ -83,7 +83,7 @@ impl MetaDevice for FileMeta {
         self.file.sync_data()
     }
 
-    fn len(&mut self) -> io::Result<u64> {
+    fn size(&mut self) -> io::Result<u64> {
         use std::io::Seek;
         // Seeking to the end also works for block devices, unlike metadata().
         self.file.seek(io::SeekFrom::End(0))

@@ -158,7 +158,7 @@ impl<D: MetaDevice> MetadataStore<D> {
         let sb = read_superblock(&mut dev)?;
         check_binding(&dev, &sb.binding, binding)?;
         let layout = sb.layout;
-        if dev.len()? < layout.total_bytes() {
+        if dev.size()? < layout.total_bytes() {
             return Err(corrupt(&dev, "it is truncated"));
         }
         let header = newest_header(&mut dev, &sb)?
@@ -188,7 +188,7 @@ impl<D: MetaDevice> MetadataStore<D> {
 
     /// One group commit of everything that changed in `vol` since the last.
     pub fn commit(&mut self, vol: &Volume, flush_data: &mut DataFlush) -> io::Result<()> {
-        self.commit_with(vol, |devs| flush_data(devs))
+        self.commit_with(vol, flush_data)
     }
 
     /// [`MetadataStore::commit`] with any data flush.
@@ -312,13 +312,13 @@ fn requeue(vol: &Volume, batch: &CommitBatch) {
 
 fn holds_volume<D: MetaDevice>(dev: &mut D) -> bool {
     let mut b = AlignedBuf::new(BLOCK as usize);
-    dev.len().is_ok_and(|l| l >= BLOCK)
+    dev.size().is_ok_and(|l| l >= BLOCK)
         && dev.read_at(&mut b, 0).is_ok()
         && Superblock::decode(&b).is_ok()
 }
 
 fn ensure_len<D: MetaDevice>(dev: &mut D, need: u64) -> Result<()> {
-    let have = dev.len()?;
+    let have = dev.size()?;
     if have >= need {
         return Ok(());
     }
@@ -373,7 +373,7 @@ fn write_header<D: MetaDevice>(dev: &mut D, sb: &Superblock, h: &Header) -> io::
 
 fn read_superblock<D: MetaDevice>(dev: &mut D) -> Result<Superblock> {
     let mut b = AlignedBuf::new(BLOCK as usize);
-    if dev.len()? < BLOCK {
+    if dev.size()? < BLOCK {
         return Err(not_ours(dev));
     }
     dev.read_at(&mut b, 0)?;

@@ -73,6 +73,7 @@ fn commits_survive_reopen() {
         store.commit(&vol, &mut flush).unwrap();
         assert!(vol.clock.is_durable(round + 2));
     }
+    drop(store);
     let (_, again) = MetadataStore::open(&path, &binding()).unwrap();
     assert_eq!(again.tables.changed.count(), 3);
     // Leftover intent means mirror writes may have been in flight: resync.
@@ -152,6 +153,19 @@ fn smash(path: &Path, offset: u64) {
 }
 
 #[test]
+fn a_second_opener_is_refused_while_the_first_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    let first = MetadataStore::format(&path, &binding(), &fresh(true), false).unwrap();
+    match MetadataStore::open(&path, &binding()) {
+        Err(Error::Runtime(m)) => assert!(m.contains("in use"), "{m}"),
+        _ => panic!("a second opener must be refused"),
+    }
+    drop(first);
+    MetadataStore::open(&path, &binding()).unwrap();
+}
+
+#[test]
 fn a_torn_header_falls_back_to_the_previous_commit() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vol.meta");
@@ -167,6 +181,7 @@ fn a_torn_header_falls_back_to_the_previous_commit() {
     assert_eq!(store.generation(), 2);
     assert!(vol.tables.changed.get(5) && !vol.tables.changed.get(6));
     smash(&path, layout().header_offset(Header::slot(2)) + 40);
+    drop(store);
     let msg = config_message(MetadataStore::open(&path, &binding()));
     assert!(msg.contains("both header slots"), "{msg}");
 }
@@ -255,6 +270,7 @@ fn a_failed_commit_is_retried_whole_by_the_next() {
     ctl.heal();
     store.commit(&vol, &mut no_flush()).unwrap();
     assert!(vol.clock.is_durable(seq));
+    drop(store);
     let (_, again) = MetadataStore::open(&path, &binding()).unwrap();
     assert!(again.tables.changed.get(70_000));
 }
@@ -278,6 +294,7 @@ fn a_failed_header_write_is_resolved_before_the_next_commit() {
         store.commit(&vol, &mut no_flush()).unwrap();
         let expect = if land { 4 } else { 3 };
         assert_eq!(store.generation(), expect, "land={land}");
+        drop(store);
         let (again_store, again) = MetadataStore::open(&path, &binding()).unwrap();
         assert_eq!(again_store.generation(), expect);
         assert_eq!(again.tables.changed.count(), 3, "land={land}");

@@ -32,19 +32,23 @@ impl FileMeta {
     /// Opens `path`; with `create`, a missing regular file is created.
     pub fn open(path: &Path, create: bool) -> io::Result<FileMeta> {
         let block_device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
-        let file = match open_file(path, create, libc::O_DIRECT) {
+        // O_EXCL on a block device: no mount or other opener meanwhile.
+        let excl = if block_device { libc::O_EXCL } else { 0 };
+        let file = match open_file(path, create, libc::O_DIRECT | excl) {
             // tmpfs and some filesystems refuse O_DIRECT: buffered I/O plus
             // fdatasync is just as crash-safe, only slower.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open_file(path, create, 0)?,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open_file(path, create, excl)?,
             r => r?,
         };
+        lock(&file)?;
         let mut meta = FileMeta {
             file,
             path: path.display().to_string(),
             block_device,
         };
         if !meta.accepts_direct_io() {
-            meta.file = open_file(path, create, 0)?;
+            meta.file = open_file(path, create, excl)?;
+            lock(&meta.file)?;
         }
         Ok(meta)
     }
@@ -57,6 +61,25 @@ impl FileMeta {
             Ok(_) => true,
         }
     }
+}
+
+/// Two servers (or a `format --force` under a running server) on one
+/// metadata would overwrite each other's commits: the first holds an
+/// exclusive lock until it closes the file.
+fn lock(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::WouldBlock {
+        return Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            "in use by another splitmirror process",
+        ));
+    }
+    Err(e)
 }
 
 fn open_file(path: &Path, create: bool, flags: i32) -> io::Result<File> {

@@ -115,6 +115,12 @@ impl MetadataStore<FileMeta> {
 }
 
 fn cannot_open(path: &Path, e: io::Error) -> Error {
+    if e.kind() == io::ErrorKind::ResourceBusy {
+        return Error::runtime(format!(
+            "metadata {} is {e}; stop that server first (`systemctl stop` or SIGTERM)",
+            path.display()
+        ));
+    }
     Error::config(format!(
         "cannot open metadata {}: {e}; check the `metadata:` path in the config",
         path.display()

@@ -69,17 +69,11 @@ impl FileMeta {
 fn lock(file: &File) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: flock on a descriptor we own; no memory is involved.
+    // EWOULDBLOCK means another holder; the store words the message.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
         return Ok(());
     }
-    let e = io::Error::last_os_error();
-    if e.kind() == io::ErrorKind::WouldBlock {
-        return Err(io::Error::new(
-            io::ErrorKind::ResourceBusy,
-            "in use by another splitmirror process",
-        ));
-    }
-    Err(e)
+    Err(io::Error::last_os_error())
 }
 
 fn open_file(path: &Path, create: bool, flags: i32) -> io::Result<File> {

@@ -96,6 +96,9 @@ impl MetadataStore<FileMeta> {
     /// Writes fresh metadata for `vol`. Refuses valid existing metadata
     /// unless `force`.
     pub fn format(path: &Path, binding: &Binding, vol: &Volume, force: bool) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| cannot_open(path, e))?;
+        }
         let dev = FileMeta::open(path, true).map_err(|e| cannot_open(path, e))?;
         Self::format_dev(dev, binding, vol, force)
     }
@@ -115,9 +118,9 @@ impl MetadataStore<FileMeta> {
 }
 
 fn cannot_open(path: &Path, e: io::Error) -> Error {
-    if e.kind() == io::ErrorKind::ResourceBusy {
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
         return Error::runtime(format!(
-            "metadata {} is {e}; stop that server first (`systemctl stop` or SIGTERM)",
+            "metadata {} is in use by another splitmirror process; stop that server first",
             path.display()
         ));
     }

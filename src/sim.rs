@@ -237,6 +237,14 @@ pub struct Scheduler<'a> {
     tasks: Vec<(u64, Task<'a>)>,
     next_id: u64,
     rng: SimRng,
+    /// Tasks are polled in random order, never on wake-up.
+    waker: std::task::Waker,
+}
+
+struct NoopWake;
+
+impl std::task::Wake for NoopWake {
+    fn wake(self: std::sync::Arc<Self>) {}
 }
 
 impl<'a> Scheduler<'a> {
@@ -245,6 +253,7 @@ impl<'a> Scheduler<'a> {
             tasks: Vec::new(),
             next_id: 0,
             rng,
+            waker: std::task::Waker::from(std::sync::Arc::new(NoopWake)),
         }
     }
 
@@ -275,7 +284,7 @@ impl<'a> Scheduler<'a> {
             return false;
         }
         let i = self.rng.borrow_mut().usize(0..self.tasks.len());
-        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut cx = Context::from_waker(&self.waker);
         if self.tasks[i].1.as_mut().poll(&mut cx).is_ready() {
             drop(self.tasks.swap_remove(i));
         }

@@ -15,7 +15,9 @@
 //! of a block are ordered.
 //!
 //! `SPLITMIRROR_CRASH_SEEDS=N` runs seeds 0..N (default 1000);
-//! `SPLITMIRROR_CRASH_SEED=n` runs seed n alone.
+//! `SPLITMIRROR_CRASH_SEED=n` runs seed n alone;
+//! `SPLITMIRROR_CRASH_VERBOSE=1` prints what each seed did (with
+//! `-- --nocapture`).
 
 use splitmirror::core::{Command, Geometry, TransitionError, Volume, VolumeState};
 use splitmirror::engine::{self, EngineConfig};

@@ -319,11 +319,14 @@ fn dispatch(mut stream: UnixStream, target: &Arc<dyn ControlTarget>, active: &Ar
     }
 }
 
-/// One exchange: check the peer, read one request, answer it.
+/// One exchange: read one request, check the peer, answer it.
 fn handle_connection(mut stream: UnixStream, target: &dyn ControlTarget) {
     let _ = stream.set_read_timeout(Some(PEER_TIMEOUT));
     let _ = stream.set_write_timeout(Some(PEER_TIMEOUT));
-    let response = match check_peer(&stream).and_then(|()| read_request(&stream)) {
+    // Read (bounded) before refusing a peer: closing on an unread request
+    // would hand the client EPIPE instead of the reason.
+    let request = read_request(&stream);
+    let response = match check_peer(&stream).and(request) {
         Ok(req) => answer(target, req),
         Err(e) => Response::failure(&e),
     };

@@ -149,7 +149,7 @@ impl Model {
         let image = self.split_image.clone().expect("restore after a split");
         for (b, id) in self.blocks.iter_mut().zip(image) {
             b.durable = id;
-            b.since.retain(|e| e.acked.map_or(true, |a| a > at));
+            b.since.retain(|e| e.acked.is_none_or(|a| a > at));
         }
     }
 }

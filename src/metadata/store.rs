@@ -437,7 +437,7 @@ fn newest_header<D: MetaDevice>(dev: &mut D, sb: &Superblock) -> Result<Option<H
         dev.read_at(&mut b, layout.header_offset(slot))?;
         if let Ok(h) = Header::decode(&b, &sb.uuid, layout.pages()) {
             if Header::slot(h.generation) == slot
-                && best.as_ref().map_or(true, |x| x.generation < h.generation)
+                && best.as_ref().is_none_or(|x| x.generation < h.generation)
             {
                 best = Some(h);
             }

@@ -79,7 +79,7 @@ pub struct BatchResult {
 /// group of batches.
 pub async fn copy_batch<B: Backend>(vol: &Volume, b: &B, cfg: &EngineConfig) -> BatchResult {
     let out = copy_tracks(vol, b, cfg.batch, cfg).await;
-    if out.tracks > 0 {
+    if out.changed_tables() {
         b.request_commit();
     }
     out
@@ -99,8 +99,14 @@ async fn copy_tracks<B: Backend>(
     let mut out = BatchResult::default();
     for (run, res) in runs.iter().zip(results) {
         for job in run {
-            let ok = match &res {
-                Ok(()) => true,
+            // A skipped track counts as done for the table (it is no longer
+            // pending) but not as copied.
+            let done = match &res {
+                Ok(()) => {
+                    out.tracks += 1;
+                    out.bytes += job.len;
+                    true
+                }
                 Err(e) => {
                     let skipped = cfg.on_error == OnError::Skip;
                     out.errors.push(CopyError {
@@ -111,11 +117,7 @@ async fn copy_tracks<B: Backend>(
                     skipped
                 }
             };
-            if ok {
-                out.tracks += 1;
-                out.bytes += job.len;
-            }
-            vol.finish_copy(*job, ok);
+            vol.finish_copy(*job, done);
         }
     }
     drop(ticket);
@@ -205,7 +207,7 @@ pub async fn run_copies<B: Backend>(
         if r.tracks == 0 && r.errors.is_empty() {
             dry = true;
         }
-        if r.tracks > 0 {
+        if r.changed_tables() {
             since_commit += 1;
             if since_commit >= cfg.commit_every {
                 b.request_commit();
@@ -282,6 +284,13 @@ impl TokenBucket {
         if self.rate != 0.0 {
             self.tokens -= bytes as f64;
         }
+    }
+}
+
+impl BatchResult {
+    /// Whether the batch changed the tables (a commit has work to do).
+    pub fn changed_tables(&self) -> bool {
+        self.tracks > 0 || self.errors.iter().any(|e| e.skipped)
     }
 }
 

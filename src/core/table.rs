@@ -87,15 +87,17 @@ impl TrackTable {
         self.bits.iter_ones()
     }
 
-    /// Replaces every word, word by word (never a loop over tracks).
+    /// Replaces every word, word by word (never a loop over tracks). Only
+    /// chunks whose words changed become dirty, so the commit that follows
+    /// a restore or establish start carries just the tables that changed.
     fn assign_words(&self, word: impl Fn(usize) -> u64) {
         for w in 0..self.bits.words() {
             let new = word(w);
             if self.bits.swap_word(w, new) != new {
                 self.unsynced.store_word(w, !0);
+                self.dirty_chunks.set((w / CHUNK_WORDS) as u64);
             }
         }
-        self.dirty_chunks.fill();
     }
 
     pub fn fill(&self) {
@@ -216,5 +218,12 @@ mod tests {
         assert_eq!(a.count(), 130);
         a.clear_all();
         assert!(a.is_clear() && a.has_dirty_chunks());
+        let mut buf = vec![0u64; CHUNK_WORDS];
+        assert!(a.take_dirty_chunk(0, &mut buf));
+        a.clear_all();
+        assert!(
+            !a.has_dirty_chunks(),
+            "clearing a clear table dirties nothing"
+        );
     }
 }

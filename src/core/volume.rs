@@ -83,6 +83,9 @@ pub struct Volume {
     locks: TrackLocks,
     /// Pending tracks the host is reading: the copy engine takes them first.
     hot: AtomicBitmap,
+    /// Bits set in `hot`, so that `next_copies` skips scanning the whole
+    /// bitmap (128K words at 1 TiB) on every batch when none is.
+    hot_count: AtomicU64,
     copy_cursor: AtomicU64,
     pub clock: CommitClock,
     header_dirty: AtomicBool,
@@ -103,6 +106,7 @@ impl Volume {
             tables: Tables::new(tracks),
             locks: TrackLocks::new(tracks),
             hot: AtomicBitmap::new(tracks),
+            hot_count: AtomicU64::new(0),
             copy_cursor: AtomicU64::new(0),
             clock: CommitClock::default(),
             header_dirty: AtomicBool::new(true),
@@ -219,7 +223,9 @@ impl Volume {
         let mut segs: Vec<ReadSeg> = Vec::new();
         for span in self.geometry.spans(offset, len) {
             let dev = if restoring && self.tables.pending.get(span.track) {
-                self.hot.set(span.track);
+                if self.hot.set(span.track) {
+                    self.hot_count.fetch_add(1, SeqCst);
+                }
                 Dev::Secondary
             } else {
                 Dev::Primary
@@ -497,9 +503,11 @@ impl Volume {
                 }
             }
         };
-        while jobs.len() < max {
+        while jobs.len() < max && self.hot_count.load(SeqCst) > 0 {
             let Some(t) = self.hot.next_one(0) else { break };
-            self.hot.clear(t);
+            if self.hot.clear(t) {
+                self.hot_count.fetch_sub(1, SeqCst);
+            }
             take(t, &mut jobs);
         }
         let start = self.copy_cursor.load(SeqCst);

@@ -39,12 +39,22 @@ fn main() {
     println!("bench_dir: {}", dir.display());
     println!("bench_size_mib: {}", size >> 20);
 
-    let pair = Pair::create(&dir, "data", size, true);
-    copy_vs_restore(&pair);
-    latency_under_restore(&pair);
-    split_overhead(&pair);
-    pair.remove();
-    first_io_after_restore(&dir);
+    if wanted("copy") || wanted("latency") || wanted("split") {
+        let pair = Pair::create(&dir, "data", size, true);
+        if wanted("copy") || wanted("latency") {
+            copy_vs_restore(&pair);
+        }
+        if wanted("latency") {
+            latency_under_restore(&pair);
+        }
+        if wanted("split") {
+            split_overhead(&pair);
+        }
+        pair.remove();
+    }
+    if wanted("first_io") {
+        first_io_after_restore(&dir);
+    }
 }
 
 // ---- files and plumbing -----------------------------------------------
@@ -185,11 +195,19 @@ fn backend(fds: (RawFd, RawFd), pool: usize, commit: impl Fn() + 'static) -> Uri
     .with_commit(commit)
 }
 
+/// A split volume as `MetadataStore::open` leaves it: every table chunk
+/// loaded, so its pages are resident (a fresh `Volume` would charge the
+/// first restore with page faults a running server never sees).
 fn volume(size: u64) -> Arc<Volume> {
-    Arc::new(Volume::new(
-        Geometry::new(size, TRACK).unwrap(),
-        VolumeState::Split,
-    ))
+    let vol = Volume::new(Geometry::new(size, TRACK).unwrap(), VolumeState::Split);
+    let zeros = vec![0u64; splitmirror::core::table::CHUNK_WORDS];
+    for table in vol.tables.all() {
+        for c in 0..table.chunks() {
+            table.load_chunk(c, &zeros);
+        }
+    }
+    vol.load_header(VolumeState::Split, None);
+    Arc::new(vol)
 }
 
 /// Runs a state change on the calling thread's backend.
@@ -228,8 +246,22 @@ fn spawn_restore(
     })
 }
 
+/// The default engine settings; `SPLITMIRROR_BENCH_{BATCH,MAX_INFLIGHT,
+/// BUSY_INFLIGHT,COMMIT_EVERY}` override them for tuning runs.
 fn default_cfg() -> EngineConfig {
-    EngineConfig::from_restore(&RestoreConfig::default())
+    let mut cfg = EngineConfig::from_restore(&RestoreConfig::default());
+    let var = |k: &str| std::env::var(format!("SPLITMIRROR_BENCH_{k}")).ok();
+    let num = |k: &str| var(k).map(|v| v.parse::<usize>().expect(k));
+    cfg.batch = num("BATCH").unwrap_or(cfg.batch);
+    cfg.max_inflight = num("MAX_INFLIGHT").unwrap_or(cfg.max_inflight);
+    cfg.busy_inflight = num("BUSY_INFLIGHT").unwrap_or(cfg.busy_inflight);
+    cfg.commit_every = num("COMMIT_EVERY").unwrap_or(cfg.commit_every);
+    cfg
+}
+
+/// `SPLITMIRROR_BENCH_ONLY=copy,latency,split,first_io` runs a subset.
+fn wanted(part: &str) -> bool {
+    std::env::var("SPLITMIRROR_BENCH_ONLY").map_or(true, |v| v.split(',').any(|p| p == part))
 }
 
 // ---- restore vs plain copy --------------------------------------------
@@ -327,9 +359,7 @@ fn latency_under_restore(pair: &Pair) {
     let span = (256u64 << 20).min(pair.size);
 
     // Idle: split, every track already marked changed and committed.
-    let vol = volume(pair.size);
-    vol.tables.changed.fill();
-    let c = Committer::start(vol.clone(), pair.fds());
+    let (vol, c) = warm_split(pair);
     let load = HostLoad::default();
     let deadline = Instant::now() + Duration::from_secs(3);
     let idle = p99(host_writes(pair, &vol, c.requester(), &load, span, |_| {
@@ -369,6 +399,18 @@ fn latency_under_restore(pair: &Pair) {
     }
 }
 
+/// A split volume after warm-up: every track's "changed" bit set and
+/// committed, so host writes need no metadata commit.
+fn warm_split(pair: &Pair) -> (Arc<Volume>, Committer) {
+    let vol = volume(pair.size);
+    vol.tables.changed.fill();
+    let c = Committer::start(vol.clone(), pair.fds());
+    let be = backend(pair.fds(), 1, c.requester());
+    be.block_on(hostpath::wait_commit(&vol, &be, vol.clock.next()))
+        .unwrap();
+    (vol, c)
+}
+
 // ---- split-mode write overhead ----------------------------------------
 
 const QD: usize = 32;
@@ -402,15 +444,7 @@ fn random_writes(pair: &Pair, vol: Option<&Volume>, dur: Duration) -> f64 {
 }
 
 fn split_overhead(pair: &Pair) {
-    // Warm-up done up front: every track's "changed" bit set and committed,
-    // as after a while in split mode.
-    let vol = volume(pair.size);
-    vol.tables.changed.fill();
-    let c = Committer::start(vol.clone(), pair.fds());
-    let be = backend(pair.fds(), 1, c.requester());
-    be.block_on(hostpath::wait_commit(&vol, &be, vol.clock.next()))
-        .unwrap();
-    drop(be);
+    let (vol, c) = warm_split(pair);
     let dur = Duration::from_secs(2);
     let (mut raw, mut split) = (0f64, 0f64);
     for _ in 0..3 {
@@ -435,6 +469,7 @@ fn first_io_after_restore(dir: &Path) {
         pair.secondary.write_all_at(&marker, at).unwrap();
         pair.secondary.sync_all().unwrap();
         let mut times = Vec::new();
+        let mut applies = Vec::new();
         for _ in 0..3 {
             let vol = volume(size);
             let c = Committer::start(vol.clone(), pair.fds());
@@ -443,10 +478,13 @@ fn first_io_after_restore(dir: &Path) {
             let t = Instant::now();
             be.block_on(async {
                 engine::transition(&vol, &be, |v| {
-                    v.apply(Command::Restore {
+                    let t = Instant::now();
+                    let r = v.apply(Command::Restore {
                         incremental: false,
                         protect: false,
-                    })
+                    });
+                    applies.push(t.elapsed());
+                    r
                 })
                 .await
                 .expect("transition I/O")
@@ -459,9 +497,15 @@ fn first_io_after_restore(dir: &Path) {
             c.finish();
         }
         times.sort();
+        applies.sort();
         println!(
             "first_io_after_restore_us: {label} {}",
             times[times.len() / 2].as_micros()
+        );
+        // The table work inside it (the rest is the flushes and the commit).
+        println!(
+            "restore_apply_us: {label} {}",
+            applies[applies.len() / 2].as_micros()
         );
         pair.remove();
     }

@@ -8,7 +8,7 @@
 //! what keeps the common write free of metadata I/O.
 
 use super::geometry::Track;
-use super::table::TrackTable;
+use super::table::{TrackTable, TAKEN_UNKNOWN};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
 /// Number of a metadata commit; commit `n` is durable once `done >= n`.
@@ -50,11 +50,12 @@ impl CommitClock {
         let unsynced = table.is_unsynced(t);
         let started = self.started.load(SeqCst);
         if unsynced {
-            Some(started + 1)
-        } else if started > self.done() {
-            Some(started)
-        } else {
-            None
+            return Some(started + 1);
+        }
+        // Synced: durable once the commit that took it is.
+        match table.taken_by(t) {
+            TAKEN_UNKNOWN => (started > self.done()).then_some(started),
+            seq => (seq > self.done()).then_some(seq),
         }
     }
 

@@ -10,16 +10,27 @@
 
 use super::bitmap::AtomicBitmap;
 use super::geometry::Track;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
 /// Words of bits per persistence chunk: one 4 KiB metadata page.
 pub const CHUNK_WORDS: usize = 512;
 /// Tracks per persistence chunk.
 pub const CHUNK_TRACKS: u64 = CHUNK_WORDS as u64 * 64;
 
+/// [`TrackTable::taken_by`] for a chunk taken by a commit that did not say
+/// which (callers of [`TrackTable::take_dirty_chunk`]).
+pub const TAKEN_UNKNOWN: u64 = u64::MAX;
+
 pub struct TrackTable {
     bits: AtomicBitmap,
     unsynced: AtomicBitmap,
     dirty_chunks: AtomicBitmap,
+    /// Per chunk, the commit that last took it (0: none since load). Lets a
+    /// writer whose bit is synced wait only for the commit that carries it,
+    /// instead of for whatever commit happens to be in progress: during a
+    /// restore commits run back to back, and waiting on each would put a
+    /// flush into many host writes' latency.
+    taken: Box<[AtomicU64]>,
 }
 
 impl TrackTable {
@@ -28,6 +39,9 @@ impl TrackTable {
             bits: AtomicBitmap::new(tracks),
             unsynced: AtomicBitmap::new(tracks),
             dirty_chunks: AtomicBitmap::new(tracks.div_ceil(CHUNK_TRACKS)),
+            taken: (0..tracks.div_ceil(CHUNK_TRACKS))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         }
     }
 
@@ -129,11 +143,25 @@ impl TrackTable {
     /// unsynced bits, then reading the bits is what makes concurrent changes
     /// either included here or carried by the next commit.
     pub fn take_dirty_chunk(&self, c: usize, out: &mut [u64]) -> bool {
+        self.take_dirty_chunk_for(c, out, TAKEN_UNKNOWN)
+    }
+
+    /// [`Self::take_dirty_chunk`] by commit `seq` (from `CommitClock::begin`).
+    pub fn take_dirty_chunk_for(&self, c: usize, out: &mut [u64], seq: u64) -> bool {
         if !self.dirty_chunks.clear(c as u64) {
             return false;
         }
+        // Before the unsynced bits are cleared: a writer that sees its bit
+        // synced must also see which commit took it.
+        self.taken[c].fetch_max(seq, SeqCst);
         self.snapshot_chunk(c, out, true);
         true
+    }
+
+    /// The commit that last took the chunk holding track `t` (0: none since
+    /// load, [`TAKEN_UNKNOWN`]: one that did not say).
+    pub fn taken_by(&self, t: Track) -> u64 {
+        self.taken[(t / CHUNK_TRACKS) as usize].load(SeqCst)
     }
 
     /// Copies chunk `c` into `out`; with `sync`, also marks it synced.
@@ -163,6 +191,7 @@ impl TrackTable {
             }
         }
         self.dirty_chunks.clear(c as u64);
+        self.taken[c].store(0, SeqCst);
     }
 
     pub fn has_dirty_chunks(&self) -> bool {

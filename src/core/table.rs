@@ -104,14 +104,24 @@ impl TrackTable {
     /// Replaces every word, word by word (never a loop over tracks). Only
     /// chunks whose words changed become dirty, so the commit that follows
     /// a restore or establish start carries just the tables that changed.
+    ///
+    /// Callers hold the volume's gate closed (or, in `degrade`, only race
+    /// with copies clearing bits), so a load and a plain store cannot lose
+    /// a concurrent change; the fence publishes the pass as a whole.
     fn assign_words(&self, word: impl Fn(usize) -> u64) {
+        let mut last_chunk = usize::MAX;
         for w in 0..self.bits.words() {
-            let new = word(w);
-            if self.bits.swap_word(w, new) != new {
-                self.unsynced.store_word(w, !0);
-                self.dirty_chunks.set((w / CHUNK_WORDS) as u64);
+            let new = word(w) & self.bits.valid_mask(w);
+            if self.bits.word_relaxed(w) != new {
+                self.bits.store_word_relaxed(w, new);
+                self.unsynced.store_word_relaxed(w, !0);
+                if w / CHUNK_WORDS != last_chunk {
+                    last_chunk = w / CHUNK_WORDS;
+                    self.dirty_chunks.set(last_chunk as u64);
+                }
             }
         }
+        std::sync::atomic::fence(SeqCst);
     }
 
     pub fn fill(&self) {
@@ -123,7 +133,7 @@ impl TrackTable {
     }
 
     pub fn copy_from(&self, other: &TrackTable) {
-        self.assign_words(|w| other.bits.word(w));
+        self.assign_words(|w| other.bits.word_relaxed(w));
     }
 
     /// `self |= other`, word by word.

@@ -98,7 +98,7 @@ impl Pair {
                     buf[..n]
                         .iter_mut()
                         .enumerate()
-                        .for_each(|(j, b)| *b = (j as u64 ^ off ^ i as u64 * 0x55) as u8);
+                        .for_each(|(j, b)| *b = (j as u64 ^ off ^ (i as u64 * 0x55)) as u8);
                     f.write_all_at(&buf[..n], off).expect("fill");
                     off += n as u64;
                 }

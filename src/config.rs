@@ -452,7 +452,7 @@ fn check_track_size(v: u64) -> Result<(), String> {
 }
 
 fn check_ublk_id(v: i64) -> Result<(), String> {
-    if v < -1 || v > MAX_UBLK_ID {
+    if !(-1..=MAX_UBLK_ID).contains(&v) {
         return Err(format!(
             "{v} is out of range; use -1 (the kernel picks) or a device number 0..={MAX_UBLK_ID}"
         ));
@@ -488,7 +488,7 @@ fn check_depth(v: i64) -> Result<(), String> {
 }
 
 fn check_max_io(v: u64) -> Result<(), String> {
-    if v < MAX_IO_ALIGN || v > MAX_IO_LIMIT || v % MAX_IO_ALIGN != 0 {
+    if !(MAX_IO_ALIGN..=MAX_IO_LIMIT).contains(&v) || !v.is_multiple_of(MAX_IO_ALIGN) {
         return Err(format!(
             "{} is not allowed; use a multiple of 4KiB from 4KiB to {} (the ublk limit), e.g. 512KiB",
             format_size(v),
@@ -566,7 +566,7 @@ fn suffix_multiplier(suffix: &str) -> Option<u64> {
 /// bytes when no suffix divides it exactly.
 pub fn format_size(v: u64) -> String {
     for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
-        if v != 0 && v % (1u64 << shift) == 0 {
+        if v != 0 && v.is_multiple_of(1u64 << shift) {
             return format!("{}{unit}", v >> shift);
         }
     }

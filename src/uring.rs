@@ -89,7 +89,7 @@ impl UringBackend {
             .setup_cqsize(opts.entries * 2)
             .build(opts.entries)?;
         let pool = Arc::new(BufPool::new(opts.pool_buffers, opts.buffer_size));
-        let fixed = pool.len() > 0 && {
+        let fixed = !pool.is_empty() && {
             let iov = libc::iovec {
                 iov_base: pool.base.as_ptr().cast(),
                 iov_len: pool.len(),

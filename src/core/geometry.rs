@@ -38,7 +38,7 @@ impl Geometry {
                 "track_size {track_size} must be a power of two between 4KiB and 16MiB"
             )));
         }
-        if size == 0 || size % SECTOR != 0 {
+        if size == 0 || !size.is_multiple_of(SECTOR) {
             return Err(Error::config(format!(
                 "volume size {size} must be a non-zero multiple of 512 bytes"
             )));

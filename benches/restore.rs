@@ -305,9 +305,9 @@ static UNTHROTTLED: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
 
 fn copy_vs_restore(pair: &Pair) {
     let (mut copy, mut restore) = (0f64, 0f64);
-    // Interleaved (copy, restore) x 3, best of each: the VM's disk speed
+    // Interleaved (copy, restore) x 5, best of each: the VM's disk speed
     // drifts, so compare runs taken side by side.
-    for _ in 0..3 {
+    for _ in 0..5 {
         copy = copy.max(mib_s(pair.size, plain_copy(pair)));
         restore = restore.max(mib_s(pair.size, restore_once(pair)));
     }
@@ -491,7 +491,7 @@ fn first_io_after_restore(dir: &Path) {
         pair.secondary.sync_all().unwrap();
         let mut times = Vec::new();
         let mut applies = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..5 {
             let vol = volume(size);
             let c = Committer::start(vol.clone(), pair.fds());
             let be = backend(pair.fds(), 4, c.requester());

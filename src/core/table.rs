@@ -108,10 +108,15 @@ impl TrackTable {
     /// Callers hold the volume's gate closed (or, in `degrade`, only race
     /// with copies clearing bits), so a load and a plain store cannot lose
     /// a concurrent change; the fence publishes the pass as a whole.
-    fn assign_words(&self, word: impl Fn(usize) -> u64) {
+    ///
+    /// Returns the number of bits now set, counted in the same pass (a
+    /// restore start needs it, and a second pass over 1 MiB costs).
+    fn assign_words(&self, word: impl Fn(usize) -> u64) -> u64 {
         let mut last_chunk = usize::MAX;
+        let mut ones = 0;
         for w in 0..self.bits.words() {
             let new = word(w) & self.bits.valid_mask(w);
+            ones += new.count_ones() as u64;
             if self.bits.word_relaxed(w) != new {
                 self.bits.store_word_relaxed(w, new);
                 self.unsynced.store_word_relaxed(w, !0);
@@ -122,18 +127,21 @@ impl TrackTable {
             }
         }
         std::sync::atomic::fence(SeqCst);
+        ones
     }
 
-    pub fn fill(&self) {
-        self.assign_words(|_| !0);
+    /// Sets every bit; returns how many that is.
+    pub fn fill(&self) -> u64 {
+        self.assign_words(|_| !0)
     }
 
     pub fn clear_all(&self) {
         self.assign_words(|_| 0);
     }
 
-    pub fn copy_from(&self, other: &TrackTable) {
-        self.assign_words(|w| other.bits.word_relaxed(w));
+    /// `self = other`; returns the number of bits set.
+    pub fn copy_from(&self, other: &TrackTable) -> u64 {
+        self.assign_words(|w| other.bits.word_relaxed(w))
     }
 
     /// `self |= other`, word by word.

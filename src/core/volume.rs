@@ -598,18 +598,18 @@ impl Volume {
                 self.set_state(VolumeState::Split);
             }
             Command::Establish { full } => {
-                if full {
-                    tables.stale.fill();
+                let total = if full {
+                    tables.stale.fill()
                 } else {
-                    tables.stale.copy_from(&tables.changed);
-                }
+                    tables.stale.copy_from(&tables.changed)
+                };
                 tables.changed.clear_all();
                 self.start(
                     VolumeState::Syncing,
                     OperationKind::Establish,
                     !full,
                     false,
-                    &tables.stale,
+                    total,
                 );
             }
             Command::Restore {
@@ -617,11 +617,11 @@ impl Volume {
                 protect,
             } => {
                 // Claims 10, 11: which tracks to restore.
-                if incremental {
-                    tables.pending.copy_from(&tables.changed);
+                let total = if incremental {
+                    tables.pending.copy_from(&tables.changed)
                 } else {
-                    tables.pending.fill();
-                }
+                    tables.pending.fill()
+                };
                 // From here on "changed" records what the host writes during
                 // the restore (claim 2).
                 tables.changed.clear_all();
@@ -630,7 +630,7 @@ impl Volume {
                     OperationKind::Restore,
                     incremental,
                     protect,
-                    &tables.pending,
+                    total,
                 );
             }
         }
@@ -644,14 +644,14 @@ impl Volume {
         kind: OperationKind,
         incremental: bool,
         protect: bool,
-        todo: &TrackTable,
+        total: u64,
     ) {
         self.copy_cursor.store(0, SeqCst);
         self.set_operation(Some(Operation {
             kind,
             incremental,
             protect,
-            total: todo.count(),
+            total,
         }));
         self.set_state(state);
     }
@@ -659,7 +659,9 @@ impl Volume {
     /// Moves on when the running copy has nothing left; returns whether the
     /// state changed. The gate must be closed and drained.
     pub fn complete_if_done(&self) -> bool {
-        if self.copy_source().is_none() || self.copy_remaining() > 0 {
+        // `is_clear` stops at the first set word: right after a restore
+        // starts this is one load, not a count over the whole table.
+        if self.copy_source().is_none_or(|(t, _, _)| !t.is_clear()) {
             return false;
         }
         let tables = &self.tables;
@@ -674,14 +676,14 @@ impl Volume {
                 } else {
                     // Claim 1(E): copy and updates done, re-enable the secondary
                     // and send it what the host wrote meanwhile (claim 2).
-                    tables.stale.copy_from(&tables.changed);
+                    let total = tables.stale.copy_from(&tables.changed);
                     tables.changed.clear_all();
                     self.start(
                         VolumeState::Resyncing,
                         OperationKind::Resync,
                         true,
                         false,
-                        &tables.stale,
+                        total,
                     );
                     self.complete_if_done();
                 }
@@ -704,13 +706,13 @@ impl Volume {
         }
         match self.state() {
             VolumeState::Established => {
-                tables.stale.copy_from(&tables.intent);
+                let total = tables.stale.copy_from(&tables.intent);
                 self.start(
                     VolumeState::Syncing,
                     OperationKind::Establish,
                     true,
                     false,
-                    &tables.stale,
+                    total,
                 );
             }
             VolumeState::Syncing | VolumeState::Resyncing => {

@@ -128,6 +128,9 @@ impl Pair {
 /// (in memory), flush the copy's destination (so "copied" is never durable
 /// before the data), then publish the commit.
 struct Committer {
+    /// Microseconds the last table snapshot took (the in-memory stand-in
+    /// for writing the metadata).
+    snapshot_us: Arc<std::sync::atomic::AtomicU64>,
     stop: Arc<AtomicBool>,
     wanted: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<u64>>,
@@ -137,12 +140,15 @@ impl Committer {
     fn start(vol: Arc<Volume>, fds: (RawFd, RawFd)) -> Committer {
         let stop = Arc::new(AtomicBool::new(false));
         let wanted = Arc::new(AtomicBool::new(false));
-        let (s, w) = (stop.clone(), wanted.clone());
+        let snapshot_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s, w, snap) = (stop.clone(), wanted.clone(), snapshot_us.clone());
         let thread = thread::spawn(move || {
             let mut commits = 0;
             while !s.load(Ordering::Acquire) {
                 if w.swap(false, Ordering::AcqRel) {
+                    let t = Instant::now();
                     let seq = sim::mem_commit_begin(&vol);
+                    snap.store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
                     for dev in vol.commit_flush_set().devs() {
                         let fd = if dev == Dev::Primary { fds.0 } else { fds.1 };
                         // SAFETY: fd is open for the committer's lifetime.
@@ -157,6 +163,7 @@ impl Committer {
             commits
         });
         Committer {
+            snapshot_us,
             stop,
             wanted,
             thread: Some(thread),
@@ -491,6 +498,7 @@ fn first_io_after_restore(dir: &Path) {
         pair.secondary.sync_all().unwrap();
         let mut times = Vec::new();
         let mut applies = Vec::new();
+        let mut snapshots = Vec::new();
         for _ in 0..5 {
             let vol = volume(size);
             let c = Committer::start(vol.clone(), pair.fds());
@@ -513,12 +521,14 @@ fn first_io_after_restore(dir: &Path) {
                 hostpath::read(&vol, &be, at, &mut buf).await.expect("read");
             });
             times.push(t.elapsed());
+            snapshots.push(c.snapshot_us.load(Ordering::Relaxed));
             assert!(*buf == *marker, "the first read sees the secondary's data");
             drop(be);
             c.finish();
         }
         times.sort();
         applies.sort();
+        snapshots.sort();
         println!(
             "first_io_after_restore_us: {label} {}",
             times[times.len() / 2].as_micros()
@@ -527,6 +537,10 @@ fn first_io_after_restore(dir: &Path) {
         println!(
             "restore_apply_us: {label} {}",
             applies[applies.len() / 2].as_micros()
+        );
+        println!(
+            "restore_commit_snapshot_us: {label} {}",
+            snapshots[snapshots.len() / 2]
         );
         pair.remove();
     }

@@ -52,6 +52,19 @@ fn apply(vol: &Volume, cmd: Command) {
 
 /// Runs run_copies with an in-memory committer until it returns.
 fn run(vol: &Rc<Volume>, b: &Rc<SimBackend>, rng: sim::SimRng, cfg: EngineConfig) -> RunReport {
+    run_with(vol, b, rng, cfg, false, false)
+}
+
+/// `busy`: a host request stays in flight throughout (the engine runs at
+/// its shallow depth); `stopped`: the stop flag is set from the start.
+fn run_with(
+    vol: &Rc<Volume>,
+    b: &Rc<SimBackend>,
+    rng: sim::SimRng,
+    cfg: EngineConfig,
+    busy: bool,
+    stopped: bool,
+) -> RunReport {
     let mut sched = Scheduler::new(rng);
     let (v, bb) = (vol.clone(), b.clone());
     sched.spawn(async move {
@@ -66,8 +79,9 @@ fn run(vol: &Rc<Volume>, b: &Rc<SimBackend>, rng: sim::SimRng, cfg: EngineConfig
     });
     let (v, bb) = (vol.clone(), b.clone());
     let slot = sched.spawn_with(async move {
-        let stop = AtomicBool::new(false);
+        let stop = AtomicBool::new(stopped);
         let load = HostLoad::default();
+        let _host = busy.then(|| load.enter());
         engine::run_copies(&v, &*bb, &cfg, &stop, &load).await
     });
     sched.run_until(1_000_000, || slot.borrow().is_some());
@@ -200,4 +214,56 @@ fn pause_stops_and_leaves_the_failing_track_pending() {
     assert!(r.errors.iter().any(|e| e.track == 9 && !e.skipped));
     assert!(vol.tables.pending.get(9));
     assert_eq!(vol.state(), VolumeState::Restoring);
+}
+
+#[test]
+fn under_host_load_it_still_finishes() {
+    let (vol, disks, b, rng) = split_volume(19, &[]);
+    apply(
+        &vol,
+        Command::Restore {
+            incremental: false,
+            protect: true,
+        },
+    );
+    let cfg = EngineConfig {
+        busy_inflight: 1,
+        ..cfg(OnError::Pause)
+    };
+    let r = run_with(&vol, &b, rng, cfg, true, false);
+    assert_eq!(r.tracks, TRACKS);
+    assert_eq!(vol.state(), VolumeState::Split);
+    assert!(*disks.primary.borrow() == *disks.secondary.borrow());
+}
+
+#[test]
+fn stop_copies_nothing_more() {
+    let (vol, _disks, b, rng) = split_volume(23, &[]);
+    apply(
+        &vol,
+        Command::Restore {
+            incremental: false,
+            protect: false,
+        },
+    );
+    let r = run_with(&vol, &b, rng, cfg(OnError::Pause), false, true);
+    assert_eq!(r.tracks, 0);
+    assert_eq!(vol.tables.pending.count(), TRACKS);
+    assert_eq!(vol.state(), VolumeState::Restoring);
+}
+
+#[test]
+fn config_maps_in_one_place() {
+    let r = splitmirror::config::RestoreConfig {
+        batch: 16,
+        max_inflight: 128,
+        rate_limit: 200 << 20,
+        on_error: OnError::Skip,
+    };
+    let c = EngineConfig::from_restore(&r);
+    assert_eq!(
+        (c.batch, c.max_inflight, c.rate_limit, c.on_error),
+        (16, 128, 200 << 20, OnError::Skip)
+    );
+    assert!(c.busy_inflight >= 1 && c.busy_inflight < c.max_inflight);
 }

@@ -432,6 +432,8 @@ impl Wake for ThreadWake {
 pub struct BufPool {
     base: NonNull<u8>,
     slot_size: usize,
+    /// Bytes in the region (kept outside the mutex: every I/O asks).
+    len: usize,
     used: Mutex<Vec<bool>>,
 }
 
@@ -455,12 +457,13 @@ impl BufPool {
         BufPool {
             base,
             slot_size,
+            len: slots * slot_size,
             used: Mutex::new(vec![false; slots]),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.used.lock().unwrap().len() * self.slot_size
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -498,7 +501,7 @@ impl Lender for BufPool {
 
 impl Drop for BufPool {
     fn drop(&mut self) {
-        let len = self.used.get_mut().unwrap().len() * self.slot_size;
+        let len = self.len;
         // SAFETY: allocated in `new` with this layout; every lent buffer holds
         // an Arc, so none is alive.
         unsafe { std::alloc::dealloc(self.base.as_ptr(), Self::layout(len)) }

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{
     AtomicU64,
-    Ordering::{Relaxed, SeqCst},
+    Ordering::{Relaxed, Release, SeqCst},
 };
 
 pub struct AtomicBitmap {
@@ -92,6 +92,13 @@ impl AtomicBitmap {
 
     pub fn store_word_relaxed(&self, w: usize, v: u64) {
         self.words[w].store(v & self.valid_mask(w), Relaxed)
+    }
+
+    /// A plain store on x86 too, but it publishes the stores before it to
+    /// whoever reads this word with acquire (a commit swapping `unsynced`
+    /// must then see the bits it describes).
+    pub fn store_word_release(&self, w: usize, v: u64) {
+        self.words[w].store(v & self.valid_mask(w), Release)
     }
 
     pub fn fill(&self) {

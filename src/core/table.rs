@@ -119,7 +119,8 @@ impl TrackTable {
             ones += new.count_ones() as u64;
             if self.bits.word_relaxed(w) != new {
                 self.bits.store_word_relaxed(w, new);
-                self.unsynced.store_word_relaxed(w, !0);
+                // Release: a commit that swaps this word sees the new bits.
+                self.unsynced.store_word_release(w, !0);
                 if w / CHUNK_WORDS != last_chunk {
                     last_chunk = w / CHUNK_WORDS;
                     self.dirty_chunks.set(last_chunk as u64);

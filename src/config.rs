@@ -114,8 +114,9 @@ pub struct RestoreConfig {
     pub on_error: OnError,
 }
 
-/// What a read error during a copy does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+/// What a read error during a copy does (the one definition: the copy
+/// engine uses it as is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnError {
     /// Stop the operation; host reads of the failing range get EIO.

@@ -3,39 +3,57 @@
 //! start and end them. It is async over a [`Backend`] like the host path,
 //! so the same code runs on an io_uring thread and in the simulation.
 
+use crate::config::RestoreConfig;
 use crate::core::{CopyJob, TransitionError, Volume};
-use crate::hostpath::{admit, wait_commit, AlignedBuf, Backend};
+use crate::hostpath::{admit, wait_commit, AlignedBuf, Backend, HostLoad};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
-/// What a copy read error does (`restore.on_error`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnError {
-    /// Stop copying; the failing track stays pending and reads of it fail.
-    #[default]
-    Pause,
-    /// Leave the track as it is on the destination and list it.
-    Skip,
-}
+pub use crate::config::OnError;
 
+/// How the copy engine runs. Built from `restore.*` in exactly one place,
+/// [`EngineConfig::from_restore`].
 #[derive(Debug, Clone, Copy)]
 pub struct EngineConfig {
-    /// Tracks per batch.
+    /// Tracks per batch (one `next_copies` pick, one round of submissions).
     pub batch: usize,
+    /// Tracks being copied at once while the host is quiet.
+    pub max_inflight: usize,
     /// Bytes per coalesced I/O: runs of adjacent tracks are copied together.
     pub max_io: u64,
+    /// Copy bytes per second; 0 = unlimited.
+    pub rate_limit: u64,
     pub on_error: OnError,
+    /// Tracks being copied at once while host requests are running: copies
+    /// queue in the same device queues as host I/O, so fewer of them keeps
+    /// the host's tail latency close to idle while the copy still moves.
+    pub busy_inflight: usize,
+    /// Batches per metadata commit request (never one commit per track).
+    pub commit_every: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
+        EngineConfig::from_restore(&RestoreConfig::default())
+    }
+}
+
+impl EngineConfig {
+    /// The one mapping from the user's `restore.*` keys.
+    pub fn from_restore(r: &RestoreConfig) -> Self {
+        let max_inflight = (r.max_inflight as usize).max(1);
         EngineConfig {
-            batch: 32,
+            batch: (r.batch as usize).clamp(1, max_inflight),
+            max_inflight,
             max_io: 1 << 20,
-            on_error: OnError::Pause,
+            rate_limit: r.rate_limit,
+            on_error: r.on_error,
+            busy_inflight: (max_inflight / 8).max(1),
+            commit_every: 8,
         }
     }
 }
@@ -55,19 +73,40 @@ pub struct BatchResult {
     pub errors: Vec<CopyError>,
 }
 
-/// Copies one batch of tracks (the host's waiting tracks first). The
-/// destination is not flushed here: the commit that records the copy
-/// flushes it first (see the metadata store), once per group of batches.
+/// Copies one batch of tracks (the host's waiting tracks first) and asks
+/// for a commit. The destination is not flushed here: the commit that
+/// records the copy flushes it first (see the metadata store), once per
+/// group of batches.
 pub async fn copy_batch<B: Backend>(vol: &Volume, b: &B, cfg: &EngineConfig) -> BatchResult {
+    let out = copy_tracks(vol, b, cfg.batch, cfg).await;
+    if out.changed_tables() {
+        b.request_commit();
+    }
+    out
+}
+
+/// Copies up to `max` tracks; leaves commits to the caller.
+async fn copy_tracks<B: Backend>(
+    vol: &Volume,
+    b: &B,
+    max: usize,
+    cfg: &EngineConfig,
+) -> BatchResult {
     let ticket = admit(vol, b).await;
-    let jobs = vol.next_copies(&ticket, cfg.batch);
+    let jobs = vol.next_copies(&ticket, max);
     let runs = coalesce(&jobs, cfg.max_io);
     let results = join_all(runs.iter().map(|run| copy_run(b, run))).await;
     let mut out = BatchResult::default();
     for (run, res) in runs.iter().zip(results) {
         for (job, res) in run.iter().zip(res) {
-            let ok = match &res {
-                Ok(()) => true,
+            // A skipped track counts as done for the table (it is no longer
+            // pending) but not as copied.
+            let done = match &res {
+                Ok(()) => {
+                    out.tracks += 1;
+                    out.bytes += job.len;
+                    true
+                }
                 Err(e) => {
                     let skipped = cfg.on_error == OnError::Skip;
                     out.errors.push(CopyError {
@@ -78,18 +117,181 @@ pub async fn copy_batch<B: Backend>(vol: &Volume, b: &B, cfg: &EngineConfig) -> 
                     skipped
                 }
             };
-            if ok {
-                out.tracks += 1;
-                out.bytes += job.len;
-            }
-            vol.finish_copy(*job, ok);
+            vol.finish_copy(*job, done);
         }
-    }
-    if out.tracks > 0 {
-        b.request_commit();
     }
     drop(ticket);
     out
+}
+
+/// What [`run_copies`] did.
+#[derive(Debug, Default, Clone)]
+pub struct RunReport {
+    pub tracks: u64,
+    pub bytes: u64,
+    pub errors: Vec<CopyError>,
+    /// Copy operations that ran to their end (a restore then its resync
+    /// counts two).
+    pub completed: u32,
+    /// Stopped by a read error under `on_error: pause`.
+    pub paused: bool,
+}
+
+/// Runs the copy operation(s) until nothing is left to copy, `stop` is set,
+/// or an error pauses them.
+///
+/// Keeps up to `max_inflight` tracks in flight as concurrent batches (hot
+/// tracks first: `next_copies` orders them), but only `busy_inflight` while
+/// `load` shows host requests, so host I/O does not queue behind a deep
+/// copy backlog. Honours `rate_limit` with a token bucket, requests a
+/// metadata commit every `commit_every` batches, and ends each operation
+/// with [`complete_if_done`] (restore → resync → established runs through).
+pub async fn run_copies<B: Backend>(
+    vol: &Volume,
+    b: &B,
+    cfg: &EngineConfig,
+    stop: &AtomicBool,
+    load: &HostLoad,
+) -> io::Result<RunReport> {
+    type Batch<'a> = Pin<Box<dyn Future<Output = BatchResult> + 'a>>;
+    let mut report = RunReport::default();
+    let mut bucket = TokenBucket::new(cfg.rate_limit, cfg.max_io);
+    let mut running: Vec<(usize, Batch<'_>)> = Vec::new();
+    let mut inflight = 0usize;
+    let mut since_commit = 0usize;
+    let mut host_seen = load.started();
+    // A batch found nothing to pick: start no more until the running ones
+    // end, then look at what is left.
+    let mut dry = false;
+    loop {
+        let halt =
+            stop.load(Ordering::Relaxed) || report.paused || vol.state().copy_kind().is_none();
+        let host_now = load.started();
+        let busy = load.inflight() > 0 || host_now != host_seen;
+        host_seen = host_now;
+        let cap = if busy {
+            cfg.busy_inflight.min(cfg.max_inflight)
+        } else {
+            cfg.max_inflight
+        }
+        .max(1);
+        // Under load, two half-size batches keep the devices busy while one
+        // of them is between its read and its write.
+        let size = if busy { (cap / 2).max(1) } else { cfg.batch };
+        while !halt && !dry && inflight < cap && bucket.ready() {
+            let n = size.min(cap - inflight).max(1);
+            running.push((n, Box::pin(copy_tracks(vol, b, n, cfg))));
+            inflight += n;
+        }
+        if running.is_empty() {
+            if halt {
+                break;
+            }
+            if dry {
+                dry = false;
+                if vol.copy_remaining() == 0 {
+                    if complete_if_done(vol, b).await? {
+                        report.completed += 1;
+                    }
+                    since_commit = 0;
+                    continue;
+                }
+            }
+            // Out of tokens, or the tracks left are held by host writes.
+            b.pause().await;
+            continue;
+        }
+        let (n, r) = next_done(&mut running).await;
+        inflight -= n;
+        bucket.spend(r.bytes);
+        if r.tracks == 0 && r.errors.is_empty() {
+            dry = true;
+        }
+        if r.changed_tables() {
+            since_commit += 1;
+            if since_commit >= cfg.commit_every {
+                b.request_commit();
+                since_commit = 0;
+            }
+        }
+        report.tracks += r.tracks;
+        report.bytes += r.bytes;
+        if r.errors.iter().any(|e| !e.skipped) {
+            report.paused = true;
+        }
+        report.errors.extend(r.errors);
+    }
+    if since_commit > 0 {
+        b.request_commit();
+    }
+    Ok(report)
+}
+
+/// Waits for the first of `running` to finish and removes it.
+async fn next_done<T, F: Future<Output = T> + ?Sized>(
+    running: &mut Vec<(usize, Pin<Box<F>>)>,
+) -> (usize, T) {
+    std::future::poll_fn(|cx| {
+        for i in 0..running.len() {
+            if let Poll::Ready(v) = running[i].1.as_mut().poll(cx) {
+                let (n, _) = running.swap_remove(i);
+                // Others may have completed in the same round; their wakes
+                // were consumed by this poll, so ask to be polled again.
+                cx.waker().wake_by_ref();
+                return Poll::Ready((n, v));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Bytes-per-second limiter. Tokens may go negative (a batch is charged
+/// when it ends, by what it copied); no batch starts until they are back
+/// above zero. The burst is a tenth of a second's worth, so a limit is
+/// smooth at the scale a host notices.
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u64, min_burst: u64) -> Self {
+        let rate = rate as f64;
+        let burst = (rate / 10.0).max(min_burst as f64);
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            at: Instant::now(),
+        }
+    }
+
+    fn ready(&mut self) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        let dt = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        self.tokens > 0.0
+    }
+
+    fn spend(&mut self, bytes: u64) {
+        if self.rate != 0.0 {
+            self.tokens -= bytes as f64;
+        }
+    }
+}
+
+impl BatchResult {
+    /// Whether the batch changed the tables (a commit has work to do).
+    pub fn changed_tables(&self) -> bool {
+        self.tracks > 0 || self.errors.iter().any(|e| e.skipped)
+    }
 }
 
 /// Groups jobs on adjacent tracks into runs of at most `max_io` bytes.
@@ -148,8 +350,9 @@ pub async fn transition<B: Backend, R>(
     }
     let result = change(vol);
     let flushed = async {
-        for dev in crate::core::DevSet::BOTH.devs() {
-            b.flush(dev).await?;
+        // Both at once: this is on the path of `restore`'s instant return.
+        for r in join_all(crate::core::DevSet::BOTH.devs().map(|d| b.flush(d))).await {
+            r?;
         }
         wait_commit(vol, b, vol.clock.next()).await
     }

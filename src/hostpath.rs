@@ -25,7 +25,8 @@ pub trait Backend {
     fn commit_failed(&self) -> bool {
         false
     }
-    /// A zeroed buffer suitable for direct I/O (merges and copies).
+    /// A buffer suitable for direct I/O (merges and copies). Its contents
+    /// are unspecified: every user reads into it before writing it out.
     fn buffer(&self, len: usize) -> AlignedBuf {
         AlignedBuf::new(len)
     }
@@ -189,13 +190,21 @@ pub async fn flush<B: Backend>(vol: &Volume, b: &B) -> io::Result<()> {
     Ok(())
 }
 
-/// A heap buffer aligned to 4096 bytes, for O_DIRECT.
+/// A buffer aligned to 4096 bytes, for O_DIRECT: from the heap, or lent by
+/// a backend's registered pool (and given back to it on drop).
 pub struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
+    lender: Option<std::sync::Arc<dyn Lender>>,
 }
 
-// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+/// Where a lent [`AlignedBuf`] goes back to when dropped.
+pub trait Lender: Send + Sync {
+    fn give_back(&self, ptr: std::ptr::NonNull<u8>, len: usize);
+}
+
+// SAFETY: AlignedBuf owns its allocation (or its lent region) exclusively,
+// like a Vec<u8>.
 unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
@@ -211,14 +220,38 @@ impl AlignedBuf {
         let raw = unsafe { std::alloc::alloc_zeroed(Self::layout(len)) };
         let ptr = std::ptr::NonNull::new(raw)
             .unwrap_or_else(|| std::alloc::handle_alloc_error(Self::layout(len)));
-        AlignedBuf { ptr, len }
+        AlignedBuf {
+            ptr,
+            len,
+            lender: None,
+        }
+    }
+
+    /// A buffer over `len` bytes at `ptr` that `lender` owns.
+    ///
+    /// # Safety
+    /// `ptr` must be 4096-aligned and valid for `len` bytes, used by nothing
+    /// else until `lender.give_back(ptr, len)`.
+    pub unsafe fn lent(
+        ptr: std::ptr::NonNull<u8>,
+        len: usize,
+        lender: std::sync::Arc<dyn Lender>,
+    ) -> Self {
+        AlignedBuf {
+            ptr,
+            len,
+            lender: Some(lender),
+        }
     }
 }
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with the same layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        match self.lender.take() {
+            Some(l) => l.give_back(self.ptr, self.len),
+            // SAFETY: allocated in `new` with the same layout.
+            None => unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) },
+        }
     }
 }
 
@@ -234,5 +267,45 @@ impl std::ops::DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as above, and &mut self guarantees exclusivity.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+/// How busy the host is, for the copy engine to yield to it. Whoever runs
+/// host requests (a ublk queue, a bench) holds a [`HostLoad::enter`] guard
+/// per request; the engine only reads the counters. Two relaxed atomics per
+/// request: cheap enough for the fast path.
+#[derive(Debug, Default)]
+pub struct HostLoad {
+    inflight: std::sync::atomic::AtomicU64,
+    started: std::sync::atomic::AtomicU64,
+}
+
+pub struct HostLoadGuard<'a>(&'a HostLoad);
+
+impl HostLoad {
+    pub fn enter(&self) -> HostLoadGuard<'_> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.started.fetch_add(1, Relaxed);
+        self.inflight.fetch_add(1, Relaxed);
+        HostLoadGuard(self)
+    }
+
+    /// Host requests in flight now.
+    pub fn inflight(&self) -> u64 {
+        self.inflight.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Host requests started so far (compare two readings to see whether
+    /// the host was active in between).
+    pub fn started(&self) -> u64 {
+        self.started.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for HostLoadGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .inflight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -5,8 +5,8 @@
 //! the restore rules) that performs no I/O. Everything else is a thin
 //! executor around it:
 //! - [`hostpath`] runs host requests (read/write/flush) through the core's
-//!   plans against any [`hostpath::DeviceIo`] (a ublk queue's ring, or a
-//!   plain io_uring for the crash soak and the benches);
+//!   plans against any [`hostpath::Backend`] (a ublk queue's ring, or
+//!   [`uring::UringBackend`] for the engine, the crash soak and the benches);
 //! - [`engine`] copies tracks (restore, establish, resync);
 //! - [`metadata`] persists the track tables crash-consistently;
 //! - [`ublk`] creates the block device with libublk;
@@ -26,3 +26,4 @@ pub mod metrics;
 pub mod server;
 pub mod sim;
 pub mod ublk;
+pub mod uring;

@@ -231,7 +231,7 @@ pub fn mem_commit_begin(vol: &Volume) -> crate::core::CommitSeq {
     let mut buf = vec![0u64; crate::core::table::CHUNK_WORDS];
     for table in vol.tables.all() {
         for c in 0..table.chunks() {
-            table.take_dirty_chunk(c, &mut buf);
+            table.take_dirty_chunk_for(c, &mut buf, seq);
         }
     }
     seq

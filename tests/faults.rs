@@ -23,6 +23,7 @@ fn with_on_error(seed: u64, on_error: OnError) -> (Harness, Vec<u8>) {
         batch: 4,
         max_io: 2 * TRACK,
         on_error,
+        ..Default::default()
     };
     let h = Harness::with_config(seed, SIZE, TRACK, VolumeState::Established, cfg);
     let base = pattern(seed, SIZE as usize);

@@ -8,7 +8,7 @@
 //! what keeps the common write free of metadata I/O.
 
 use super::geometry::Track;
-use super::table::TrackTable;
+use super::table::{TrackTable, TAKEN_UNKNOWN};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
 /// Number of a metadata commit; commit `n` is durable once `done >= n`.
@@ -50,11 +50,12 @@ impl CommitClock {
         let unsynced = table.is_unsynced(t);
         let started = self.started.load(SeqCst);
         if unsynced {
-            Some(started + 1)
-        } else if started > self.done() {
-            Some(started)
-        } else {
-            None
+            return Some(started + 1);
+        }
+        // Synced: durable once the commit that took it is.
+        match table.taken_by(t) {
+            TAKEN_UNKNOWN => (started > self.done()).then_some(started),
+            seq => (seq > self.done()).then_some(seq),
         }
     }
 
@@ -67,4 +68,40 @@ impl CommitClock {
 /// The later of two optional commit requirements.
 pub fn later(a: Option<CommitSeq>, b: Option<CommitSeq>) -> Option<CommitSeq> {
     a.max(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::table::CHUNK_WORDS;
+
+    #[test]
+    fn a_synced_bit_waits_only_for_the_commit_that_took_it() {
+        let clock = CommitClock::default();
+        let table = TrackTable::new(1000);
+        let mut buf = vec![0u64; CHUNK_WORDS];
+        assert_eq!(clock.needed_for(&table, 5), None);
+        table.set(5);
+        assert_eq!(
+            clock.needed_for(&table, 5),
+            Some(1),
+            "unsynced: the next commit"
+        );
+        let seq = clock.begin();
+        assert!(table.take_dirty_chunk_for(0, &mut buf, seq));
+        assert_eq!(
+            clock.needed_for(&table, 5),
+            Some(seq),
+            "taken by the one in progress"
+        );
+        clock.finish(seq);
+        assert_eq!(clock.needed_for(&table, 5), None);
+        // Another commit in progress that does not carry this bit: no wait.
+        let _next = clock.begin();
+        assert_eq!(clock.needed_for(&table, 5), None);
+        // A store that does not say which commit took a chunk: conservative.
+        table.set(6);
+        assert!(table.take_dirty_chunk(0, &mut buf));
+        assert_eq!(clock.needed_for(&table, 6), Some(2));
+    }
 }

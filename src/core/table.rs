@@ -10,16 +10,27 @@
 
 use super::bitmap::AtomicBitmap;
 use super::geometry::Track;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
 /// Words of bits per persistence chunk: one 4 KiB metadata page.
 pub const CHUNK_WORDS: usize = 512;
 /// Tracks per persistence chunk.
 pub const CHUNK_TRACKS: u64 = CHUNK_WORDS as u64 * 64;
 
+/// [`TrackTable::taken_by`] for a chunk taken by a commit that did not say
+/// which (callers of [`TrackTable::take_dirty_chunk`]).
+pub const TAKEN_UNKNOWN: u64 = u64::MAX;
+
 pub struct TrackTable {
     bits: AtomicBitmap,
     unsynced: AtomicBitmap,
     dirty_chunks: AtomicBitmap,
+    /// Per chunk, the commit that last took it (0: none since load). Lets a
+    /// writer whose bit is synced wait only for the commit that carries it,
+    /// instead of for whatever commit happens to be in progress: during a
+    /// restore commits run back to back, and waiting on each would put a
+    /// flush into many host writes' latency.
+    taken: Box<[AtomicU64]>,
 }
 
 impl TrackTable {
@@ -28,6 +39,9 @@ impl TrackTable {
             bits: AtomicBitmap::new(tracks),
             unsynced: AtomicBitmap::new(tracks),
             dirty_chunks: AtomicBitmap::new(tracks.div_ceil(CHUNK_TRACKS)),
+            taken: (0..tracks.div_ceil(CHUNK_TRACKS))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         }
     }
 
@@ -87,27 +101,48 @@ impl TrackTable {
         self.bits.iter_ones()
     }
 
-    /// Replaces every word, word by word (never a loop over tracks).
-    fn assign_words(&self, word: impl Fn(usize) -> u64) {
+    /// Replaces every word, word by word (never a loop over tracks). Only
+    /// chunks whose words changed become dirty, so the commit that follows
+    /// a restore or establish start carries just the tables that changed.
+    ///
+    /// Callers hold the volume's gate closed (or, in `degrade`, only race
+    /// with copies clearing bits), so a load and a plain store cannot lose
+    /// a concurrent change; the fence publishes the pass as a whole.
+    ///
+    /// Returns the number of bits now set, counted in the same pass (a
+    /// restore start needs it, and a second pass over 1 MiB costs).
+    fn assign_words(&self, word: impl Fn(usize) -> u64) -> u64 {
+        let mut last_chunk = usize::MAX;
+        let mut ones = 0;
         for w in 0..self.bits.words() {
-            let new = word(w);
-            if self.bits.swap_word(w, new) != new {
-                self.unsynced.store_word(w, !0);
+            let new = word(w) & self.bits.valid_mask(w);
+            ones += new.count_ones() as u64;
+            if self.bits.word_relaxed(w) != new {
+                self.bits.store_word_relaxed(w, new);
+                // Release: a commit that swaps this word sees the new bits.
+                self.unsynced.store_word_release(w, !0);
+                if w / CHUNK_WORDS != last_chunk {
+                    last_chunk = w / CHUNK_WORDS;
+                    self.dirty_chunks.set(last_chunk as u64);
+                }
             }
         }
-        self.dirty_chunks.fill();
+        std::sync::atomic::fence(SeqCst);
+        ones
     }
 
-    pub fn fill(&self) {
-        self.assign_words(|_| !0);
+    /// Sets every bit; returns how many that is.
+    pub fn fill(&self) -> u64 {
+        self.assign_words(|_| !0)
     }
 
     pub fn clear_all(&self) {
         self.assign_words(|_| 0);
     }
 
-    pub fn copy_from(&self, other: &TrackTable) {
-        self.assign_words(|w| other.bits.word(w));
+    /// `self = other`; returns the number of bits set.
+    pub fn copy_from(&self, other: &TrackTable) -> u64 {
+        self.assign_words(|w| other.bits.word_relaxed(w))
     }
 
     /// `self |= other`, word by word.
@@ -127,11 +162,25 @@ impl TrackTable {
     /// unsynced bits, then reading the bits is what makes concurrent changes
     /// either included here or carried by the next commit.
     pub fn take_dirty_chunk(&self, c: usize, out: &mut [u64]) -> bool {
+        self.take_dirty_chunk_for(c, out, TAKEN_UNKNOWN)
+    }
+
+    /// [`Self::take_dirty_chunk`] by commit `seq` (from `CommitClock::begin`).
+    pub fn take_dirty_chunk_for(&self, c: usize, out: &mut [u64], seq: u64) -> bool {
         if !self.dirty_chunks.clear(c as u64) {
             return false;
         }
+        // Before the unsynced bits are cleared: a writer that sees its bit
+        // synced must also see which commit took it.
+        self.taken[c].fetch_max(seq, SeqCst);
         self.snapshot_chunk(c, out, true);
         true
+    }
+
+    /// The commit that last took the chunk holding track `t` (0: none since
+    /// load, [`TAKEN_UNKNOWN`]: one that did not say).
+    pub fn taken_by(&self, t: Track) -> u64 {
+        self.taken[(t / CHUNK_TRACKS) as usize].load(SeqCst)
     }
 
     /// Copies chunk `c` into `out`; with `sync`, also marks it synced.
@@ -161,6 +210,7 @@ impl TrackTable {
             }
         }
         self.dirty_chunks.clear(c as u64);
+        self.taken[c].store(0, SeqCst);
     }
 
     /// Marks chunk `c` dirty again: a commit that took it failed, so the
@@ -222,5 +272,12 @@ mod tests {
         assert_eq!(a.count(), 130);
         a.clear_all();
         assert!(a.is_clear() && a.has_dirty_chunks());
+        let mut buf = vec![0u64; CHUNK_WORDS];
+        assert!(a.take_dirty_chunk(0, &mut buf));
+        a.clear_all();
+        assert!(
+            !a.has_dirty_chunks(),
+            "clearing a clear table dirties nothing"
+        );
     }
 }

@@ -83,6 +83,9 @@ pub struct Volume {
     locks: TrackLocks,
     /// Pending tracks the host is reading: the copy engine takes them first.
     hot: AtomicBitmap,
+    /// Bits set in `hot`, so that `next_copies` skips scanning the whole
+    /// bitmap (128K words at 1 TiB) on every batch when none is.
+    hot_count: AtomicU64,
     copy_cursor: AtomicU64,
     pub clock: CommitClock,
     header_dirty: AtomicBool,
@@ -112,6 +115,7 @@ impl Volume {
             tables: Tables::new(tracks),
             locks: TrackLocks::new(tracks),
             hot: AtomicBitmap::new(tracks),
+            hot_count: AtomicU64::new(0),
             copy_cursor: AtomicU64::new(0),
             clock: CommitClock::default(),
             header_dirty: AtomicBool::new(true),
@@ -259,7 +263,9 @@ impl Volume {
         let mut segs: Vec<ReadSeg> = Vec::new();
         for span in self.geometry.spans(offset, len) {
             let dev = if restoring && self.tables.pending.get(span.track) {
-                self.hot.set(span.track);
+                if self.hot.set(span.track) {
+                    self.hot_count.fetch_add(1, SeqCst);
+                }
                 Dev::Secondary
             } else {
                 Dev::Primary
@@ -541,9 +547,11 @@ impl Volume {
                 }
             }
         };
-        while jobs.len() < max {
+        while jobs.len() < max && self.hot_count.load(SeqCst) > 0 {
             let Some(t) = self.hot.next_one(0) else { break };
-            self.hot.clear(t);
+            if self.hot.clear(t) {
+                self.hot_count.fetch_sub(1, SeqCst);
+            }
             take(t, &mut jobs);
         }
         let start = self.copy_cursor.load(SeqCst);
@@ -648,18 +656,18 @@ impl Volume {
                 self.set_state(VolumeState::Split);
             }
             Command::Establish { full } => {
-                if full {
-                    tables.stale.fill();
+                let total = if full {
+                    tables.stale.fill()
                 } else {
-                    tables.stale.copy_from(&tables.changed);
-                }
+                    tables.stale.copy_from(&tables.changed)
+                };
                 tables.changed.clear_all();
                 self.start(
                     VolumeState::Syncing,
                     OperationKind::Establish,
                     !full,
                     false,
-                    &tables.stale,
+                    total,
                 );
             }
             Command::Restore {
@@ -667,11 +675,11 @@ impl Volume {
                 protect,
             } => {
                 // Claims 10, 11: which tracks to restore.
-                if incremental {
-                    tables.pending.copy_from(&tables.changed);
+                let total = if incremental {
+                    tables.pending.copy_from(&tables.changed)
                 } else {
-                    tables.pending.fill();
-                }
+                    tables.pending.fill()
+                };
                 // From here on "changed" records what the host writes during
                 // the restore (claim 2).
                 tables.changed.clear_all();
@@ -680,7 +688,7 @@ impl Volume {
                     OperationKind::Restore,
                     incremental,
                     protect,
-                    &tables.pending,
+                    total,
                 );
             }
         }
@@ -694,14 +702,14 @@ impl Volume {
         kind: OperationKind,
         incremental: bool,
         protect: bool,
-        todo: &TrackTable,
+        total: u64,
     ) {
         self.copy_cursor.store(0, SeqCst);
         self.set_operation(Some(Operation {
             kind,
             incremental,
             protect,
-            total: todo.count(),
+            total,
         }));
         self.set_state(state);
     }
@@ -714,7 +722,9 @@ impl Volume {
     }
 
     fn complete_locked(&self) -> bool {
-        if self.copy_source().is_none() || self.copy_remaining() > 0 {
+        // `is_clear` stops at the first set word: right after a restore
+        // starts this is one load, not a count over the whole table.
+        if self.copy_source().is_none_or(|(t, _, _)| !t.is_clear()) {
             return false;
         }
         let tables = &self.tables;
@@ -729,14 +739,14 @@ impl Volume {
                 } else {
                     // Claim 1(E): copy and updates done, re-enable the secondary
                     // and send it what the host wrote meanwhile (claim 2).
-                    tables.stale.copy_from(&tables.changed);
+                    let total = tables.stale.copy_from(&tables.changed);
                     tables.changed.clear_all();
                     self.start(
                         VolumeState::Resyncing,
                         OperationKind::Resync,
                         true,
                         false,
-                        &tables.stale,
+                        total,
                     );
                     self.complete_locked();
                 }
@@ -759,13 +769,13 @@ impl Volume {
         }
         match self.state() {
             VolumeState::Established => {
-                tables.stale.copy_from(&tables.intent);
+                let total = tables.stale.copy_from(&tables.intent);
                 self.start(
                     VolumeState::Syncing,
                     OperationKind::Establish,
                     true,
                     false,
-                    &tables.stale,
+                    total,
                 );
             }
             VolumeState::Syncing | VolumeState::Resyncing => {

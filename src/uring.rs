@@ -1,0 +1,509 @@
+//! A standalone io_uring [`Backend`] for threads outside ublk: the copy
+//! engine, control commands, the benches and the crash soak.
+//!
+//! One `UringBackend` belongs to one thread (it is `!Sync`): it owns a ring
+//! and a tiny reactor. [`UringBackend::block_on`] polls one future (usually
+//! a join of many) and, whenever that future is waiting, submits every SQE
+//! the poll queued in one `io_uring_enter` and reaps the completions. So a
+//! batch of copies or a queue of host requests all sit in the ring at once,
+//! with one syscall per round instead of one per I/O.
+//!
+//! The backend opens nothing: it takes raw fds of the primary and the
+//! secondary (opened with O_DIRECT by the caller) and never closes them.
+//!
+//! Copy and merge buffers come from a fixed pool of track-sized slots in one
+//! aligned region registered with the ring, so those transfers use
+//! `READ_FIXED`/`WRITE_FIXED` and the kernel skips pinning pages per I/O.
+//! Any other buffer (a host request's) goes through plain `READ`/`WRITE`.
+
+use crate::core::Dev;
+use crate::hostpath::{AlignedBuf, Backend, Lender};
+use io_uring::{opcode, squeue, types, IoUring};
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::io;
+use std::os::fd::RawFd;
+use std::pin::{pin, Pin};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
+
+/// How to build a [`UringBackend`].
+#[derive(Debug, Clone, Copy)]
+pub struct UringOptions {
+    /// Submission queue entries (the completion queue gets twice as many).
+    pub entries: u32,
+    /// Slots in the registered buffer pool (`restore.max_inflight`).
+    pub pool_buffers: usize,
+    /// Bytes per pool slot (the track size).
+    pub buffer_size: usize,
+    /// How long [`Backend::pause`] sleeps: short, because what a paused
+    /// request waits for (a track lock, a commit) usually takes well under
+    /// a millisecond.
+    pub pause: Duration,
+}
+
+impl Default for UringOptions {
+    fn default() -> Self {
+        UringOptions {
+            entries: 256,
+            pool_buffers: 64,
+            buffer_size: 128 << 10,
+            pause: Duration::from_micros(100),
+        }
+    }
+}
+
+/// State of one submitted operation, indexed by its `user_data`.
+enum Slot {
+    Free,
+    InFlight(Option<Waker>),
+    Done(i32),
+}
+
+type CommitHook = Box<dyn Fn()>;
+type FailedHook = Box<dyn Fn() -> bool>;
+
+pub struct UringBackend {
+    ring: RefCell<IoUring>,
+    fds: [RawFd; 2],
+    slots: RefCell<Vec<Slot>>,
+    free: RefCell<Vec<usize>>,
+    /// Operations in the ring whose completion has not been reaped.
+    inflight: Cell<usize>,
+    pool: Arc<BufPool>,
+    /// Whether the pool is registered (registration can fail, e.g. under a
+    /// small RLIMIT_MEMLOCK; the pool then still serves plain I/O).
+    fixed: bool,
+    pause: Duration,
+    on_commit: CommitHook,
+    on_commit_failed: FailedHook,
+}
+
+impl UringBackend {
+    /// A backend over `primary` and `secondary` (O_DIRECT fds, not owned).
+    pub fn new(primary: RawFd, secondary: RawFd, opts: UringOptions) -> io::Result<Self> {
+        let ring = IoUring::builder()
+            .setup_cqsize(opts.entries * 2)
+            .build(opts.entries)?;
+        let pool = Arc::new(BufPool::new(opts.pool_buffers, opts.buffer_size));
+        let fixed = !pool.is_empty() && {
+            let iov = libc::iovec {
+                iov_base: pool.base.as_ptr().cast(),
+                iov_len: pool.len(),
+            };
+            // SAFETY: the region stays allocated as long as the pool, and the
+            // backend (which owns the ring) holds the pool.
+            match unsafe { ring.submitter().register_buffers(&[iov]) } {
+                Ok(()) => true,
+                Err(e) => {
+                    log::debug!("io_uring buffer registration failed ({e}); using plain I/O");
+                    false
+                }
+            }
+        };
+        Ok(UringBackend {
+            ring: RefCell::new(ring),
+            fds: [primary, secondary],
+            slots: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+            inflight: Cell::new(0),
+            pool,
+            fixed,
+            pause: opts.pause,
+            on_commit: Box::new(|| {}),
+            on_commit_failed: Box::new(|| false),
+        })
+    }
+
+    /// What `request_commit` does (the server passes its `CommitHandle`).
+    pub fn with_commit(mut self, request: impl Fn() + 'static) -> Self {
+        self.on_commit = Box::new(request);
+        self
+    }
+
+    /// What `commit_failed` answers.
+    pub fn with_commit_failed(mut self, failed: impl Fn() -> bool + 'static) -> Self {
+        self.on_commit_failed = Box::new(failed);
+        self
+    }
+
+    /// Whether pool buffers go through READ_FIXED/WRITE_FIXED.
+    pub fn uses_fixed_buffers(&self) -> bool {
+        self.fixed
+    }
+
+    fn fd(&self, dev: Dev) -> types::Fd {
+        types::Fd(match dev {
+            Dev::Primary => self.fds[0],
+            Dev::Secondary => self.fds[1],
+        })
+    }
+
+    /// Runs `fut` to completion on this thread, driving the ring.
+    pub fn block_on<F: Future>(&self, fut: F) -> F::Output {
+        let wake = Arc::new(ThreadWake {
+            woken: AtomicBool::new(true),
+            thread: std::thread::current(),
+        });
+        let waker = Waker::from(wake.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut fut = pin!(fut);
+        loop {
+            if wake.woken.swap(false, Ordering::AcqRel) {
+                if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                    return v;
+                }
+            }
+            if self.inflight.get() > 0 {
+                let want = usize::from(!wake.woken.load(Ordering::Acquire));
+                self.submit(want);
+                self.reap();
+            } else if !wake.woken.load(Ordering::Acquire) {
+                // Nothing in the ring: only another thread can wake us.
+                std::thread::park_timeout(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// Submits queued SQEs, waiting for `want` completions.
+    fn submit(&self, want: usize) {
+        loop {
+            let r = self.ring.borrow().submitter().submit_and_wait(want);
+            match r {
+                Ok(_) => return,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The completion queue is full: reap, then submit again.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    self.reap();
+                    if want == 0 {
+                        return;
+                    }
+                }
+                Err(e) => panic!("io_uring_enter failed: {e}"),
+            }
+        }
+    }
+
+    /// Moves completions into their slots and wakes their futures.
+    fn reap(&self) {
+        let mut wakers = Vec::new();
+        {
+            let mut ring = self.ring.borrow_mut();
+            let mut slots = self.slots.borrow_mut();
+            for cqe in ring.completion() {
+                let i = cqe.user_data() as usize;
+                if let Slot::InFlight(w) =
+                    std::mem::replace(&mut slots[i], Slot::Done(cqe.result()))
+                {
+                    wakers.extend(w);
+                }
+                self.inflight.set(self.inflight.get() - 1);
+            }
+        }
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    fn push(&self, entry: squeue::Entry) -> usize {
+        let i = match self.free.borrow_mut().pop() {
+            Some(i) => i,
+            None => {
+                let mut slots = self.slots.borrow_mut();
+                slots.push(Slot::Free);
+                slots.len() - 1
+            }
+        };
+        self.slots.borrow_mut()[i] = Slot::InFlight(None);
+        let entry = entry.user_data(i as u64);
+        loop {
+            // SAFETY: every buffer or timespec the entry points at is kept
+            // alive by the `Op` that owns slot `i` until the completion is
+            // reaped (its Drop waits for that).
+            let pushed = unsafe { self.ring.borrow_mut().submission().push(&entry).is_ok() };
+            if pushed {
+                break;
+            }
+            self.submit(0);
+        }
+        self.inflight.set(self.inflight.get() + 1);
+        i
+    }
+
+    /// Submits `entry` and waits for its result (negative errno on error).
+    fn op(&self, entry: squeue::Entry) -> Op<'_> {
+        Op {
+            be: self,
+            entry: Some(entry),
+            slot: None,
+        }
+    }
+
+    fn pool_index(&self, ptr: *const u8, len: usize) -> Option<u16> {
+        (self.fixed && self.pool.contains(ptr, len)).then_some(0)
+    }
+
+    async fn rw(
+        &self,
+        dev: Dev,
+        offset: u64,
+        ptr: *mut u8,
+        len: usize,
+        write: bool,
+        fua: bool,
+    ) -> io::Result<()> {
+        let fd = self.fd(dev);
+        let mut done = 0usize;
+        // A short transfer (rare: only at end of file) is resumed from where
+        // it stopped.
+        while done < len {
+            // SAFETY: ptr..ptr+len is the caller's buffer, borrowed for the
+            // whole call.
+            let p = unsafe { ptr.add(done) };
+            let n = (len - done).min(1 << 30) as u32;
+            let off = offset + done as u64;
+            let flags = if fua { libc::RWF_DSYNC } else { 0 };
+            let entry = match (self.pool_index(p, n as usize), write) {
+                (Some(idx), false) => opcode::ReadFixed::new(fd, p, n, idx).offset(off).build(),
+                (Some(idx), true) => opcode::WriteFixed::new(fd, p, n, idx)
+                    .offset(off)
+                    .rw_flags(flags)
+                    .build(),
+                (None, false) => opcode::Read::new(fd, p, n).offset(off).build(),
+                (None, true) => opcode::Write::new(fd, p, n)
+                    .offset(off)
+                    .rw_flags(flags)
+                    .build(),
+            };
+            let res = self.op(entry).await;
+            if res < 0 {
+                return Err(io::Error::from_raw_os_error(-res));
+            }
+            if res == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{dev:?}: transfer at {off} ended early"),
+                ));
+            }
+            done += res as usize;
+        }
+        Ok(())
+    }
+}
+
+impl Backend for UringBackend {
+    async fn read(&self, dev: Dev, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.rw(dev, offset, buf.as_mut_ptr(), buf.len(), false, false)
+            .await
+    }
+
+    async fn write(&self, dev: Dev, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
+        // The kernel only reads from a write's buffer.
+        self.rw(dev, offset, buf.as_ptr().cast_mut(), buf.len(), true, fua)
+            .await
+    }
+
+    async fn flush(&self, dev: Dev) -> io::Result<()> {
+        let entry = opcode::Fsync::new(self.fd(dev))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build();
+        let res = self.op(entry).await;
+        if res < 0 {
+            return Err(io::Error::from_raw_os_error(-res));
+        }
+        Ok(())
+    }
+
+    async fn pause(&self) {
+        let ts = Box::new(
+            types::Timespec::new()
+                .sec(self.pause.as_secs())
+                .nsec(self.pause.subsec_nanos()),
+        );
+        let entry = opcode::Timeout::new(&*ts).build();
+        // -ETIME is the normal outcome of a timeout.
+        let _ = self.op(entry).await;
+        drop(ts);
+    }
+
+    fn request_commit(&self) {
+        (self.on_commit)()
+    }
+
+    fn commit_failed(&self) -> bool {
+        (self.on_commit_failed)()
+    }
+
+    /// A pool slot run when one is free (fixed-buffer I/O), else a heap
+    /// buffer. Pool buffers are not zeroed: every user reads into them first.
+    fn buffer(&self, len: usize) -> AlignedBuf {
+        self.pool.take(len).unwrap_or_else(|| AlignedBuf::new(len))
+    }
+}
+
+impl Drop for UringBackend {
+    fn drop(&mut self) {
+        // Ops borrow the backend, so none can be alive here; but a future
+        // leaked with mem::forget could leave I/O in flight into memory we
+        // are about to free. Wait it out.
+        while self.inflight.get() > 0 {
+            self.submit(1);
+            self.reap();
+        }
+    }
+}
+
+/// One submitted SQE; resolves to the CQE's result.
+struct Op<'a> {
+    be: &'a UringBackend,
+    entry: Option<squeue::Entry>,
+    slot: Option<usize>,
+}
+
+impl Future for Op<'_> {
+    type Output = i32;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i32> {
+        let be = self.be;
+        let i = match self.slot {
+            Some(i) => i,
+            None => {
+                let entry = self.entry.take().expect("op polled after completion");
+                let i = be.push(entry);
+                self.slot = Some(i);
+                i
+            }
+        };
+        let mut slots = be.slots.borrow_mut();
+        match &mut slots[i] {
+            Slot::Done(res) => {
+                let res = *res;
+                slots[i] = Slot::Free;
+                drop(slots);
+                be.free.borrow_mut().push(i);
+                self.slot = None;
+                Poll::Ready(res)
+            }
+            Slot::InFlight(w) => {
+                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *w = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Slot::Free => unreachable!("op slot freed while in use"),
+        }
+    }
+}
+
+impl Drop for Op<'_> {
+    fn drop(&mut self) {
+        let Some(i) = self.slot else { return };
+        // Dropped while in flight: the kernel may still touch the buffer this
+        // op borrows, so wait for the completion before letting it go.
+        while matches!(self.be.slots.borrow()[i], Slot::InFlight(_)) {
+            self.be.submit(1);
+            self.be.reap();
+        }
+        self.be.slots.borrow_mut()[i] = Slot::Free;
+        self.be.free.borrow_mut().push(i);
+    }
+}
+
+/// Wakes `block_on`: sets the flag and unparks its thread (for wakes from
+/// other threads; wakes from completions just set the flag).
+struct ThreadWake {
+    woken: AtomicBool,
+    thread: std::thread::Thread,
+}
+
+impl Wake for ThreadWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.thread.unpark();
+    }
+}
+
+/// A fixed region of `slots` track-sized slots. A buffer is a run of
+/// adjacent free slots, so a coalesced copy of several tracks still gets
+/// one fixed buffer.
+pub struct BufPool {
+    base: NonNull<u8>,
+    slot_size: usize,
+    /// Bytes in the region (kept outside the mutex: every I/O asks).
+    len: usize,
+    used: Mutex<Vec<bool>>,
+}
+
+// SAFETY: the region is only handed out in disjoint runs, tracked under the
+// mutex; like a Vec<u8> otherwise.
+unsafe impl Send for BufPool {}
+unsafe impl Sync for BufPool {}
+
+impl BufPool {
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(1), AlignedBuf::ALIGN).expect("pool layout")
+    }
+
+    pub fn new(slots: usize, slot_size: usize) -> Self {
+        let slot_size = slot_size.next_multiple_of(AlignedBuf::ALIGN);
+        let layout = Self::layout(slots * slot_size);
+        // SAFETY: non-zero size. Zeroed so that no stale heap bytes can ever
+        // reach a device.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let base = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        BufPool {
+            base,
+            slot_size,
+            len: slots * slot_size,
+            used: Mutex::new(vec![false; slots]),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn contains(&self, ptr: *const u8, len: usize) -> bool {
+        let start = self.base.as_ptr() as usize;
+        let p = ptr as usize;
+        p >= start && p + len <= start + self.len()
+    }
+
+    /// A buffer of `len` bytes from adjacent free slots, if there are any.
+    fn take(self: &Arc<Self>, len: usize) -> Option<AlignedBuf> {
+        let n = len.div_ceil(self.slot_size).max(1);
+        let mut used = self.used.lock().unwrap();
+        let first =
+            (0..used.len().checked_sub(n - 1)?).find(|&s| used[s..s + n].iter().all(|u| !u))?;
+        used[first..first + n].iter_mut().for_each(|u| *u = true);
+        // SAFETY: first + n <= slots, inside the region.
+        let ptr = unsafe { NonNull::new_unchecked(self.base.as_ptr().add(first * self.slot_size)) };
+        // SAFETY: the slots are marked used until `give_back`.
+        Some(unsafe { AlignedBuf::lent(ptr, len, self.clone()) })
+    }
+}
+
+impl Lender for BufPool {
+    fn give_back(&self, ptr: NonNull<u8>, len: usize) {
+        let first = (ptr.as_ptr() as usize - self.base.as_ptr() as usize) / self.slot_size;
+        let n = len.div_ceil(self.slot_size).max(1);
+        let mut used = self.used.lock().unwrap();
+        used[first..first + n].iter_mut().for_each(|u| *u = false);
+    }
+}
+
+impl Drop for BufPool {
+    fn drop(&mut self) {
+        let len = self.len;
+        // SAFETY: allocated in `new` with this layout; every lent buffer holds
+        // an Arc, so none is alive.
+        unsafe { std::alloc::dealloc(self.base.as_ptr(), Self::layout(len)) }
+    }
+}

@@ -11,6 +11,8 @@ echo "== cargo clippy -D warnings"
 cargo clippy --all-targets -- -D warnings
 echo "== cargo test (release: the model and crash seeds run faster)"
 cargo test --release
+echo "== crash soak: real processes killed with SIGKILL mid-operation"
+cargo run --release --example crash_soak -- --trials "${SPLITMIRROR_SOAK_TRIALS:-40}"
 if [ -n "${SPLITMIRROR_SKIP_VM:-}" ]; then
   echo "== VM tier SKIPPED on request: $SPLITMIRROR_SKIP_VM"
   echo "   (unset SPLITMIRROR_SKIP_VM to run it; CI always runs it)"

@@ -456,7 +456,7 @@ fn writer(vol: &Volume, committer: &Committer, load: &HostLoad, seed: u64, pfd: 
 }
 
 fn rng_fua(seq: u64) -> bool {
-    seq % 7 == 0
+    seq.is_multiple_of(7)
 }
 
 fn plan_batch(rng: &mut fastrand::Rng, seq: &mut u64) -> Vec<(u64, u64, u64)> {

@@ -361,7 +361,10 @@ fn yaml_error(e: serde_yaml_ng::Error) -> Error {
         Some(loc) => {
             let suffix = format!(" at line {} column {}", loc.line(), loc.column());
             match full.strip_suffix(&suffix) {
-                Some(m) => (m.to_string(), format!("line {} column {}: ", loc.line(), loc.column())),
+                Some(m) => (
+                    m.to_string(),
+                    format!("line {} column {}: ", loc.line(), loc.column()),
+                ),
                 // A libyaml syntax error carries its own positions inside.
                 None => (full.clone(), String::new()),
             }
@@ -390,9 +393,7 @@ fn with_hint(msg: &str) -> String {
         return format!("{msg}; add the key");
     }
     if msg.contains("invalid type: map, expected") || msg.contains("expected struct Config") {
-        return format!(
-            "{msg}; the file must be a YAML mapping with the keys {TOP_KEYS}"
-        );
+        return format!("{msg}; the file must be a YAML mapping with the keys {TOP_KEYS}");
     }
     if msg.contains("; ") {
         return msg;
@@ -696,7 +697,9 @@ mod tests {
         assert!(parse_size("-4KiB").unwrap_err().contains("negative"));
         assert!(parse_size("1.5MiB").unwrap_err().contains("fractional"));
         assert!(parse_size("4XiB").unwrap_err().contains("unknown suffix"));
-        assert!(parse_size("99999999999TiB").unwrap_err().contains("too large"));
+        assert!(parse_size("99999999999TiB")
+            .unwrap_err()
+            .contains("too large"));
         assert!(parse_size("").is_err());
         assert!(parse_size("KiB").is_err());
     }

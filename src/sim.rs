@@ -116,7 +116,10 @@ impl Backend for SimBackend {
             let w = &self.disks.secondary_written;
             w.set(w.get() + buf.len() as u64);
         }
-        self.disks.write_log.borrow_mut().push((dev, offset, buf.len() as u64));
+        self.disks
+            .write_log
+            .borrow_mut()
+            .push((dev, offset, buf.len() as u64));
         let mut d = self.disks.dev(dev).borrow_mut();
         d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
         Ok(())

@@ -10,8 +10,14 @@ const TRACK: u64 = 16 * 1024;
 const TRACKS: u64 = 16;
 const SIZE: u64 = TRACK * TRACKS;
 
-const RESTORE_FULL: Command = Command::Restore { incremental: false, protect: false };
-const RESTORE_INCR: Command = Command::Restore { incremental: true, protect: false };
+const RESTORE_FULL: Command = Command::Restore {
+    incremental: false,
+    protect: false,
+};
+const RESTORE_INCR: Command = Command::Restore {
+    incremental: true,
+    protect: false,
+};
 
 /// An established volume holding `base` on both devices, split, then with
 /// every byte overwritten by `after` through the host path.
@@ -46,8 +52,13 @@ fn claim_1_restore_write_disables_secondary_copies_split_image_then_reenables() 
     // and host I/O sees the split image at once.
     assert_eq!(h.read(0, SIZE), base);
     let vol = h.vol.clone();
-    h.sched.run_until(common::STEP_LIMIT, || vol.state() != VolumeState::Restoring);
-    assert_eq!(h.disks.secondary_written.get(), written_before, "secondary written during restore");
+    h.sched
+        .run_until(common::STEP_LIMIT, || vol.state() != VolumeState::Restoring);
+    assert_eq!(
+        h.disks.secondary_written.get(),
+        written_before,
+        "secondary written during restore"
+    );
     assert_eq!(h.secondary(), secondary_before);
     // (C) the tracks were copied secondary→primary.
     assert_eq!(h.primary(), base);
@@ -69,14 +80,22 @@ fn claim_1_host_updates_during_restore_land_on_primary_only() {
     let mut expect = base.clone();
     expect[(3 * TRACK + 512) as usize..(3 * TRACK + 512) as usize + 4096].copy_from_slice(&update);
     assert_eq!(h.primary(), expect);
-    assert_eq!(h.secondary(), expect, "resync propagated the update after the restore");
+    assert_eq!(
+        h.secondary(),
+        expect,
+        "resync propagated the update after the restore"
+    );
 }
 
 #[test]
 fn claim_2_tracks_written_during_restore_are_recorded() {
     let (mut h, _, _) = split_and_overwrite(3);
     held_restore(&mut h, RESTORE_FULL);
-    assert_eq!(h.vol.tables.changed.count(), 0, "restore starts with no changes recorded");
+    assert_eq!(
+        h.vol.tables.changed.count(),
+        0,
+        "restore starts with no changes recorded"
+    );
     h.write(5 * TRACK, &vec![1u8; TRACK as usize]).unwrap();
     h.write(9 * TRACK + 1024, &[2u8; 512]).unwrap();
     let changed: Vec<u64> = h.vol.tables.changed.iter_set().collect();
@@ -84,7 +103,10 @@ fn claim_2_tracks_written_during_restore_are_recorded() {
     // Protected restore keeps them as "changed since split"; here the
     // unprotected one hands them to the resync.
     h.settle();
-    assert_eq!(&h.secondary()[track_range(5)], &vec![1u8; TRACK as usize][..]);
+    assert_eq!(
+        &h.secondary()[track_range(5)],
+        &vec![1u8; TRACK as usize][..]
+    );
 }
 
 #[test]
@@ -97,13 +119,21 @@ fn claim_3_copy_and_host_write_never_race_on_a_track() {
     assert_eq!(jobs.len(), 1);
     let t = jobs[0].track;
     // The track being copied is locked: a host write on it must wait...
-    assert_eq!(vol.plan_write(&ticket, t * TRACK, TRACK).unwrap_err(), Wait::Track(t));
+    assert_eq!(
+        vol.plan_write(&ticket, t * TRACK, TRACK).unwrap_err(),
+        Wait::Track(t)
+    );
     // ...while another track proceeds.
-    let other = vol.plan_write(&ticket, ((t + 1) % TRACKS) * TRACK, 512).unwrap();
+    let other = vol
+        .plan_write(&ticket, ((t + 1) % TRACKS) * TRACK, 512)
+        .unwrap();
     vol.finish_write(other, WriteOutcome::default());
     // And a copy cannot take a track a host write holds.
     let held = vol.plan_write(&ticket, 7 * TRACK, TRACK).unwrap();
-    assert!(vol.next_copies(&ticket, TRACKS as usize).iter().all(|j| j.track != 7));
+    assert!(vol
+        .next_copies(&ticket, TRACKS as usize)
+        .iter()
+        .all(|j| j.track != 7));
     vol.finish_write(held, WriteOutcome::default());
     vol.finish_copy(jobs[0], false);
     assert!(vol.plan_write(&ticket, t * TRACK, TRACK).is_ok());
@@ -124,15 +154,28 @@ fn claim_4_pending_track_is_primary_invalid_secondary_valid() {
     // Copy before write: once the copy has run, the write sees a restored
     // track and goes straight to primary.
     let ticket = vol.enter().unwrap();
-    let job = vol.next_copies(&ticket, 16).into_iter().find(|j| j.track == 2).unwrap();
+    let job = vol
+        .next_copies(&ticket, 16)
+        .into_iter()
+        .find(|j| j.track == 2)
+        .unwrap();
     drop(ticket);
     h.disks.primary.borrow_mut()[track_range(2)].copy_from_slice(&base[track_range(2)]);
     vol.finish_copy(job, true);
-    assert!(!vol.tables.pending.get(2), "after the copy the track is no longer pending");
+    assert!(
+        !vol.tables.pending.get(2),
+        "after the copy the track is no longer pending"
+    );
     let ticket = vol.enter().unwrap();
     let plan = vol.plan_write(&ticket, 2 * TRACK + 512, 512).unwrap();
     assert!(plan.restores().is_empty());
-    assert!(matches!(plan.steps[..], [WriteStep::Direct { devs: DevSet::PRIMARY, .. }]));
+    assert!(matches!(
+        plan.steps[..],
+        [WriteStep::Direct {
+            devs: DevSet::PRIMARY,
+            ..
+        }]
+    ));
     vol.finish_write(plan, WriteOutcome::default());
 }
 
@@ -143,19 +186,30 @@ fn claim_5_full_track_write_skips_copy() {
     let vol = h.vol.clone();
     let ticket = vol.enter().unwrap();
     let plan = vol.plan_write(&ticket, 4 * TRACK, TRACK).unwrap();
-    assert!(matches!(plan.steps[..], [WriteStep::Direct { devs: DevSet::PRIMARY, offset, len, .. }] if offset == 4 * TRACK && len == TRACK));
+    assert!(
+        matches!(plan.steps[..], [WriteStep::Direct { devs: DevSet::PRIMARY, offset, len, .. }] if offset == 4 * TRACK && len == TRACK)
+    );
     assert_eq!(plan.restores(), &[4]);
     vol.finish_write(plan, WriteOutcome::default());
     drop(ticket);
     assert!(!vol.tables.pending.get(4), "marked restored");
-    assert!(vol.tables.changed.get(4), "recorded as differing from the secondary");
+    assert!(
+        vol.tables.changed.get(4),
+        "recorded as differing from the secondary"
+    );
     let data = pattern(66, TRACK as usize);
     h.write(5 * TRACK, &data).unwrap();
     let copies_before = h.primary_writes_to(5 * TRACK, TRACK);
     h.engine_paused.set(false);
     let vol2 = vol.clone();
-    h.sched.run_until(common::STEP_LIMIT, || vol2.state() != VolumeState::Restoring);
-    assert_eq!(h.primary_writes_to(5 * TRACK, TRACK), copies_before, "no copy ever touched the track");
+    h.sched.run_until(common::STEP_LIMIT, || {
+        vol2.state() != VolumeState::Restoring
+    });
+    assert_eq!(
+        h.primary_writes_to(5 * TRACK, TRACK),
+        copies_before,
+        "no copy ever touched the track"
+    );
     assert_eq!(&h.primary()[track_range(5)], &data[..]);
 }
 
@@ -166,14 +220,26 @@ fn claim_6_partial_write_merges_secondary_track() {
     let vol = h.vol.clone();
     let ticket = vol.enter().unwrap();
     let plan = vol.plan_write(&ticket, 6 * TRACK + 1024, 2048).unwrap();
-    assert!(matches!(plan.steps[..], [WriteStep::Merge { track: 6, track_offset, track_len, .. }] if track_offset == 6 * TRACK && track_len == TRACK));
-    vol.finish_write(plan, WriteOutcome { primary_failed: true, ..Default::default() });
+    assert!(
+        matches!(plan.steps[..], [WriteStep::Merge { track: 6, track_offset, track_len, .. }] if track_offset == 6 * TRACK && track_len == TRACK)
+    );
+    vol.finish_write(
+        plan,
+        WriteOutcome {
+            primary_failed: true,
+            ..Default::default()
+        },
+    );
     drop(ticket);
     let host = pattern(77, 2048);
     h.write(6 * TRACK + 1024, &host).unwrap();
     let mut expect = base[track_range(6)].to_vec();
     expect[1024..3072].copy_from_slice(&host);
-    assert_eq!(&h.primary()[track_range(6)], &expect[..], "secondary track combined with host bytes on primary");
+    assert_eq!(
+        &h.primary()[track_range(6)],
+        &expect[..],
+        "secondary track combined with host bytes on primary"
+    );
     assert!(!vol.tables.pending.get(6));
     assert_eq!(h.read(6 * TRACK, TRACK), expect);
 }
@@ -191,12 +257,22 @@ fn claim_7_write_to_valid_primary_track_needs_no_copy() {
     let ticket = vol.enter().unwrap();
     let plan = vol.plan_write(&ticket, 512, 512).unwrap();
     assert!(plan.restores().is_empty());
-    assert!(matches!(plan.steps[..], [WriteStep::Direct { devs: DevSet::PRIMARY, .. }]));
+    assert!(matches!(
+        plan.steps[..],
+        [WriteStep::Direct {
+            devs: DevSet::PRIMARY,
+            ..
+        }]
+    ));
     vol.finish_write(plan, WriteOutcome::default());
     drop(ticket);
     let before = h.primary_writes_to(0, TRACK);
     h.write(1024, &[3u8; 512]).unwrap();
-    assert_eq!(h.primary_writes_to(0, TRACK), before + 1, "one direct write, no copy");
+    assert_eq!(
+        h.primary_writes_to(0, TRACK),
+        before + 1,
+        "one direct write, no copy"
+    );
 }
 
 #[test]
@@ -208,12 +284,23 @@ fn claim_8_partial_write_before_copy_does_not_mark_restored_early() {
     let plan = vol.plan_write(&ticket, 10 * TRACK + 512, 512).unwrap();
     assert!(vol.tables.pending.get(10), "planned, not yet restored");
     // The merge's secondary read fails: the track stays pending.
-    vol.finish_write(plan, WriteOutcome { primary_failed: true, ..Default::default() });
+    vol.finish_write(
+        plan,
+        WriteOutcome {
+            primary_failed: true,
+            ..Default::default()
+        },
+    );
     assert!(vol.tables.pending.get(10));
     drop(ticket);
-    h.disks.fail_secondary_reads.set(Some((10 * TRACK, 11 * TRACK)));
+    h.disks
+        .fail_secondary_reads
+        .set(Some((10 * TRACK, 11 * TRACK)));
     assert!(h.write(10 * TRACK + 512, &[1u8; 512]).is_err());
-    assert!(vol.tables.pending.get(10), "a failed merge never marks the track restored");
+    assert!(
+        vol.tables.pending.get(10),
+        "a failed merge never marks the track restored"
+    );
 }
 
 #[test]
@@ -222,10 +309,17 @@ fn claim_9_merge_then_restored_and_copy_never_overwrites() {
     held_restore(&mut h, RESTORE_FULL);
     let host = pattern(1010, 1536);
     h.write(11 * TRACK + 4096, &host).unwrap();
-    assert!(!h.vol.tables.pending.get(11), "restored after the combined transfer");
+    assert!(
+        !h.vol.tables.pending.get(11),
+        "restored after the combined transfer"
+    );
     let writes = h.primary_writes_to(11 * TRACK, TRACK);
     h.settle();
-    assert_eq!(h.primary_writes_to(11 * TRACK, TRACK), writes, "the engine never copied it again");
+    assert_eq!(
+        h.primary_writes_to(11 * TRACK, TRACK),
+        writes,
+        "the engine never copied it again"
+    );
     let mut expect = base[track_range(11)].to_vec();
     expect[4096..4096 + 1536].copy_from_slice(&host);
     assert_eq!(&h.primary()[track_range(11)], &expect[..]);
@@ -253,7 +347,11 @@ fn claim_11_incremental_restore_copies_only_changed_tracks() {
     assert_eq!(changed, vec![2, 13]);
     held_restore(&mut h, RESTORE_INCR);
     let pending: Vec<u64> = h.vol.tables.pending.iter_set().collect();
-    assert_eq!(pending, vec![2, 13], "exactly the tracks changed since split");
+    assert_eq!(
+        pending,
+        vec![2, 13],
+        "exactly the tracks changed since split"
+    );
     let log_len = h.disks.write_log.borrow().len();
     h.settle();
     let copied: Vec<u64> = h.disks.write_log.borrow()[log_len..]
@@ -261,7 +359,10 @@ fn claim_11_incremental_restore_copies_only_changed_tracks() {
         .filter(|(d, _, _)| *d == Dev::Primary)
         .flat_map(|(_, o, l)| (o / TRACK)..((o + l).div_ceil(TRACK)))
         .collect();
-    assert!(copied.iter().all(|t| *t == 2 || *t == 13), "copied {copied:?}");
+    assert!(
+        copied.iter().all(|t| *t == 2 || *t == 13),
+        "copied {copied:?}"
+    );
     assert_eq!(h.primary(), base);
     assert_eq!(h.secondary(), base);
 }

@@ -23,10 +23,26 @@ pub struct Harness {
 
 impl Harness {
     pub fn new(seed: u64, size: u64, track_size: u64, state: VolumeState) -> Self {
-        Self::with_config(seed, size, track_size, state, EngineConfig { batch: 4, max_io: 2 * track_size, ..Default::default() })
+        Self::with_config(
+            seed,
+            size,
+            track_size,
+            state,
+            EngineConfig {
+                batch: 4,
+                max_io: 2 * track_size,
+                ..Default::default()
+            },
+        )
     }
 
-    pub fn with_config(seed: u64, size: u64, track_size: u64, state: VolumeState, cfg: EngineConfig) -> Self {
+    pub fn with_config(
+        seed: u64,
+        size: u64,
+        track_size: u64,
+        state: VolumeState,
+        cfg: EngineConfig,
+    ) -> Self {
         let rng = sim::rng(seed);
         let disks = SimDisks::new(size as usize);
         let b = Rc::new(SimBackend::new(disks.clone(), rng.clone(), 3));
@@ -35,8 +51,21 @@ impl Harness {
         let engine_paused = Rc::new(Cell::new(false));
         let engine_errors = Rc::new(RefCell::new(Vec::new()));
         sched.spawn(committer(vol.clone(), b.clone()));
-        sched.spawn(copier(vol.clone(), b.clone(), engine_paused.clone(), engine_errors.clone(), cfg));
-        Harness { vol, b, disks, sched, engine_paused, engine_errors }
+        sched.spawn(copier(
+            vol.clone(),
+            b.clone(),
+            engine_paused.clone(),
+            engine_errors.clone(),
+            cfg,
+        ));
+        Harness {
+            vol,
+            b,
+            disks,
+            sched,
+            engine_paused,
+            engine_errors,
+        }
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
@@ -46,16 +75,27 @@ impl Harness {
         r
     }
 
-    pub fn start_write(&mut self, offset: u64, data: Vec<u8>) -> Rc<RefCell<Option<std::io::Result<()>>>> {
+    pub fn start_write(
+        &mut self,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Rc<RefCell<Option<std::io::Result<()>>>> {
         let (vol, b) = (self.vol.clone(), self.b.clone());
-        self.sched.spawn_with(async move { hostpath::write(&vol, &*b, offset, &data, false).await })
+        self.sched
+            .spawn_with(async move { hostpath::write(&vol, &*b, offset, &data, false).await })
     }
 
-    pub fn start_read(&mut self, offset: u64, len: u64) -> Rc<RefCell<Option<std::io::Result<Vec<u8>>>>> {
+    pub fn start_read(
+        &mut self,
+        offset: u64,
+        len: u64,
+    ) -> Rc<RefCell<Option<std::io::Result<Vec<u8>>>>> {
         let (vol, b) = (self.vol.clone(), self.b.clone());
         self.sched.spawn_with(async move {
             let mut buf = vec![0u8; len as usize];
-            hostpath::read(&vol, &*b, offset, &mut buf).await.map(|()| buf)
+            hostpath::read(&vol, &*b, offset, &mut buf)
+                .await
+                .map(|()| buf)
         })
     }
 
@@ -68,7 +108,9 @@ impl Harness {
 
     pub fn flush(&mut self) {
         let (vol, b) = (self.vol.clone(), self.b.clone());
-        let slot = self.sched.spawn_with(async move { hostpath::flush(&vol, &*b).await });
+        let slot = self
+            .sched
+            .spawn_with(async move { hostpath::flush(&vol, &*b).await });
         self.sched.run_until(STEP_LIMIT, || slot.borrow().is_some());
         slot.borrow_mut().take().unwrap().expect("flush");
     }
@@ -77,7 +119,9 @@ impl Harness {
     pub fn command(&mut self, cmd: Command) -> Result<(), TransitionError> {
         self.vol.check(cmd)?;
         let (vol, b) = (self.vol.clone(), self.b.clone());
-        let slot = self.sched.spawn_with(async move { engine::transition(&vol, &*b, |v| v.apply(cmd)).await });
+        let slot = self
+            .sched
+            .spawn_with(async move { engine::transition(&vol, &*b, |v| v.apply(cmd)).await });
         self.sched.run_until(STEP_LIMIT, || slot.borrow().is_some());
         let r = slot.borrow_mut().take().unwrap();
         r.expect("transition I/O")
@@ -87,7 +131,8 @@ impl Harness {
     pub fn settle(&mut self) {
         self.engine_paused.set(false);
         let vol = self.vol.clone();
-        self.sched.run_until(STEP_LIMIT, || vol.state().copy_kind().is_none());
+        self.sched
+            .run_until(STEP_LIMIT, || vol.state().copy_kind().is_none());
     }
 
     pub fn steps(&mut self, n: u64) {
@@ -115,7 +160,9 @@ impl Harness {
             .write_log
             .borrow()
             .iter()
-            .filter(|(d, o, l)| *d == splitmirror::core::Dev::Primary && *o < offset + len && o + l > offset)
+            .filter(|(d, o, l)| {
+                *d == splitmirror::core::Dev::Primary && *o < offset + len && o + l > offset
+            })
             .count()
     }
 }
@@ -131,7 +178,13 @@ async fn committer(vol: Rc<Volume>, b: Rc<SimBackend>) {
     }
 }
 
-async fn copier(vol: Rc<Volume>, b: Rc<SimBackend>, paused: Rc<Cell<bool>>, errors: Rc<RefCell<Vec<engine::CopyError>>>, cfg: EngineConfig) {
+async fn copier(
+    vol: Rc<Volume>,
+    b: Rc<SimBackend>,
+    paused: Rc<Cell<bool>>,
+    errors: Rc<RefCell<Vec<engine::CopyError>>>,
+    cfg: EngineConfig,
+) {
     loop {
         if paused.get() || vol.state().copy_kind().is_none() {
             b.pause().await;

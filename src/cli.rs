@@ -1,6 +1,644 @@
-//! The command line (clap). (Skeleton.)
+//! The command line (`../shared/interface.md`): parses arguments with clap,
+//! runs the command and turns every failure into one stderr line and the
+//! exit code of its [`Error`] (1 runtime, 2 usage/config, 3 wrong state).
+
+use crate::config::Config;
+use crate::control::{client, OperationStatus, Status, VerifyReport};
+use crate::core::Command;
+use crate::error::{Error, Result};
+use clap::{Args, Parser, Subcommand};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "splitmirror",
+    version,
+    about = "ublk server: primary + secondary as one block device with mirror, split and instant restore"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Write fresh metadata for the configured devices
+    Format {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The devices are known to be identical: start established, copy nothing
+        #[arg(long)]
+        assume_clean: bool,
+        /// Overwrite existing valid metadata
+        #[arg(long)]
+        force: bool,
+    },
+    /// Serve the block device in the foreground until SIGINT/SIGTERM
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// established -> split: freeze the secondary, track primary changes
+    Split {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// split -> syncing -> established: copy primary to secondary
+    Establish {
+        /// Copy every track, not only the tracks changed since the split
+        #[arg(long)]
+        full: bool,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// split -> restoring -> resyncing -> established: bring back the split image
+    Restore {
+        /// Restore only the tracks changed since the split
+        #[arg(long)]
+        incremental: bool,
+        /// End in split with the secondary unchanged
+        #[arg(long)]
+        protect: bool,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Show the volume's state and progress
+    Status {
+        /// Print the status as JSON
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Block until no copy operation is running
+    Wait {
+        /// Give up (exit 1) after SECS seconds
+        #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+        timeout: Option<f64>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Compare primary and secondary on every track that should be identical
+    Verify {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ConfigArg {
+    /// Volume config file (YAML)
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: PathBuf,
+}
+
+/// Client commands reach the server through its socket: named by the config
+/// file, or given directly.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// Volume config file (YAML); its control.socket is used
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Control socket of the running server
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct WaitArgs {
+    /// Then wait until the copy operation has finished
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: give up (exit 1) after SECS seconds
+    #[arg(long, value_name = "SECS", requires = "wait", value_parser = parse_secs)]
+    timeout: Option<f64>,
+}
+
+fn parse_secs(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds (e.g. 30 or 0.5)")),
+    }
+}
+
+impl Target {
+    /// The socket to talk to; loading the config also validates it, so a bad
+    /// config is reported (exit 2) before any connection is tried.
+    fn socket(&self) -> Result<PathBuf> {
+        match (&self.config, &self.socket) {
+            (Some(c), _) => Ok(Config::load(c)?.socket_path()),
+            (None, Some(s)) => Ok(s.clone()),
+            (None, None) => Err(Error::config("give -c CONFIG or --socket PATH")),
+        }
+    }
+}
 
 /// Runs the command line and returns the process exit code.
 pub fn main() -> i32 {
-    0
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return report_clap_error(&e),
+    };
+    init_logging(matches!(cli.command, Cmd::Run { .. }));
+    install_panic_hook();
+    let result = std::panic::catch_unwind(|| run(cli));
+    match result {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            eprintln!("splitmirror: {}", one_line(&e.to_string()));
+            e.exit_code()
+        }
+        // The hook has printed the one line already.
+        Err(_) => 1,
+    }
+}
+
+/// Help and version go to stdout (exit 0); a usage error becomes one line
+/// with the usage of the command concerned (exit 2).
+fn report_clap_error(e: &clap::Error) -> i32 {
+    use clap::error::ErrorKind;
+    if !e.use_stderr() {
+        let _ = e.print();
+        return e.exit_code();
+    }
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        eprintln!(
+            "splitmirror: no command given; use one of format, run, split, establish, \
+             restore, status, wait, verify (see `splitmirror --help`)"
+        );
+        return e.exit_code();
+    }
+    eprintln!("splitmirror: {}", clap_one_line(&e.render().to_string()));
+    e.exit_code()
+}
+
+/// Clap's message is a paragraph ("error: ..." and indented details), then
+/// tips and the usage; the contract wants one line, so this keeps the first
+/// paragraph and the usage.
+fn clap_one_line(text: &str) -> String {
+    let first: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let what = first.join(" ");
+    let what = what.trim_start_matches("error: ").trim_end_matches(':');
+    let usage = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Usage: "))
+        .map(|u| format!("; usage: {u}"))
+        .unwrap_or_else(|| "; see `splitmirror --help`".into());
+    format!("{what}{usage}")
+}
+
+fn init_logging(server: bool) {
+    let default = if server { "info" } else { "warn" };
+    let env = env_logger::Env::default().default_filter_or(default);
+    let _ = env_logger::Builder::from_env(env).try_init();
+}
+
+/// A bug must still end in one line, not a backtrace; RUST_BACKTRACE asks
+/// for the full report (the default hook) when debugging.
+fn install_panic_hook() {
+    if std::env::var_os("RUST_BACKTRACE").is_some() {
+        return;
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let msg = one_line(&info.to_string());
+        eprintln!("splitmirror: internal error (please report): {msg}");
+    }));
+}
+
+/// Error messages may carry newlines from lower layers; the contract is one
+/// line per error.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Format {
+            config,
+            assume_clean,
+            force,
+        } => crate::server::format(&Config::load(&config.config)?, assume_clean, force),
+        Cmd::Run { config } => crate::server::run(&Config::load(&config.config)?),
+        Cmd::Split { target, wait } => command(&target, Command::Split, &wait),
+        Cmd::Establish { full, target, wait } => {
+            command(&target, Command::Establish { full }, &wait)
+        }
+        Cmd::Restore {
+            incremental,
+            protect,
+            target,
+            wait,
+        } => {
+            let cmd = Command::Restore {
+                incremental,
+                protect,
+            };
+            command(&target, cmd, &wait)
+        }
+        Cmd::Status { json, target } => status(&target.socket()?, json),
+        Cmd::Wait { timeout, target } => wait(&target.socket()?, timeout),
+        Cmd::Verify { target } => verify(&target.socket()?),
+    }
+}
+
+fn command(target: &Target, cmd: Command, opts: &WaitArgs) -> Result<()> {
+    let socket = target.socket()?;
+    client::command(&socket, cmd)?;
+    println!("{}", command_done(cmd));
+    if opts.wait {
+        wait(&socket, opts.timeout)?;
+    }
+    Ok(())
+}
+
+fn command_done(cmd: Command) -> &'static str {
+    match cmd {
+        Command::Split => "split: done; the secondary is frozen, primary changes are tracked",
+        Command::Establish { .. } => {
+            "establish: started; `splitmirror wait` blocks until the secondary is in sync"
+        }
+        Command::Restore { .. } => {
+            "restore: started; the device shows the restored data now, \
+             `splitmirror wait` blocks until the copy is done"
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// status
+
+fn status(socket: &Path, json: bool) -> Result<()> {
+    let st = client::status(socket)?;
+    if json {
+        let text = serde_json::to_string_pretty(&st).map_err(|e| Error::runtime(e.to_string()))?;
+        println!("{text}");
+    } else {
+        print!("{}", render_status(&st));
+    }
+    Ok(())
+}
+
+/// The human form, in the spirit of `mdadm --detail`: right-aligned labels.
+pub fn render_status(st: &Status) -> String {
+    let rows = status_rows(st);
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    rows.iter()
+        .map(|(k, v)| format!("{k:>width$} : {v}\n"))
+        .collect()
+}
+
+fn status_rows(st: &Status) -> Vec<(&'static str, String)> {
+    let mut rows = vec![
+        ("Name", st.name.clone()),
+        ("Device", st.device.clone().unwrap_or_else(|| "-".into())),
+        ("State", st.state.clone()),
+        ("Track Size", human_bytes(st.track_size)),
+        (
+            "Tracks",
+            format!("{} ({})", st.tracks, human_bytes(st.tracks * st.track_size)),
+        ),
+        ("Changed Since Split", st.changed_since_split.to_string()),
+        ("Restore Pending", st.restore_pending.to_string()),
+        ("Secondary Stale", st.secondary_stale.to_string()),
+    ];
+    match &st.operation {
+        None => rows.push(("Operation", "none".into())),
+        Some(op) => {
+            rows.push(("Operation", operation_line(op)));
+            rows.push(("Rate", human_rate(op.bytes_per_sec)));
+            rows.push(("ETA", op.eta_secs.map_or("-".into(), human_secs)));
+        }
+    }
+    let errors = if st.errors.is_empty() {
+        "none".to_string()
+    } else {
+        st.errors.join("; ")
+    };
+    rows.push(("Errors", errors));
+    rows
+}
+
+/// `restore (full, protect) 14.5% (1191/8192 tracks)`.
+fn operation_line(op: &OperationStatus) -> String {
+    let mut how = vec![if op.incremental {
+        "incremental"
+    } else {
+        "full"
+    }];
+    if op.protect {
+        how.push("protect");
+    }
+    format!(
+        "{} ({}) {:.1}% ({}/{} tracks)",
+        op.kind,
+        how.join(", "),
+        op.percent,
+        op.done,
+        op.total
+    )
+}
+
+/// `128 KiB` for exact binary sizes, `1.5 GiB` otherwise.
+pub fn human_bytes(v: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if v < 1024 {
+        return format!("{v} B");
+    }
+    let mut x = v as f64;
+    let mut unit = "B";
+    for u in UNITS {
+        if x < 1024.0 {
+            break;
+        }
+        x /= 1024.0;
+        unit = u;
+    }
+    if x.fract() == 0.0 {
+        format!("{x:.0} {unit}")
+    } else {
+        format!("{x:.1} {unit}")
+    }
+}
+
+fn human_rate(bytes_per_sec: u64) -> String {
+    format!("{:.1} MiB/s", bytes_per_sec as f64 / (1u64 << 20) as f64)
+}
+
+/// `11s`, `2m05s`, `1h02m`.
+pub fn human_secs(secs: f64) -> String {
+    let s = secs.max(0.0).ceil() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// `restore: 45.2% (3700/8192 tracks), 410.0 MiB/s, eta 11s`.
+pub fn progress_line(op: &OperationStatus) -> String {
+    let eta = op.eta_secs.map_or("-".into(), human_secs);
+    format!(
+        "{}: {:.1}% ({}/{} tracks), {}, eta {eta}",
+        op.kind,
+        op.percent,
+        op.done,
+        op.total,
+        human_rate(op.bytes_per_sec)
+    )
+}
+
+// ---------------------------------------------------------------------------
+// wait
+
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+const PLAIN_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Whether a copy is running, or about to run (the state says so before the
+/// operation shows up, e.g. between restore and resync).
+fn busy(st: &Status) -> bool {
+    st.operation.is_some() || matches!(st.state.as_str(), "syncing" | "restoring" | "resyncing")
+}
+
+fn wait(socket: &Path, timeout: Option<f64>) -> Result<()> {
+    let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t));
+    let mut shown = Progress::new(std::io::stderr().is_terminal());
+    let result = wait_loop(socket, deadline, timeout, &mut shown);
+    shown.finish();
+    let st = result?;
+    println!("{}: {}", st.name, st.state);
+    Ok(())
+}
+
+fn wait_loop(
+    socket: &Path,
+    deadline: Option<Instant>,
+    timeout: Option<f64>,
+    shown: &mut Progress,
+) -> Result<Status> {
+    loop {
+        let st = client::status(socket)?;
+        if !busy(&st) {
+            return Ok(st);
+        }
+        check_paused(&st)?;
+        shown.update(&st);
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(timed_out(&st, timeout.unwrap_or(0.0)));
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// A copy state without a running operation but with errors means the copy
+/// stopped on an error (`on_error: pause`): waiting longer would never end.
+fn check_paused(st: &Status) -> Result<()> {
+    match (&st.operation, st.errors.last()) {
+        (None, Some(last)) => Err(Error::runtime(format!(
+            "the {} copy is paused by an error: {last}; see `splitmirror status` and the server log",
+            st.state
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn timed_out(st: &Status, secs: f64) -> Error {
+    let what = st.operation.as_ref().map_or(st.state.clone(), |op| {
+        format!("{} at {:.1}%", op.kind, op.percent)
+    });
+    Error::runtime(format!(
+        "timed out after {secs}s waiting for the copy ({what}); it goes on in the server, \
+         run `splitmirror wait` again"
+    ))
+}
+
+/// Progress as a bar on a terminal, or a plain line every few seconds.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    kind: String,
+    terminal: bool,
+    last_line: Option<Instant>,
+}
+
+impl Progress {
+    fn new(terminal: bool) -> Progress {
+        Progress {
+            bar: None,
+            kind: String::new(),
+            terminal,
+            last_line: None,
+        }
+    }
+
+    fn update(&mut self, st: &Status) {
+        let Some(op) = &st.operation else { return };
+        if self.terminal {
+            self.update_bar(op);
+        } else if self
+            .last_line
+            .map_or(true, |t| t.elapsed() >= PLAIN_INTERVAL)
+        {
+            println!("{}", progress_line(op));
+            self.last_line = Some(Instant::now());
+        }
+    }
+
+    /// A new bar per operation kind, since restore is followed by resync.
+    fn update_bar(&mut self, op: &OperationStatus) {
+        if self.bar.is_none() || self.kind != op.kind {
+            self.finish();
+            self.bar = Some(new_bar(op));
+            self.kind = op.kind.clone();
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_length(op.total);
+            bar.set_position(op.done);
+            let eta = op.eta_secs.map_or("-".into(), human_secs);
+            bar.set_message(format!("{}, eta {eta}", human_rate(op.bytes_per_sec)));
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish();
+        }
+    }
+}
+
+fn new_bar(op: &OperationStatus) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(op.total);
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix:>9} [{bar:40}] {percent:>3}% {pos}/{len} tracks, {msg}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(op.kind.clone());
+    bar
+}
+
+// ---------------------------------------------------------------------------
+// verify
+
+fn verify(socket: &Path) -> Result<()> {
+    let report = client::verify(socket)?;
+    print!("{}", render_verify(&report));
+    if report.mismatches.is_empty() {
+        return Ok(());
+    }
+    Err(Error::runtime(format!(
+        "verify found {} mismatching track(s) that should be identical; \
+         run `splitmirror establish --full` to copy them again",
+        report.mismatches.len()
+    )))
+}
+
+/// How many mismatching track numbers to print; the count is always shown.
+const MAX_LISTED: usize = 100;
+
+pub fn render_verify(r: &VerifyReport) -> String {
+    let mut out = format!(
+        "compared: {} tracks\nmismatching: {} tracks\n",
+        r.compared,
+        r.mismatches.len()
+    );
+    if !r.mismatches.is_empty() {
+        let listed: Vec<String> = r
+            .mismatches
+            .iter()
+            .take(MAX_LISTED)
+            .map(u64::to_string)
+            .collect();
+        let more = r.mismatches.len().saturating_sub(MAX_LISTED);
+        let tail = if more > 0 {
+            format!(" (and {more} more)")
+        } else {
+            String::new()
+        };
+        out.push_str(&format!("mismatching tracks: {}{tail}\n", listed.join(" ")));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_bytes(128 << 10), "128 KiB");
+        assert_eq!(human_bytes(1536 << 20), "1.5 GiB");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_secs(11.2), "12s");
+        assert_eq!(human_secs(125.0), "2m05s");
+        assert_eq!(human_secs(3720.0), "1h02m");
+    }
+
+    fn sample() -> Status {
+        Status {
+            name: "vol0".into(),
+            device: Some("/dev/ublkb0".into()),
+            state: "restoring".into(),
+            track_size: 128 << 10,
+            tracks: 8192,
+            changed_since_split: 120,
+            restore_pending: 7001,
+            secondary_stale: 14,
+            operation: Some(OperationStatus {
+                kind: "restore".into(),
+                incremental: false,
+                protect: false,
+                total: 8192,
+                done: 3700,
+                percent: 45.17,
+                bytes_per_sec: 410 << 20,
+                eta_secs: Some(10.2),
+            }),
+            errors: vec![],
+        }
+    }
+
+    #[test]
+    fn renders_progress_and_status() {
+        let st = sample();
+        let op = st.operation.as_ref().unwrap();
+        assert_eq!(
+            progress_line(op),
+            "restore: 45.2% (3700/8192 tracks), 410.0 MiB/s, eta 11s"
+        );
+        let text = render_status(&st);
+        assert!(text.contains("Track Size : 128 KiB"), "{text}");
+        assert!(
+            text.contains("restore (full) 45.2% (3700/8192 tracks)"),
+            "{text}"
+        );
+        assert!(busy(&st));
+    }
+
+    #[test]
+    fn paused_copy_ends_the_wait() {
+        let mut st = sample();
+        st.operation = None;
+        assert!(check_paused(&st).is_ok());
+        st.errors.push("read error on track 5".into());
+        assert_eq!(check_paused(&st).unwrap_err().exit_code(), 1);
+    }
 }

@@ -1,0 +1,581 @@
+//! The user contract of `../shared/interface.md` from the outside: the
+//! binary's help, usage and config errors and exit codes, and the control
+//! socket against a fake server target run in this process.
+
+use splitmirror::control::{self, client, ControlTarget, OperationStatus, Status, VerifyReport};
+use splitmirror::core::Command;
+use splitmirror::error::{Error, Result};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_splitmirror");
+const CLIENT_COMMANDS: [&str; 6] = ["split", "establish", "restore", "status", "wait", "verify"];
+const ALL_COMMANDS: [&str; 8] = [
+    "format",
+    "run",
+    "split",
+    "establish",
+    "restore",
+    "status",
+    "wait",
+    "verify",
+];
+
+fn splitmirror(args: &[&str]) -> Output {
+    std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run the splitmirror binary")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The contract for every failure: the exit code, and exactly one line on
+/// stderr, `splitmirror: ...`, never a panic or a backtrace.
+#[track_caller]
+fn assert_fails(o: &Output, code: i32, what: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "{what}: stderr {err:?}");
+    assert_eq!(err.lines().count(), 1, "{what}: stderr {err:?}");
+    assert!(err.starts_with("splitmirror: "), "{what}: stderr {err:?}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{what}: stderr {err:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// help and usage
+
+#[test]
+fn help_exits_0_and_lists_options() {
+    let expect: [(&str, &[&str]); 8] = [
+        ("format", &["--config", "--assume-clean", "--force"]),
+        ("run", &["--config"]),
+        ("split", &["--config", "--socket", "--wait", "--timeout"]),
+        (
+            "establish",
+            &["--config", "--socket", "--full", "--wait", "--timeout"],
+        ),
+        (
+            "restore",
+            &[
+                "--config",
+                "--socket",
+                "--incremental",
+                "--protect",
+                "--wait",
+                "--timeout",
+            ],
+        ),
+        ("status", &["--config", "--socket", "--json"]),
+        ("wait", &["--config", "--socket", "--timeout"]),
+        ("verify", &["--config", "--socket"]),
+    ];
+    for (cmd, opts) in expect {
+        let o = splitmirror(&[cmd, "--help"]);
+        assert_eq!(o.status.code(), Some(0), "{cmd} --help");
+        let out = stdout(&o);
+        for opt in opts {
+            assert!(out.contains(opt), "{cmd} --help lacks {opt}: {out}");
+        }
+    }
+    let top = splitmirror(&["--help"]);
+    assert_eq!(top.status.code(), Some(0));
+    for cmd in ALL_COMMANDS {
+        assert!(stdout(&top).contains(cmd), "--help lacks {cmd}");
+    }
+    assert_eq!(splitmirror(&["--version"]).status.code(), Some(0));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let cases: &[&[&str]] = &[
+        &[],
+        &["frobnicate"],
+        &["status"],
+        &["format"],
+        &["run"],
+        &["run", "--socket", "/tmp/x.sock"],
+        &["status", "--bogus", "--socket", "/tmp/x.sock"],
+        &["status", "-c", "a.yaml", "--socket", "/tmp/x.sock"],
+        &["split", "--timeout", "5", "--socket", "/tmp/x.sock"],
+        &["wait", "--timeout", "soon", "--socket", "/tmp/x.sock"],
+        &["wait", "--timeout", "-3", "--socket", "/tmp/x.sock"],
+        &["establish", "--full=maybe", "--socket", "/tmp/x.sock"],
+        &["format", "-c"],
+    ];
+    for args in cases {
+        assert_fails(&splitmirror(args), 2, &format!("{args:?}"));
+    }
+}
+
+#[test]
+fn client_commands_without_server_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nobody-home.sock");
+    let cfg = write_config(
+        dir.path(),
+        &config_with("control:\n  socket: nobody-home.sock\n"),
+    );
+    for cmd in CLIENT_COMMANDS {
+        let o = splitmirror(&[cmd, "--socket", sock.to_str().unwrap()]);
+        assert_fails(&o, 1, cmd);
+        assert!(
+            stderr(&o).contains("cannot reach splitmirror server"),
+            "{}",
+            stderr(&o)
+        );
+        let o = splitmirror(&[cmd, "-c", cfg.to_str().unwrap()]);
+        assert_fails(&o, 1, cmd);
+        assert!(
+            stderr(&o).contains(sock.to_str().unwrap()),
+            "{}",
+            stderr(&o)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// config errors
+
+const BASE: &str = "name: vol0\nprimary: p.img\nsecondary: s.img\nmetadata: m.meta\n";
+
+fn config_with(extra: &str) -> String {
+    format!("{BASE}{extra}")
+}
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join(format!("cfg-{}.yaml", fastrand::u64(..)));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Each bad config, and a word its error message must contain.
+fn bad_configs(dir: &Path) -> Vec<(String, PathBuf, &'static str)> {
+    let texts: Vec<(&str, String, &str)> = vec![
+        ("empty", String::new(), "empty"),
+        ("unparsable", "name: [vol0\nprimary: {".into(), "line"),
+        ("unknown key", config_with("bogus: 1\n"), "bogus"),
+        ("bad name", BASE.replace("vol0", "Vol 0"), "name"),
+        (
+            "bad suffix",
+            config_with("track_size: 128KB\n"),
+            "track_size",
+        ),
+        (
+            "unknown suffix",
+            config_with("track_size: 128XiB\n"),
+            "track_size",
+        ),
+        (
+            "not power of two",
+            config_with("track_size: 96KiB\n"),
+            "power of two",
+        ),
+        (
+            "track too small",
+            config_with("track_size: 2KiB\n"),
+            "too small",
+        ),
+        (
+            "track too large",
+            config_with("track_size: 32MiB\n"),
+            "too large",
+        ),
+        ("queues 0", config_with("ublk:\n  queues: 0\n"), "CPUs"),
+        ("depth 0", config_with("ublk:\n  depth: 0\n"), "out of range"),
+        (
+            "depth huge",
+            config_with("ublk:\n  depth: 100000\n"),
+            "ublk limit",
+        ),
+        (
+            "negative rate",
+            config_with("restore:\n  rate_limit: -1\n"),
+            "negative",
+        ),
+        ("same device", BASE.replace("s.img", "p.img"), "same path"),
+        (
+            "missing key",
+            "name: vol0\nprimary: p.img\n".into(),
+            "secondary",
+        ),
+    ];
+    let mut out: Vec<(String, PathBuf, &str)> = texts
+        .into_iter()
+        .map(|(what, text, word)| (what.to_string(), write_config(dir, &text), word))
+        .collect();
+    out.push((
+        "missing file".into(),
+        dir.join("absent.yaml"),
+        "does not exist",
+    ));
+    out.push(("directory".into(), dir.to_path_buf(), "directory"));
+    out
+}
+
+#[test]
+fn bad_configs_exit_2_for_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    for (what, path, word) in bad_configs(dir.path()) {
+        for cmd in ALL_COMMANDS {
+            let o = splitmirror(&[cmd, "-c", path.to_str().unwrap()]);
+            assert_fails(&o, 2, &format!("{cmd} with {what}"));
+            assert!(
+                stderr(&o).contains(word),
+                "{cmd} with {what}: expected {word:?} in {:?}",
+                stderr(&o)
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// the control socket, against a fake server
+
+/// A stand-in for the server: a state name, a scripted copy, the commands
+/// it was sent.
+struct Fake {
+    status: Mutex<Status>,
+    commands: Mutex<Vec<Command>>,
+    mismatches: Vec<u64>,
+}
+
+impl Fake {
+    fn new(state: &str, mismatches: Vec<u64>) -> Arc<Fake> {
+        Arc::new(Fake {
+            status: Mutex::new(Status {
+                name: "vol0".into(),
+                device: Some("/dev/ublkb7".into()),
+                state: state.into(),
+                track_size: 128 << 10,
+                tracks: 8192,
+                changed_since_split: 120,
+                restore_pending: 0,
+                secondary_stale: 0,
+                operation: None,
+                errors: vec![],
+            }),
+            commands: Mutex::new(vec![]),
+            mismatches,
+        })
+    }
+
+    /// Starts a fake restore that advances with every status request.
+    fn start_restore(&self) {
+        let mut st = self.status.lock().unwrap();
+        st.state = "restoring".into();
+        st.operation = Some(OperationStatus {
+            kind: "restore".into(),
+            incremental: false,
+            protect: false,
+            total: 8192,
+            done: 0,
+            percent: 0.0,
+            bytes_per_sec: 410 << 20,
+            eta_secs: Some(3.0),
+        });
+    }
+}
+
+impl ControlTarget for Fake {
+    fn status(&self) -> Status {
+        let mut st = self.status.lock().unwrap();
+        let snapshot = st.clone();
+        if let Some(op) = &mut st.operation {
+            op.done = (op.done + 2048).min(op.total);
+            op.percent = 100.0 * op.done as f64 / op.total as f64;
+            if op.done == op.total {
+                st.operation = None;
+                st.state = "established".into();
+            }
+        }
+        snapshot
+    }
+
+    fn command(&self, cmd: Command) -> Result<()> {
+        self.commands.lock().unwrap().push(cmd);
+        let state = self.status.lock().unwrap().state.clone();
+        match (cmd, state.as_str()) {
+            (Command::Split, "established") => {
+                self.status.lock().unwrap().state = "split".into();
+                Ok(())
+            }
+            (Command::Restore { .. }, "split") => {
+                self.start_restore();
+                Ok(())
+            }
+            _ => Err(Error::state(format!(
+                "cannot {} while the volume is {state}",
+                cmd.name()
+            ))),
+        }
+    }
+
+    fn verify(&self) -> Result<VerifyReport> {
+        Ok(VerifyReport {
+            compared: 8000,
+            mismatches: self.mismatches.clone(),
+        })
+    }
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn socket_round_trips_and_modes() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("run/splitmirror/vol0.sock");
+    let fake = Fake::new("established", vec![]);
+    let server = control::serve(&sock, fake.clone()).unwrap();
+    assert_eq!(mode(sock.parent().unwrap()), 0o700);
+    assert_eq!(mode(&sock), 0o600);
+
+    let st = client::status(&sock).unwrap();
+    assert_eq!(st.name, "vol0");
+    assert_eq!(st.state, "established");
+    client::command(&sock, Command::Split).unwrap();
+    let e = client::command(&sock, Command::Split).unwrap_err();
+    assert_eq!(e.exit_code(), 3, "{e}");
+    assert!(e
+        .to_string()
+        .contains("cannot split while the volume is split"));
+    let e = client::command(&sock, Command::Establish { full: true }).unwrap_err();
+    assert_eq!(e.exit_code(), 3);
+    assert_eq!(client::verify(&sock).unwrap().compared, 8000);
+    assert_eq!(fake.commands.lock().unwrap().len(), 3);
+
+    server.stop();
+    assert!(!sock.exists(), "stop removes the socket");
+    assert_eq!(client::status(&sock).unwrap_err().exit_code(), 1);
+}
+
+#[test]
+fn stale_socket_is_replaced_live_one_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vol0.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists(), "a dead server's socket file");
+    let server = control::serve(&sock, Fake::new("split", vec![])).unwrap();
+    assert_eq!(client::status(&sock).unwrap().state, "split");
+
+    let e = control::serve(&sock, Fake::new("split", vec![]))
+        .err()
+        .unwrap();
+    assert_eq!(e.exit_code(), 1);
+    assert!(e.to_string().contains("another splitmirror server"), "{e}");
+    assert!(e.to_string().contains("vol0"), "{e}");
+    assert_eq!(
+        client::status(&sock).unwrap().name,
+        "vol0",
+        "first server unharmed"
+    );
+
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    assert!(control::serve(&file, Fake::new("split", vec![])).is_err());
+    assert!(file.exists(), "a non-socket is never removed");
+    drop(server);
+}
+
+/// Sends raw bytes, half-closes, and returns the response line (if any).
+fn raw_exchange(sock: &Path, bytes: &[u8]) -> Option<serde_json::Value> {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+#[track_caller]
+fn assert_rejected(reply: Option<serde_json::Value>, what: &str) {
+    if let Some(v) = reply {
+        assert_eq!(v["ok"], false, "{what}: {v}");
+        assert_eq!(v["code"], 2, "{what}: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("request"),
+            "{what}: {v}"
+        );
+    }
+}
+
+#[test]
+fn garbage_never_hurts_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vol0.sock");
+    let _server = control::serve(&sock, Fake::new("established", vec![])).unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        ("newline", b"\n".to_vec()),
+        ("binary", (0..=255u8).collect()),
+        ("not json", b"status please\n".to_vec()),
+        ("truncated", b"{\"op\":\"sta".to_vec()),
+        ("unknown op", b"{\"op\":\"reboot\"}\n".to_vec()),
+        (
+            "bad command",
+            b"{\"op\":\"command\",\"command\":{\"command\":\"wipe\"}}\n".to_vec(),
+        ),
+        ("oversized", vec![b'x'; 200 << 10]),
+        (
+            "oversized json",
+            format!(
+                "{{\"op\":\"status\",\"pad\":\"{}\"}}\n",
+                "y".repeat(100 << 10)
+            )
+            .into_bytes(),
+        ),
+    ];
+    for (what, bytes) in cases {
+        let reply = raw_exchange(&sock, &bytes);
+        if what != "oversized" {
+            assert!(reply.is_some(), "{what}: the server answers");
+        }
+        assert_rejected(reply, what);
+        assert_eq!(
+            client::status(&sock).unwrap().name,
+            "vol0",
+            "alive after {what}"
+        );
+    }
+    let ok = raw_exchange(&sock, b"{\"op\":\"status\"}").expect("no newline needed at EOF");
+    assert_eq!(ok["ok"], true);
+}
+
+#[test]
+fn a_stalled_peer_does_not_block_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vol0.sock");
+    let _server = control::serve(&sock, Fake::new("established", vec![])).unwrap();
+    let mut stalled = UnixStream::connect(&sock).unwrap();
+    stalled.write_all(b"{\"op\":").unwrap();
+    let t = Instant::now();
+    assert_eq!(client::status(&sock).unwrap().state, "established");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "answered while another peer stalls"
+    );
+    // The stalled peer is dropped after the server's read timeout.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut rest = String::new();
+    let _ = stalled.read_to_string(&mut rest);
+    assert!(rest.contains("\"ok\":false"), "{rest}");
+}
+
+// ---------------------------------------------------------------------------
+// the binary against the fake server
+
+#[test]
+fn cli_against_fake_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vol0.sock");
+    let s = sock.to_str().unwrap();
+    let fake = Fake::new("established", vec![]);
+    let _server = control::serve(&sock, fake.clone()).unwrap();
+
+    let o = splitmirror(&["status", "--socket", s]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("128 KiB"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("/dev/ublkb7"), "{}", stdout(&o));
+
+    let o = splitmirror(&["status", "--json", "--socket", s]);
+    let st: Status = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(st.state, "established");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["operation"].is_null());
+
+    assert_fails(
+        &splitmirror(&["restore", "--socket", s]),
+        3,
+        "restore while established",
+    );
+    let o = splitmirror(&["split", "--socket", s]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_fails(&splitmirror(&["split", "--socket", s]), 3, "split twice");
+
+    let o = splitmirror(&["restore", "--wait", "--timeout", "30", "--socket", s]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("vol0: established"), "{}", stdout(&o));
+    assert_eq!(
+        fake.commands.lock().unwrap().last(),
+        Some(&Command::Restore {
+            incremental: false,
+            protect: false
+        })
+    );
+
+    let o = splitmirror(&["verify", "--socket", s]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("compared: 8000"), "{}", stdout(&o));
+}
+
+#[test]
+fn wait_times_out_and_verify_mismatch_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vol0.sock");
+    let s = sock.to_str().unwrap();
+    let fake = Fake::new("syncing", vec![3, 9]);
+    let _server = control::serve(&sock, fake).unwrap();
+    // "syncing" without an operation that ever ends: wait must give up.
+    let o = splitmirror(&["wait", "--timeout", "0.5", "--socket", s]);
+    assert_fails(&o, 1, "wait timeout");
+    assert!(stderr(&o).contains("timed out"), "{}", stderr(&o));
+
+    let o = splitmirror(&["verify", "--socket", s]);
+    assert_fails(&o, 1, "verify mismatch");
+    assert!(stdout(&o).contains("3 9"), "{}", stdout(&o));
+}
+
+/// Root runs the tests in CI; the checks need a second, unprivileged user.
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[test]
+fn other_users_are_refused() {
+    use std::os::unix::process::CommandExt;
+    if !is_root() {
+        eprintln!("skipped: needs root to run a client as another user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = dir.path().join("vol0.sock");
+    let _server = control::serve(&sock, Fake::new("established", vec![])).unwrap();
+    let as_nobody = || {
+        std::process::Command::new(BIN)
+            .args(["status", "--socket", sock.to_str().unwrap()])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let o = as_nobody();
+    assert_fails(&o, 1, "socket mode refuses nobody");
+    assert!(stderr(&o).contains("run as root"), "{}", stderr(&o));
+
+    // Even with the mode opened up, the peer check refuses.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let o = as_nobody();
+    assert_fails(&o, 1, "peer check refuses nobody");
+    assert!(stderr(&o).contains("permission denied"), "{}", stderr(&o));
+}

@@ -163,6 +163,12 @@ impl TrackTable {
         self.dirty_chunks.clear(c as u64);
     }
 
+    /// Marks chunk `c` dirty again: a commit that took it failed, so the
+    /// next one must write it (its bits are re-read then, so nothing is lost).
+    pub fn mark_chunk_dirty(&self, c: usize) {
+        self.dirty_chunks.set(c as u64);
+    }
+
     pub fn has_dirty_chunks(&self) -> bool {
         self.dirty_chunks.next_one(0).is_some()
     }

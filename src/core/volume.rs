@@ -11,7 +11,7 @@ use super::state::{
 };
 use super::table::TrackTable;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::SeqCst};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 /// The persistent track tables.
 pub struct Tables {
@@ -86,6 +86,15 @@ pub struct Volume {
     copy_cursor: AtomicU64,
     pub clock: CommitClock,
     header_dirty: AtomicBool,
+    /// Data devices the next commit must flush first (bits: 1 primary,
+    /// 2 secondary): set *before* a bit is cleared that claims data is on a
+    /// device (copied, restored, intent done), taken by the store *after* it
+    /// snapshots the tables. So every clear a commit carries is covered by
+    /// that commit's flush or an earlier one.
+    flush_needed: AtomicU8,
+    /// Held by state changes and by the store while it snapshots, so a
+    /// commit never records a state change's tables without its header.
+    snapshot_lock: Mutex<()>,
     gate: Gate,
     /// Bumped whenever a lock is released or the state changes, so waiters
     /// know when to look again.
@@ -106,6 +115,8 @@ impl Volume {
             copy_cursor: AtomicU64::new(0),
             clock: CommitClock::default(),
             header_dirty: AtomicBool::new(true),
+            flush_needed: AtomicU8::new(0),
+            snapshot_lock: Mutex::new(()),
             gate: Gate::default(),
             progress: AtomicU64::new(0),
         }
@@ -162,6 +173,35 @@ impl Volume {
     /// last commit (clears the flag).
     pub fn take_header_dirty(&self) -> bool {
         self.header_dirty.swap(false, SeqCst)
+    }
+
+    /// For the metadata store after a failed commit: the header must be
+    /// written again.
+    pub fn mark_header_dirty(&self) {
+        self.header_dirty.store(true, SeqCst);
+    }
+
+    /// For the metadata store: held while it takes the header and the dirty
+    /// chunks, so that a state change is recorded whole or not at all.
+    pub fn lock_snapshot(&self) -> MutexGuard<'_, ()> {
+        self.snapshot_lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that the next commit must flush `devs` first (also used by
+    /// the store to hand back the flush of a commit that failed).
+    pub fn need_flush(&self, devs: DevSet) {
+        let bits = devs.primary as u8 | (devs.secondary as u8) << 1;
+        self.flush_needed.fetch_or(bits, SeqCst);
+    }
+
+    /// For the metadata store, after it took the dirty chunks: the data
+    /// devices to flush before writing them (see `flush_needed`).
+    pub fn take_flush_set(&self) -> DevSet {
+        let bits = self.flush_needed.swap(0, SeqCst);
+        DevSet {
+            primary: bits & 1 != 0,
+            secondary: bits & 2 != 0,
+        }
     }
 
     /// Whether anything awaits a metadata commit.
@@ -427,9 +467,12 @@ impl Volume {
         for &t in &plan.restores {
             // Claims 5, 6: the whole track is on primary now. Restored must be
             // durable before the host hears of it, or a resumed restore would
-            // copy the old data over this write.
-            self.tables.pending.clear(t);
+            // copy the old data over this write. "changed" is set before
+            // "pending" is cleared and the store takes pending first, so no
+            // commit records the track as neither (the resync would miss it).
+            self.need_flush(DevSet::PRIMARY);
             self.tables.changed.set(t);
+            self.tables.pending.clear(t);
             ack = later(ack, self.clock.needed_for(&self.tables.pending, t));
             ack = later(ack, self.clock.needed_for(&self.tables.changed, t));
         }
@@ -444,6 +487,7 @@ impl Volume {
     /// needed: every mirror write in flight has its intent bit set, and
     /// intent is folded into "changed".
     pub fn degrade(&self) {
+        let _snapshot = self.lock_snapshot();
         let state = self.state();
         if !state.mirrors() {
             return;
@@ -532,6 +576,10 @@ impl Volume {
         if ok {
             if let Some((table, from, _)) = self.copy_source() {
                 if from == job.from {
+                    self.need_flush(match job.to {
+                        Dev::Primary => DevSet::PRIMARY,
+                        Dev::Secondary => DevSet::SECONDARY,
+                    });
                     table.clear(job.track);
                 }
             }
@@ -562,6 +610,11 @@ impl Volume {
         let set: Vec<Track> = self.tables.intent.iter_set().collect();
         for t in set {
             if self.locks.try_exclusive(t) {
+                // The writes under this bit completed but may sit in a
+                // volatile cache: both devices are flushed before the clear
+                // is committed, or a crash could leave them differing
+                // with no intent to resync them.
+                self.need_flush(DevSet::BOTH);
                 n += self.tables.intent.clear(t) as u64;
                 self.locks.release_exclusive(t);
             }
@@ -608,6 +661,10 @@ impl Volume {
     pub fn apply(&self, cmd: Command) -> Result<(), TransitionError> {
         debug_assert!(self.is_drained());
         check_command(self.state(), cmd)?;
+        let _snapshot = self.lock_snapshot();
+        // Split clears write intent: the mirror writes under it must be
+        // durable on both devices first.
+        self.need_flush(DevSet::BOTH);
         let tables = &self.tables;
         match cmd {
             Command::Split => {
@@ -653,7 +710,7 @@ impl Volume {
                 );
             }
         }
-        self.complete_if_done();
+        self.complete_locked();
         Ok(())
     }
 
@@ -678,6 +735,11 @@ impl Volume {
     /// Moves on when the running copy has nothing left; returns whether the
     /// state changed. The gate must be closed and drained.
     pub fn complete_if_done(&self) -> bool {
+        let _snapshot = self.lock_snapshot();
+        self.complete_locked()
+    }
+
+    fn complete_locked(&self) -> bool {
         if self.copy_source().is_none() || self.copy_remaining() > 0 {
             return false;
         }
@@ -702,7 +764,7 @@ impl Volume {
                         false,
                         &tables.stale,
                     );
-                    self.complete_if_done();
+                    self.complete_locked();
                 }
             }
             VolumeState::Syncing | VolumeState::Resyncing => {

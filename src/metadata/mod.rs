@@ -1,13 +1,24 @@
 //! Crash-consistent metadata: the track tables, the volume state and the
 //! running operation, on a metadata file or block device.
-//! (Skeleton: the signatures are the contract with the server and the CLI.)
+//!
+//! - [`format`]: the on-disk layout (superblock, two header slots, two
+//!   copies of every table page) and its checksums;
+//! - [`store`]: format, open and the shadow-paged commit, with the ordering
+//!   rules that make it crash-consistent (explained there);
+//! - [`committer`]: the thread that runs group commits;
+//! - [`device`]: the metadata file or block device behind a [`MetaDevice`].
 
-use crate::core::{DevSet, Volume};
-use crate::error::Result;
+pub mod committer;
+pub mod device;
+pub mod format;
+pub mod store;
+
+use crate::core::DevSet;
 use std::io;
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+
+pub use committer::{CommitHandle, Committer};
+pub use device::{FileMeta, MetaDevice};
+pub use store::{CommitBatch, MetadataStore};
 
 /// What the metadata is bound to; `open` refuses metadata made for other
 /// devices (exit 2).
@@ -22,61 +33,3 @@ pub struct Binding {
 
 /// Makes the data devices' copies durable before a commit records them.
 pub type DataFlush = Box<dyn FnMut(DevSet) -> io::Result<()> + Send>;
-
-pub struct MetadataStore {
-    _private: (),
-}
-
-impl MetadataStore {
-    /// Writes fresh metadata for `vol`. Refuses valid existing metadata
-    /// unless `force`.
-    pub fn format(_path: &Path, _binding: &Binding, _vol: &Volume, _force: bool) -> Result<Self> {
-        todo!("metadata::format")
-    }
-    /// Loads the metadata and the volume it describes (tables, state, the
-    /// running operation).
-    pub fn open(_path: &Path, _binding: &Binding) -> Result<(Self, Volume)> {
-        todo!("metadata::open")
-    }
-    /// One group commit of everything that changed in `vol` since the last.
-    pub fn commit(&mut self, _vol: &Volume, _flush_data: &mut DataFlush) -> io::Result<()> {
-        todo!("metadata::commit")
-    }
-}
-
-/// The thread that commits on request (and every `interval` for lazy
-/// intent clearing).
-pub struct Committer {
-    _private: (),
-}
-
-#[derive(Clone)]
-pub struct CommitHandle {
-    _private: (),
-}
-
-impl CommitHandle {
-    pub fn request(&self) {}
-    /// The last commit error, while commits fail.
-    pub fn failed(&self) -> Option<String> {
-        None
-    }
-}
-
-impl Committer {
-    pub fn start(
-        _store: MetadataStore,
-        _vol: Arc<Volume>,
-        _flush_data: DataFlush,
-        _interval: Duration,
-    ) -> Committer {
-        todo!("Committer::start")
-    }
-    pub fn handle(&self) -> CommitHandle {
-        todo!()
-    }
-    /// Stops the thread after a final commit.
-    pub fn stop(self) -> io::Result<()> {
-        todo!()
-    }
-}

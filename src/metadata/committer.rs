@@ -1,0 +1,184 @@
+//! The committer thread: group commits on request, and every `interval`
+//! lazy write-intent clearing followed by a commit if anything changed.
+
+use super::device::MetaDevice;
+use super::store::MetadataStore;
+use super::DataFlush;
+use crate::core::{CommitSeq, Volume};
+use std::io;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct Ctl {
+    /// The highest commit a waiter asked for.
+    want: CommitSeq,
+    stop: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    ctl: Mutex<Ctl>,
+    wake: Condvar,
+    failed: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn ctl(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn failed(&self) -> MutexGuard<'_, Option<String>> {
+        self.failed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The thread that commits on request (and every `interval` for lazy
+/// intent clearing).
+pub struct Committer {
+    shared: Arc<Shared>,
+    vol: Arc<Volume>,
+    thread: JoinHandle<io::Result<()>>,
+}
+
+#[derive(Clone)]
+pub struct CommitHandle {
+    shared: Arc<Shared>,
+    vol: Arc<Volume>,
+}
+
+impl CommitHandle {
+    /// Asks for a commit covering everything changed up to now. Waiters
+    /// call this repeatedly; it wakes the thread only for a new need.
+    pub fn request(&self) {
+        let want = self.vol.clock.next();
+        let mut ctl = self.shared.ctl();
+        if want > ctl.want {
+            ctl.want = want;
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// The last commit error, while commits fail.
+    pub fn failed(&self) -> Option<String> {
+        self.shared.failed().clone()
+    }
+}
+
+/// Why the thread woke up.
+struct Wake {
+    stop: bool,
+    timed_out: bool,
+}
+
+impl Committer {
+    pub fn start<D: MetaDevice + Send + 'static>(
+        store: MetadataStore<D>,
+        vol: Arc<Volume>,
+        flush_data: DataFlush,
+        interval: Duration,
+    ) -> Committer {
+        let shared = Arc::new(Shared::default());
+        let (s, v) = (shared.clone(), vol.clone());
+        let thread = std::thread::Builder::new()
+            .name("sm-commit".into())
+            .spawn(move || run(store, &v, flush_data, interval, &s))
+            .expect("spawn the committer thread");
+        Committer {
+            shared,
+            vol,
+            thread,
+        }
+    }
+
+    pub fn handle(&self) -> CommitHandle {
+        CommitHandle {
+            shared: self.shared.clone(),
+            vol: self.vol.clone(),
+        }
+    }
+
+    /// Stops the thread after a final commit; returns that commit's result.
+    pub fn stop(self) -> io::Result<()> {
+        self.shared.ctl().stop = true;
+        self.shared.wake.notify_one();
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the committer thread panicked")))
+    }
+}
+
+fn run<D: MetaDevice>(
+    mut store: MetadataStore<D>,
+    vol: &Volume,
+    mut flush_data: DataFlush,
+    interval: Duration,
+    shared: &Shared,
+) -> io::Result<()> {
+    loop {
+        let wake = wait(shared, vol, interval);
+        if wake.timed_out {
+            vol.clear_idle_intents();
+        }
+        let requested = shared.ctl().want > vol.clock.done();
+        let failing = shared.failed().is_some();
+        let result = if wake.stop || requested || failing || vol.needs_commit() {
+            let r = store.commit(vol, &mut flush_data);
+            record(shared, &r);
+            r
+        } else {
+            Ok(())
+        };
+        if wake.stop {
+            return result;
+        }
+    }
+}
+
+/// Sleeps until a new commit is wanted, a stop, or `interval` passes.
+/// While commits fail, requests do not wake it: it retries once per
+/// interval instead of spinning on a broken device.
+fn wait(shared: &Shared, vol: &Volume, interval: Duration) -> Wake {
+    let deadline = Instant::now() + interval;
+    let mut ctl = shared.ctl();
+    loop {
+        let requested = ctl.want > vol.clock.done() && shared.failed().is_none();
+        if ctl.stop || requested {
+            return Wake {
+                stop: ctl.stop,
+                timed_out: false,
+            };
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Wake {
+                stop: false,
+                timed_out: true,
+            };
+        }
+        ctl = shared
+            .wake
+            .wait_timeout(ctl, deadline - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
+fn record(shared: &Shared, r: &io::Result<()>) {
+    let mut failed = shared.failed();
+    match r {
+        Ok(()) => {
+            if failed.take().is_some() {
+                log::info!("metadata commits succeed again");
+            }
+        }
+        Err(e) => {
+            let msg = format!("metadata commit failed: {e}");
+            if failed.as_deref() != Some(msg.as_str()) {
+                log::error!("{msg}; retrying every interval, writes that need a commit fail meanwhile");
+            }
+            *failed = Some(msg);
+        }
+    }
+}

@@ -55,8 +55,6 @@ pub fn run(cfg: &Config) -> Result<()> {
 
     let devs = Arc::new(Devices::open(cfg)?);
     let (store, vol) = MetadataStore::open(&cfg.metadata, &devs.binding(cfg.track_size))?;
-    // Mirror writes in flight at a crash: resync those tracks.
-    vol.recover_intents();
     let vol = Arc::new(vol);
     let flush_devs = devs.clone();
     let committer = Committer::start(

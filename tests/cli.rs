@@ -197,7 +197,11 @@ fn bad_configs(dir: &Path) -> Vec<(String, PathBuf, &'static str)> {
             "too large",
         ),
         ("queues 0", config_with("ublk:\n  queues: 0\n"), "CPUs"),
-        ("depth 0", config_with("ublk:\n  depth: 0\n"), "out of range"),
+        (
+            "depth 0",
+            config_with("ublk:\n  depth: 0\n"),
+            "out of range",
+        ),
         (
             "depth huge",
             config_with("ublk:\n  depth: 100000\n"),

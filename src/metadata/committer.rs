@@ -176,7 +176,9 @@ fn record(shared: &Shared, r: &io::Result<()>) {
         Err(e) => {
             let msg = format!("metadata commit failed: {e}");
             if failed.as_deref() != Some(msg.as_str()) {
-                log::error!("{msg}; retrying every interval, writes that need a commit fail meanwhile");
+                log::error!(
+                    "{msg}; retrying every interval, writes that need a commit fail meanwhile"
+                );
             }
             *failed = Some(msg);
         }

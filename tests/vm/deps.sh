@@ -6,6 +6,7 @@ set -euo pipefail
 
 PKGS=(
   qemu-system-x86   # qemu-system-x86_64, run with -accel tcg
+  qemu-system-data  # qboot.rom: the fast firmware run.sh boots with
   busybox-static    # the VM's userland
   fio               # I/O load + verify inside the VM
   e2fsprogs         # mkfs.ext4 / e2fsck (+ /etc/mke2fs.conf)

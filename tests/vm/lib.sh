@@ -265,6 +265,8 @@ restore_and_check() {
     done
     [ "$(json_get incremental "$_j")" = $_wi ] || fail "operation.incremental is not $_wi: $_j"
     [ "$(json_get protect "$_j")" = $_wp ] || fail "operation.protect is not $_wp: $_j"
+    expect_num_gt "$(json_get restore_pending "$_j")" 0 "restore_pending right after restore"
+    [ "$(json_get total "$_j")" -gt 0 ] 2>/dev/null || fail "operation.total is not a positive count: $_j"
 
     step "device shows the split image at once"
     for _t in 0 "$_t1" "$_t2" $((_n - 1)); do
@@ -297,4 +299,74 @@ _find_bad() {
     echo "    cmp $1 $2: $_o" >&2
     _b=$(echo "$_o" | sed -n 's/.*char \([0-9]*\).*/\1/p')
     [ -n "$_b" ] && echo "    first difference at byte $((_b - 1)) = track $(((_b - 1) / TRACK))" >&2
+}
+
+# cmp_devs A B: byte-for-byte comparison with cmp (whole devices). The
+# buffer cache is dropped first: the server wrote with O_DIRECT, so pages
+# cached by an earlier buffered read could be stale.
+cmp_devs() {
+    blockdev --flushbufs "$1" "$2" 2>/dev/null
+    cmp "$1" "$2" >"$SCRATCH/cmp.out" 2>&1 || {
+        cat "$SCRATCH/cmp.out" >&2
+        _b=$(sed -n 's/.*char \([0-9]*\).*/\1/p' "$SCRATCH/cmp.out")
+        [ -n "$_b" ] && echo "    first difference at byte $((_b - 1)) = track $(((_b - 1) / TRACK))" >&2
+        fail "$1 and $2 differ"
+    }
+    info "cmp $1 $2: identical"
+}
+
+# expect_keys JSON KEY...: every KEY appears as a JSON object key
+expect_keys() {
+    _j=$1; shift
+    for _k in "$@"; do
+        printf '%s\n' "$_j" | grep -q "\"$_k\"[[:space:]]*:" || fail "status --json lacks \"$_k\": $_j"
+    done
+}
+
+# json_empty_array KEY JSON: true if "KEY": []
+json_empty_array() {
+    printf '%s\n' "$2" | tr -d ' \n\t' | grep -q "\"$1\":\[\]"
+}
+
+# expect_num_gt VALUE MIN WHAT: VALUE is an integer > MIN
+expect_num_gt() {
+    case $1 in ''|*[!0-9]*) fail "$3 is '$1', not a non-negative integer" ;; esac
+    [ "$1" -gt "$2" ] || fail "$3 is $1, expected > $2"
+}
+
+# wait_state S [SECS]: poll `status` until the state is S (bounded)
+wait_state() {
+    _t=${2:-60}; _i=0
+    while :; do
+        _s=$(state)
+        [ "$_s" = "$1" ] && return 0
+        _i=$((_i + 1))
+        [ $_i -le $((_t * 5)) ] || fail "state did not become '$1' within ${_t}s (still '$_s')"
+        sleep 0.2
+    done
+}
+
+# set_config KEY VALUE: replace a top-level "KEY: ..." line of $CONFIG
+set_config() {
+    grep -q "^$1:" "$CONFIG" || fail "set_config: no top-level '$1:' in $CONFIG"
+    sed -i "s|^$1:.*|$1: $2|" "$CONFIG"
+}
+
+# dm_linear NAME DEV: /dev/mapper/NAME, a linear map over all of DEV.
+# busybox has no udev: mknodes creates the node (without it, writes to
+# /dev/mapper/NAME would go to a regular file on the tmpfs).
+dm_linear() {
+    _sz=$(blockdev --getsz "$2") || fail "blockdev --getsz $2"
+    echo "0 $_sz linear $2 0" | dmsetup create "$1" || fail "dmsetup create $1"
+    dmsetup mknodes "$1"
+    [ -b "/dev/mapper/$1" ] || fail "/dev/mapper/$1 is not a block device after mknodes"
+}
+
+# dm_swap NAME TABLE: live table swap (suspend waits for in-flight I/O;
+# new I/O queues until resume, so the user of the device sees no gap)
+dm_swap() {
+    dmsetup suspend "$1" || fail "dmsetup suspend $1"
+    echo "$2" | dmsetup reload "$1" || { dmsetup resume "$1"; fail "dmsetup reload $1 '$2'"; }
+    dmsetup resume "$1" || fail "dmsetup resume $1"
+    info "dm $1 now: $(dmsetup table "$1")"
 }

@@ -69,6 +69,6 @@ D=$(sha_dev "$DEVICE")
 stop_server
 P=$(sha_dev "$PRIMARY"); S=$(sha_dev "$SECONDARY")
 [ "$P" = "$D" ] || fail "primary ($P) != device content before stop ($D)"
-[ "$S" = "$P" ] || { cmp "$PRIMARY" "$SECONDARY" >&2; fail "secondary ($S) != primary ($P)"; }
+cmp_devs "$PRIMARY" "$SECONDARY"
 info "primary == secondary == $P"
 echo "fio-during-restore ok"

@@ -14,6 +14,8 @@ PKGS=(
   cpio gzip xz-utils  # initramfs packing, .ko.xz decompression
   libclang-dev      # bindgen in libublk-sys (static splitmirror build)
   binutils          # strip: keeps the per-run initramfs small
+  shellcheck        # tests/run-all.sh lints these scripts
+  systemd           # systemd-analyze verify in tests/deploy.sh
   coreutils findutils sed grep util-linux  # host-side script tools (flock)
   apt dpkg          # apt-get download / dpkg-deb -x for the kernel package
 )

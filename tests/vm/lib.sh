@@ -202,7 +202,7 @@ gen_file() {
 # device region; with SKIP (e.g. 896k) fio writes 128 KiB then skips SKIP bytes,
 # i.e. one 128 KiB track every 128k+SKIP
 fill_dev() {
-    if [ -n "${5:-}" ]; then _rw="write:$5"; _bs=128k; else _rw=write; _bs=1M; fi
+    if [ -n "${5:-}" ]; then _rw="write:$5"; _bs=128k; else _rw="write"; _bs=1M; fi
     fio --name=fill --filename="$1" --offset="$2"M --size="$3"M --rw="$_rw" --bs="$_bs" \
         --refill_buffers --randseed="$4" --ioengine=psync --direct=1 --end_fsync=1 \
         --output=/dev/null || fail "fill_dev $1 $2M+$3M failed"

@@ -7,6 +7,7 @@
 #
 # See tests/vm/README.md for the environment variables and how it works.
 set -uo pipefail
+export LC_COLLATE=C
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$SCRIPT_DIR/../.." && pwd)
@@ -34,7 +35,8 @@ log() { printf '%s\n' "$*" >&2; }
 # ---------------------------------------------------------------- scenarios
 SCENARIOS=()
 if [ $# -eq 0 ]; then
-  while IFS= read -r f; do SCENARIOS+=("$f"); done < <(LC_ALL=C ls -1 "$SCRIPT_DIR"/scenarios/*.sh 2>/dev/null | LC_ALL=C sort)
+  # glob order follows LC_COLLATE (set to C above): 00-, 01-, 10-, ...
+  for f in "$SCRIPT_DIR"/scenarios/*.sh; do [ -f "$f" ] && SCENARIOS+=("$f"); done
   if [ ${#SCENARIOS[@]} -eq 0 ]; then
     echo "vm: no scenarios in $SCRIPT_DIR/scenarios"; echo "vm: 0 passed, 1 failed"; exit 1
   fi
@@ -135,8 +137,10 @@ fetch_kernel() { # sets KVER, KDIR
   fi
   if [ -z "$pkg" ]; then
     # offline: fall back to the newest cached kernel
-    KVER=$(ls -1 "$CACHE/kernel" 2>/dev/null | sort -V | tail -n 1)
-    [ -n "$KVER" ] && [ -f "$CACHE/kernel/$KVER/ok" ] || { log "vm: cannot resolve a linux-image-6.12.*-amd64 package"; return 1; }
+    KVER=$(find "$CACHE/kernel" -mindepth 1 -maxdepth 1 -type d -name '6.12.*' -printf '%f\n' 2>/dev/null | sort -V | tail -n 1)
+    if [ -z "$KVER" ] || [ ! -f "$CACHE/kernel/$KVER/ok" ]; then
+      log "vm: cannot resolve a linux-image-6.12.*-amd64 package (apt lists have none, nothing cached)"; return 1
+    fi
     log "vm: apt knows no 6.12 kernel; using cached $KVER"
     KDIR=$CACHE/kernel/$KVER; return 0
   fi
@@ -337,6 +341,8 @@ KERNEL=$KDIR/vmlinuz
 # qboot (qemu-system-data) only jumps to the kernel: no option ROMs, no boot
 # menu, and it loads the initrd by DMA; with -nic none (no iPXE ROM) and
 # -vga none a boot is ~2 s shorter than with SeaBIOS (see README.md).
+# extra qemu arguments, split on blanks (e.g. "-d guest_errors")
+read -r -a QEMU_EXTRA <<<"${SPLITMIRROR_VM_QEMU_ARGS:-}"
 BIOS_ARGS=()
 QBOOT=${SPLITMIRROR_VM_BIOS-/usr/share/qemu/qboot.rom}
 if [ -n "$QBOOT" ]; then
@@ -381,7 +387,7 @@ for s in "${SCENARIOS[@]}"; do
     -drive file="$sw/secondary.img",if=virtio,format=raw,cache=unsafe,discard=unmap \
     -drive file="$sw/metadata.img",if=virtio,format=raw,cache=unsafe,discard=unmap \
     -drive file="$sw/spare.img",if=virtio,format=raw,cache=unsafe,discard=unmap \
-    ${SPLITMIRROR_VM_QEMU_ARGS:-} \
+    "${QEMU_EXTRA[@]}" \
     </dev/null 2>&1 | tr -d '\r' >"$logf"
   qrc=${PIPESTATUS[0]}
   el=$((SECONDS - start))

@@ -19,7 +19,7 @@ step "format --assume-clean; run"
 run splitmirror format -c "$CONFIG" --assume-clean
 start_server
 expect_state established
-SIZE=$(dev_size "$DEVICE"); MIB=$((SIZE / 1048576))
+[ "$(dev_size "$DEVICE")" = "$(dev_size "$PRIMARY")" ] || fail "device size != primary size"
 
 step "write A (32 MiB at 128 MiB), mirrored to the secondary"
 gen_file "$SCRATCH/A" 32 1

@@ -17,7 +17,7 @@ expect_rc 1 sm wait
 step "run with restore.rate_limit 32MiB (a full copy of 256 MiB takes ~8 s)"
 set_restore_rate 32MiB
 start_server
-SIZE=$(dev_size "$DEVICE"); MIB=$((SIZE / 1048576)); N=$((SIZE / TRACK))
+SIZE=$(dev_size "$DEVICE"); N=$((SIZE / TRACK))
 j=$(status_json); info "status: $j"
 expect_keys "$j" name device state track_size tracks changed_since_split restore_pending secondary_stale operation errors
 [ "$(json_get name "$j")" = vm0 ] || fail "name: $j"

@@ -277,13 +277,21 @@ SPLITMIRROR_VM=1
 export PRIMARY SECONDARY METADATA SPARE SCRATCH CONFIG VMLIB SPLITMIRROR_VM
 # Let Rust panics say where
 export RUST_BACKTRACE=1
+# the console is a tty: without this env_logger colours the logs
+export RUST_LOG_STYLE=never
 
 T=$(cat /vm/timeout)
 NAME=$(cat /vm/name)
 cd "$SCRATCH"
 echo "SPLITMIRROR-VM-START name=$NAME timeout=${T}s uptime=$(cut -d' ' -f1 /proc/uptime)"
 # Own session + process group, so the watchdog can kill everything it started.
-setsid sh /vm/scenario.sh </dev/null &
+# Output goes through a fifo, not straight to the console: the scenario's
+# commands then see a pipe, not a terminal (no progress bars or colours in
+# the log, as on CI), and cat copies it to the console.
+mkfifo /run/scenario.out
+cat /run/scenario.out &
+catpid=$!
+setsid sh /vm/scenario.sh </dev/null >/run/scenario.out 2>&1 &
 pid=$!
 (
   sleep "$T"
@@ -298,6 +306,10 @@ wd=$!
 wait "$pid"
 rc=$?
 kill "$wd" 2>/dev/null
+# let cat drain the fifo before the result line; bounded, because a process
+# the scenario left behind (e.g. a server after a failure) keeps it open
+i=0
+while kill -0 "$catpid" 2>/dev/null && [ $i -lt 30 ]; do sleep 0.1; i=$((i + 1)); done
 result "$rc"
 EOF
   chmod 755 "$1"

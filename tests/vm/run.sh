@@ -296,6 +296,7 @@ pid=$!
 (
   sleep "$T"
   echo "vm-init: scenario $NAME exceeded its time limit of ${T}s; killing it"
+  : >/run/timed-out
   kill -TERM -"$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
   sleep 5
   kill -KILL -"$pid" 2>/dev/null
@@ -310,6 +311,8 @@ kill "$wd" 2>/dev/null
 # the scenario left behind (e.g. a server after a failure) keeps it open
 i=0
 while kill -0 "$catpid" 2>/dev/null && [ $i -lt 30 ]; do sleep 0.1; i=$((i + 1)); done
+# killed by the watchdog: report the timeout, not the signal's exit status
+[ -e /run/timed-out ] && result 124 timeout=1
 result "$rc"
 EOF
   chmod 755 "$1"
@@ -400,7 +403,7 @@ for s in "${SCENARIOS[@]}"; do
     -drive file="$sw/metadata.img",if=virtio,format=raw,cache=unsafe,discard=unmap \
     -drive file="$sw/spare.img",if=virtio,format=raw,cache=unsafe,discard=unmap \
     "${QEMU_EXTRA[@]}" \
-    </dev/null 2>&1 | tr -d '\r' >"$logf"
+    </dev/null 2>&1 | sed -u 's/\r//g' >"$logf"  # -u: the log grows live (tail -f it)
   qrc=${PIPESTATUS[0]}
   el=$((SECONDS - start))
   res=$(grep -a -o 'SPLITMIRROR-VM-RESULT rc=[0-9]*.*' "$logf" | head -n 1)

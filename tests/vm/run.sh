@@ -393,7 +393,9 @@ for s in "${SCENARIOS[@]}"; do
   # flushes exactly as with cache=none; only the host skips fsync for these
   # throwaway files. It avoids O_DIRECT on the host (not every CI filesystem
   # supports it, e.g. tmpfs) and is the fastest.
-  timeout -k 10 $((tmo + BOOT_MARGIN)) qemu-system-x86_64 \
+  # --foreground: qemu stays in our process group, so Ctrl-C (or killing
+  # run.sh's group) stops it too instead of leaving an orphan VM running
+  timeout --foreground -k 10 $((tmo + BOOT_MARGIN)) qemu-system-x86_64 \
     -accel tcg -m "$VM_MEM" -smp "$VM_SMP" \
     -kernel "$KERNEL" -initrd "$sw/initrd.cpio" \
     -append "console=ttyS0 quiet panic=-1" \

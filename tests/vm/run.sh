@@ -168,7 +168,9 @@ fetch_kernel() { # sets KVER, KDIR
   done <<<"$list"
   dpkg-deb -f "$dl"/*.deb Package Version >"$KDIR.tmp/package"
   rm -rf "$dl" "$KDIR"
-  mv "$KDIR.tmp" "$KDIR" && touch "$KDIR/ok"
+  mv "$KDIR.tmp" "$KDIR" && touch "$KDIR/ok" || return 1
+  # a newer kernel replaces the cached one (the offline fallback needs one)
+  find "$CACHE/kernel" -mindepth 1 -maxdepth 1 -type d ! -name "$KVER" -exec rm -rf {} +
 }
 
 # ---------------------------------------------------------------- base initramfs

@@ -17,7 +17,7 @@ DEFAULT_TIMEOUT=${SPLITMIRROR_VM_TIMEOUT:-600}
 VM_MEM=${SPLITMIRROR_VM_MEM:-2G}
 VM_SMP=${SPLITMIRROR_VM_SMP:-2}
 BOOT_MARGIN=${SPLITMIRROR_VM_BOOT_MARGIN:-180}   # host-side slack over the scenario limit
-DISK_MIB=256
+DISK_MIB=${SPLITMIRROR_VM_DISK_MIB:-256}   # primary, secondary, spare; scenarios derive sizes from it
 META_MIB=16
 # Bump when the layout of the base initramfs changes in a way the cache key
 # (which already covers build_base's source) would not notice.

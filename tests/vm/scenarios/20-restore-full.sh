@@ -53,5 +53,6 @@ stop_server
 P=$(sha_dev "$PRIMARY"); S=$(sha_dev "$SECONDARY")
 [ "$P" = "$EXPECT_SHA" ] || { _find_bad "$PRIMARY" "$EXPECT"; fail "primary ($P) is not the expected image ($EXPECT_SHA)"; }
 [ "$S" = "$EXPECT_SHA" ] || { _find_bad "$SECONDARY" "$EXPECT"; fail "secondary ($S) is not the expected image ($EXPECT_SHA)"; }
+cmp_devs "$PRIMARY" "$SECONDARY"
 info "primary == secondary == $P"
 echo "restore-full ok"

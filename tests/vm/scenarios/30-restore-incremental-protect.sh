@@ -85,6 +85,7 @@ wait_idle 300
 expect_state established
 stop_server
 P=$(sha_dev "$PRIMARY"); S=$(sha_dev "$SECONDARY")
-[ "$P" = "$SHA_C" ] && [ "$S" = "$SHA_C" ] || fail "after final restore: primary $P secondary $S, expected $SHA_C"
+{ [ "$P" = "$SHA_C" ] && [ "$S" = "$SHA_C" ]; } || fail "after final restore: primary $P secondary $S, expected $SHA_C"
+cmp_devs "$PRIMARY" "$SECONDARY"
 info "primary == secondary == split image"
 echo "restore-incremental-protect ok"

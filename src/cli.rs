@@ -148,8 +148,9 @@ pub fn main() -> i32 {
         Ok(cli) => cli,
         Err(e) => return report_clap_error(&e),
     };
-    init_logging(matches!(cli.command, Cmd::Run { .. }));
-    install_panic_hook();
+    let server = matches!(cli.command, Cmd::Run { .. });
+    init_logging(server);
+    install_panic_hook(server);
     let result = std::panic::catch_unwind(|| run(cli));
     match result {
         Ok(Ok(())) => 0,
@@ -206,10 +207,11 @@ fn init_logging(server: bool) {
     let _ = env_logger::Builder::from_env(env).try_init();
 }
 
-/// A bug must still end in one line, not a backtrace; RUST_BACKTRACE asks
-/// for the full report (the default hook) when debugging.
-fn install_panic_hook() {
-    if std::env::var_os("RUST_BACKTRACE").is_some() {
+/// A bug must still end in one line, not a backtrace. Only the server
+/// honours RUST_BACKTRACE (the default hook): its log is where a backtrace
+/// helps, while client output stays one line whatever the environment says.
+fn install_panic_hook(server: bool) {
+    if server && std::env::var_os("RUST_BACKTRACE").is_some() {
         return;
     }
     std::panic::set_hook(Box::new(|info| {
@@ -428,12 +430,16 @@ fn wait_loop(
     timeout: Option<f64>,
     shown: &mut Progress,
 ) -> Result<Status> {
+    let mut paused_polls = 0;
     loop {
         let st = client::status(socket)?;
         if !busy(&st) {
             return Ok(st);
         }
-        check_paused(&st)?;
+        paused_polls = if paused(&st) { paused_polls + 1 } else { 0 };
+        if paused_polls >= PAUSED_POLLS {
+            return Err(paused_error(&st));
+        }
         shown.update(&st);
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(timed_out(&st, timeout.unwrap_or(0.0)));
@@ -442,16 +448,22 @@ fn wait_loop(
     }
 }
 
+/// Polls in a row that must look paused before `wait` gives up: between
+/// two copies (restore, then resync) the operation may be briefly absent.
+const PAUSED_POLLS: u32 = 8;
+
 /// A copy state without a running operation but with errors means the copy
 /// stopped on an error (`on_error: pause`): waiting longer would never end.
-fn check_paused(st: &Status) -> Result<()> {
-    match (&st.operation, st.errors.last()) {
-        (None, Some(last)) => Err(Error::runtime(format!(
-            "the {} copy is paused by an error: {last}; see `splitmirror status` and the server log",
-            st.state
-        ))),
-        _ => Ok(()),
-    }
+fn paused(st: &Status) -> bool {
+    st.operation.is_none() && !st.errors.is_empty()
+}
+
+fn paused_error(st: &Status) -> Error {
+    let last = st.errors.last().map_or("", String::as_str);
+    Error::runtime(format!(
+        "the {} copy is paused by an error: {last}; see `splitmirror status` and the server log",
+        st.state
+    ))
 }
 
 fn timed_out(st: &Status, secs: f64) -> Error {
@@ -637,8 +649,9 @@ mod tests {
     fn paused_copy_ends_the_wait() {
         let mut st = sample();
         st.operation = None;
-        assert!(check_paused(&st).is_ok());
+        assert!(!paused(&st));
         st.errors.push("read error on track 5".into());
-        assert_eq!(check_paused(&st).unwrap_err().exit_code(), 1);
+        assert!(paused(&st));
+        assert!(paused_error(&st).to_string().contains("track 5"));
     }
 }

@@ -167,7 +167,8 @@ pub struct ControlServer {
 
 impl ControlServer {
     /// Stops accepting connections and removes the socket. Requests already
-    /// being handled finish on their own threads.
+    /// being handled finish on their own threads. (The work is in `Drop`, so
+    /// that a server that unwinds removes its socket too.)
     pub fn stop(self) {}
 
     /// The path the server listens on.

@@ -583,3 +583,21 @@ fn other_users_are_refused() {
     assert_fails(&o, 1, "peer check refuses nobody");
     assert!(stderr(&o).contains("permission denied"), "{}", stderr(&o));
 }
+
+#[test]
+fn wait_gives_up_on_a_paused_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vol0.sock");
+    let fake = Fake::new("restoring", vec![]);
+    fake.status.lock().unwrap().errors = vec!["read error on track 12".into()];
+    let _server = control::serve(&sock, fake).unwrap();
+    let o = splitmirror(&[
+        "wait",
+        "--timeout",
+        "30",
+        "--socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert_fails(&o, 1, "paused copy");
+    assert!(stderr(&o).contains("track 12"), "{}", stderr(&o));
+}

@@ -32,6 +32,21 @@ pub struct SimDisks {
     pub fail_primary_writes: Cell<bool>,
     /// Every completed write: (device, offset, length).
     pub write_log: RefCell<Vec<(Dev, u64, u64)>>,
+    /// Crash tests: volatile write caches and the power they depend on.
+    pub volatile: Option<Volatile>,
+}
+
+/// Volatile write caches for both data devices (index 0 primary, 1 secondary).
+pub struct Volatile {
+    pub power: Rc<Power>,
+    caches: [WriteCache; 2],
+}
+
+fn dev_index(dev: Dev) -> usize {
+    match dev {
+        Dev::Primary => 0,
+        Dev::Secondary => 1,
+    }
 }
 
 impl SimDisks {
@@ -44,7 +59,46 @@ impl SimDisks {
             fail_secondary_writes: Cell::new(false),
             fail_primary_writes: Cell::new(false),
             write_log: RefCell::new(Vec::new()),
+            volatile: None,
         })
+    }
+
+    /// Devices with volatile write caches holding these durable images;
+    /// every write and flush draws on `power`.
+    pub fn volatile(primary: Vec<u8>, secondary: Vec<u8>, power: Rc<Power>) -> Rc<Self> {
+        Rc::new(SimDisks {
+            volatile: Some(Volatile {
+                power,
+                caches: [
+                    WriteCache::new(primary.clone()),
+                    WriteCache::new(secondary.clone()),
+                ],
+            }),
+            primary: RefCell::new(primary),
+            secondary: RefCell::new(secondary),
+            secondary_written: Cell::new(0),
+            fail_secondary_reads: Cell::new(None),
+            fail_secondary_writes: Cell::new(false),
+            fail_primary_writes: Cell::new(false),
+            write_log: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// Flushes `devs` at once (for a metadata commit's data flush).
+    pub fn flush_now(&self, devs: crate::core::DevSet) -> io::Result<()> {
+        for dev in devs.devs() {
+            if let Some(v) = &self.volatile {
+                v.power.tick()?;
+                v.caches[dev_index(dev)].flush();
+            }
+        }
+        Ok(())
+    }
+
+    /// What survives a power cut: (primary, secondary).
+    pub fn crash_images(&self, rng: &mut fastrand::Rng) -> (Vec<u8>, Vec<u8>) {
+        let v = self.volatile.as_ref().expect("volatile disks");
+        (v.caches[0].crash_image(rng), v.caches[1].crash_image(rng))
     }
 
     pub fn dev(&self, dev: Dev) -> &RefCell<Vec<u8>> {
@@ -103,7 +157,7 @@ impl Backend for SimBackend {
         Ok(())
     }
 
-    async fn write(&self, dev: Dev, offset: u64, buf: &[u8], _fua: bool) -> io::Result<()> {
+    async fn write(&self, dev: Dev, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
         self.jitter().await;
         let failing = match dev {
             Dev::Primary => self.disks.fail_primary_writes.get(),
@@ -111,6 +165,10 @@ impl Backend for SimBackend {
         };
         if failing {
             return Err(io_error());
+        }
+        if let Some(v) = &self.disks.volatile {
+            v.power.tick()?;
+            v.caches[dev_index(dev)].record(offset, buf, fua);
         }
         if dev == Dev::Secondary {
             let w = &self.disks.secondary_written;
@@ -125,9 +183,12 @@ impl Backend for SimBackend {
         Ok(())
     }
 
-    async fn flush(&self, _dev: Dev) -> io::Result<()> {
+    async fn flush(&self, dev: Dev) -> io::Result<()> {
         self.jitter().await;
-        Ok(())
+        self.disks.flush_now(match dev {
+            Dev::Primary => crate::core::DevSet::PRIMARY,
+            Dev::Secondary => crate::core::DevSet::SECONDARY,
+        })
     }
 
     async fn pause(&self) {
@@ -176,6 +237,14 @@ pub struct Scheduler<'a> {
     tasks: Vec<(u64, Task<'a>)>,
     next_id: u64,
     rng: SimRng,
+    /// Tasks are polled in random order, never on wake-up.
+    waker: std::task::Waker,
+}
+
+struct NoopWake;
+
+impl std::task::Wake for NoopWake {
+    fn wake(self: std::sync::Arc<Self>) {}
 }
 
 impl<'a> Scheduler<'a> {
@@ -184,6 +253,7 @@ impl<'a> Scheduler<'a> {
             tasks: Vec::new(),
             next_id: 0,
             rng,
+            waker: std::task::Waker::from(std::sync::Arc::new(NoopWake)),
         }
     }
 
@@ -214,7 +284,7 @@ impl<'a> Scheduler<'a> {
             return false;
         }
         let i = self.rng.borrow_mut().usize(0..self.tasks.len());
-        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut cx = Context::from_waker(&self.waker);
         if self.tasks[i].1.as_mut().poll(&mut cx).is_ready() {
             drop(self.tasks.swap_remove(i));
         }
@@ -230,5 +300,221 @@ impl<'a> Scheduler<'a> {
             self.step();
         }
         assert!(done(), "simulation did not settle within {limit} steps");
+    }
+}
+
+/// The power supply of a crash test: counts device writes and flushes and
+/// cuts at a chosen one; from then on every write and flush fails.
+#[derive(Debug)]
+pub struct Power {
+    ops: Cell<u64>,
+    cut_at: Cell<u64>,
+    off: Cell<bool>,
+}
+
+impl Default for Power {
+    fn default() -> Self {
+        Power {
+            ops: Cell::new(0),
+            cut_at: Cell::new(u64::MAX),
+            off: Cell::new(false),
+        }
+    }
+}
+
+impl Power {
+    pub fn new() -> Rc<Self> {
+        Rc::new(Power::default())
+    }
+
+    /// Cuts the power at the `n`th write or flush from now (n >= 1).
+    pub fn arm(&self, n: u64) {
+        self.cut_at.set(self.ops.get() + n);
+    }
+
+    /// Keeps the power on after all.
+    pub fn disarm(&self) {
+        self.cut_at.set(u64::MAX);
+    }
+
+    pub fn cut(&self) {
+        self.off.set(true);
+    }
+
+    pub fn is_off(&self) -> bool {
+        self.off.get()
+    }
+
+    /// One write or flush; fails if the power is (now) off.
+    pub fn tick(&self) -> io::Result<()> {
+        if !self.off.get() {
+            self.ops.set(self.ops.get() + 1);
+            if self.ops.get() >= self.cut_at.get() {
+                self.off.set(true);
+            }
+        }
+        if self.off.get() {
+            Err(io_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A device's volatile write cache: completed writes are durable only once
+/// flushed (or written with FUA). Kept in 4 KiB units, the unit a power cut
+/// keeps or loses.
+pub struct WriteCache {
+    durable: RefCell<Vec<u8>>,
+    unflushed: RefCell<Vec<(u64, Vec<u8>)>>,
+}
+
+const UNIT: u64 = 4096;
+
+impl WriteCache {
+    pub fn new(durable: Vec<u8>) -> Self {
+        WriteCache {
+            durable: RefCell::new(durable),
+            unflushed: RefCell::new(Vec::new()),
+        }
+    }
+
+    pub fn record(&self, offset: u64, data: &[u8], fua: bool) {
+        if fua {
+            // Written through: it supersedes earlier unflushed writes there
+            // (dropping the rest of such a unit is a legal loss anyway).
+            let end = offset + data.len() as u64;
+            self.unflushed
+                .borrow_mut()
+                .retain(|(o, d)| o + d.len() as u64 <= offset || *o >= end);
+            apply(&mut self.durable.borrow_mut(), offset, data);
+            return;
+        }
+        let mut pos = offset;
+        let mut unflushed = self.unflushed.borrow_mut();
+        for unit in data_units(offset, data) {
+            unflushed.push((pos, unit.to_vec()));
+            pos += unit.len() as u64;
+        }
+    }
+
+    pub fn flush(&self) {
+        let mut durable = self.durable.borrow_mut();
+        for (o, d) in self.unflushed.borrow_mut().drain(..) {
+            apply(&mut durable, o, &d);
+        }
+    }
+
+    /// Grows the device (metadata files grow at format).
+    pub fn grow(&self, len: usize) {
+        self.durable.borrow_mut().resize(len, 0);
+    }
+
+    /// The durable image plus each unflushed unit kept or lost at random,
+    /// applied in random order.
+    pub fn crash_image(&self, rng: &mut fastrand::Rng) -> Vec<u8> {
+        let mut img = self.durable.borrow().clone();
+        let mut units = self.unflushed.borrow().clone();
+        rng.shuffle(&mut units);
+        for (o, d) in units {
+            if rng.bool() {
+                apply(&mut img, o, &d);
+            }
+        }
+        img
+    }
+}
+
+/// Splits a write at 4 KiB boundaries.
+fn data_units(offset: u64, data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = data;
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let n = ((UNIT - pos % UNIT) as usize).min(rest.len());
+        let (unit, tail) = rest.split_at(n);
+        rest = tail;
+        pos += n as u64;
+        Some(unit)
+    })
+}
+
+fn apply(img: &mut Vec<u8>, offset: u64, data: &[u8]) {
+    let end = offset as usize + data.len();
+    if img.len() < end {
+        img.resize(end, 0);
+    }
+    img[offset as usize..end].copy_from_slice(data);
+}
+
+/// A metadata device in memory with a volatile cache, on the crash test's
+/// power. Clones share the disk, so the test keeps one to cut the power
+/// and take the surviving image.
+#[derive(Clone)]
+pub struct SimMetaDevice {
+    disk: Rc<SimMetaDisk>,
+}
+
+struct SimMetaDisk {
+    current: RefCell<Vec<u8>>,
+    cache: WriteCache,
+    power: Rc<Power>,
+}
+
+impl SimMetaDevice {
+    /// A device whose durable content is `image`.
+    pub fn new(image: Vec<u8>, power: Rc<Power>) -> Self {
+        SimMetaDevice {
+            disk: Rc::new(SimMetaDisk {
+                current: RefCell::new(image.clone()),
+                cache: WriteCache::new(image),
+                power,
+            }),
+        }
+    }
+
+    pub fn crash_image(&self, rng: &mut fastrand::Rng) -> Vec<u8> {
+        self.disk.cache.crash_image(rng)
+    }
+}
+
+impl crate::metadata::MetaDevice for SimMetaDevice {
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let cur = self.disk.current.borrow();
+        let end = offset as usize + buf.len();
+        if end > cur.len() {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        buf.copy_from_slice(&cur[offset as usize..end]);
+        Ok(())
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.disk.power.tick()?;
+        apply(&mut self.disk.current.borrow_mut(), offset, buf);
+        self.disk.cache.record(offset, buf, false);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.disk.power.tick()?;
+        self.disk.cache.flush();
+        Ok(())
+    }
+
+    fn size(&mut self) -> io::Result<u64> {
+        Ok(self.disk.current.borrow().len() as u64)
+    }
+
+    fn grow(&mut self, bytes: u64) -> io::Result<()> {
+        self.disk.current.borrow_mut().resize(bytes as usize, 0);
+        self.disk.cache.grow(bytes as usize);
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "sim-meta".into()
     }
 }

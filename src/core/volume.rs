@@ -576,10 +576,11 @@ impl Volume {
         if ok {
             if let Some((table, from, _)) = self.copy_source() {
                 if from == job.from {
-                    self.need_flush(match job.to {
-                        Dev::Primary => DevSet::PRIMARY,
-                        Dev::Secondary => DevSet::SECONDARY,
-                    });
+                    // Both ends: the copy may have read host writes still in
+                    // the source's volatile cache; if the source lost them
+                    // and the destination kept them, the devices would
+                    // differ on a track recorded as identical.
+                    self.need_flush(DevSet::BOTH);
                     table.clear(job.track);
                 }
             }

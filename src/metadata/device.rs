@@ -14,7 +14,7 @@ pub trait MetaDevice {
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable.
     fn flush(&mut self) -> io::Result<()>;
-    fn len(&mut self) -> io::Result<u64>;
+    fn size(&mut self) -> io::Result<u64>;
     /// Grows the device to `bytes`; block devices cannot.
     fn grow(&mut self, bytes: u64) -> io::Result<()>;
     /// For messages: the path, or what the device is.
@@ -32,19 +32,23 @@ impl FileMeta {
     /// Opens `path`; with `create`, a missing regular file is created.
     pub fn open(path: &Path, create: bool) -> io::Result<FileMeta> {
         let block_device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
-        let file = match open_file(path, create, libc::O_DIRECT) {
+        // O_EXCL on a block device: no mount or other opener meanwhile.
+        let excl = if block_device { libc::O_EXCL } else { 0 };
+        let file = match open_file(path, create, libc::O_DIRECT | excl) {
             // tmpfs and some filesystems refuse O_DIRECT: buffered I/O plus
             // fdatasync is just as crash-safe, only slower.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open_file(path, create, 0)?,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open_file(path, create, excl)?,
             r => r?,
         };
+        lock(&file)?;
         let mut meta = FileMeta {
             file,
             path: path.display().to_string(),
             block_device,
         };
         if !meta.accepts_direct_io() {
-            meta.file = open_file(path, create, 0)?;
+            meta.file = open_file(path, create, excl)?;
+            lock(&meta.file)?;
         }
         Ok(meta)
     }
@@ -57,6 +61,19 @@ impl FileMeta {
             Ok(_) => true,
         }
     }
+}
+
+/// Two servers (or a `format --force` under a running server) on one
+/// metadata would overwrite each other's commits: the first holds an
+/// exclusive lock until it closes the file.
+fn lock(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    // EWOULDBLOCK means another holder; the store words the message.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    Err(io::Error::last_os_error())
 }
 
 fn open_file(path: &Path, create: bool, flags: i32) -> io::Result<File> {
@@ -83,7 +100,7 @@ impl MetaDevice for FileMeta {
         self.file.sync_data()
     }
 
-    fn len(&mut self) -> io::Result<u64> {
+    fn size(&mut self) -> io::Result<u64> {
         use std::io::Seek;
         // Seeking to the end also works for block devices, unlike metadata().
         self.file.seek(io::SeekFrom::End(0))

@@ -7,6 +7,18 @@
 //!   rules that make it crash-consistent (explained there);
 //! - [`committer`]: the thread that runs group commits;
 //! - [`device`]: the metadata file or block device behind a [`MetaDevice`].
+//!
+//! Use from the server:
+//!
+//! ```ignore
+//! let (store, vol) = MetadataStore::open(&cfg.metadata, &binding)?; // exit 2 on mismatch
+//! let vol = Arc::new(vol);
+//! let committer = Committer::start(store, vol.clone(), data_flush, Duration::from_millis(500));
+//! let commits = committer.handle();
+//! // Backend::request_commit → commits.request();
+//! // Backend::commit_failed  → commits.failed().is_some();
+//! committer.stop()?; // final commit on SIGTERM
+//! ```
 
 pub mod committer;
 pub mod device;

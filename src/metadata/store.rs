@@ -96,6 +96,9 @@ impl MetadataStore<FileMeta> {
     /// Writes fresh metadata for `vol`. Refuses valid existing metadata
     /// unless `force`.
     pub fn format(path: &Path, binding: &Binding, vol: &Volume, force: bool) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| cannot_open(path, e))?;
+        }
         let dev = FileMeta::open(path, true).map_err(|e| cannot_open(path, e))?;
         Self::format_dev(dev, binding, vol, force)
     }
@@ -115,6 +118,12 @@ impl MetadataStore<FileMeta> {
 }
 
 fn cannot_open(path: &Path, e: io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Error::runtime(format!(
+            "metadata {} is in use by another splitmirror process; stop that server first",
+            path.display()
+        ));
+    }
     Error::config(format!(
         "cannot open metadata {}: {e}; check the `metadata:` path in the config",
         path.display()
@@ -158,7 +167,7 @@ impl<D: MetaDevice> MetadataStore<D> {
         let sb = read_superblock(&mut dev)?;
         check_binding(&dev, &sb.binding, binding)?;
         let layout = sb.layout;
-        if dev.len()? < layout.total_bytes() {
+        if dev.size()? < layout.total_bytes() {
             return Err(corrupt(&dev, "it is truncated"));
         }
         let header = newest_header(&mut dev, &sb)?
@@ -188,7 +197,7 @@ impl<D: MetaDevice> MetadataStore<D> {
 
     /// One group commit of everything that changed in `vol` since the last.
     pub fn commit(&mut self, vol: &Volume, flush_data: &mut DataFlush) -> io::Result<()> {
-        self.commit_with(vol, |devs| flush_data(devs))
+        self.commit_with(vol, flush_data)
     }
 
     /// [`MetadataStore::commit`] with any data flush.
@@ -312,13 +321,13 @@ fn requeue(vol: &Volume, batch: &CommitBatch) {
 
 fn holds_volume<D: MetaDevice>(dev: &mut D) -> bool {
     let mut b = AlignedBuf::new(BLOCK as usize);
-    dev.len().is_ok_and(|l| l >= BLOCK)
+    dev.size().is_ok_and(|l| l >= BLOCK)
         && dev.read_at(&mut b, 0).is_ok()
         && Superblock::decode(&b).is_ok()
 }
 
 fn ensure_len<D: MetaDevice>(dev: &mut D, need: u64) -> Result<()> {
-    let have = dev.len()?;
+    let have = dev.size()?;
     if have >= need {
         return Ok(());
     }
@@ -373,7 +382,7 @@ fn write_header<D: MetaDevice>(dev: &mut D, sb: &Superblock, h: &Header) -> io::
 
 fn read_superblock<D: MetaDevice>(dev: &mut D) -> Result<Superblock> {
     let mut b = AlignedBuf::new(BLOCK as usize);
-    if dev.len()? < BLOCK {
+    if dev.size()? < BLOCK {
         return Err(not_ours(dev));
     }
     dev.read_at(&mut b, 0)?;

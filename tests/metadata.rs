@@ -1,0 +1,356 @@
+//! The metadata store on a real file: format, open, commit, the errors a
+//! user sees, recovery from a torn header, and the committer thread.
+
+use splitmirror::core::{DevSet, Geometry, Volume, VolumeState};
+use splitmirror::error::Error;
+use splitmirror::metadata::format::{Header, Layout};
+use splitmirror::metadata::{Binding, Committer, DataFlush, FileMeta, MetaDevice, MetadataStore};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TRACK: u64 = 64 * 1024;
+const SIZE: u64 = 100_000 * TRACK; // several chunks per table
+
+fn binding() -> Binding {
+    Binding {
+        volume_size: SIZE,
+        track_size: TRACK,
+        primary_size: SIZE,
+        secondary_size: SIZE + 4096,
+    }
+}
+
+fn fresh(assume_clean: bool) -> Volume {
+    Volume::formatted(Geometry::new(SIZE, TRACK).unwrap(), assume_clean)
+}
+
+fn no_flush() -> DataFlush {
+    Box::new(|_| Ok(()))
+}
+
+fn config_message(r: Result<impl Sized, Error>) -> String {
+    match r {
+        Err(Error::Config(m)) => m,
+        Err(e) => panic!("expected a config error, got {e:?}"),
+        Ok(_) => panic!("expected a config error"),
+    }
+}
+
+#[test]
+fn format_then_open_gives_the_formatted_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    MetadataStore::format(&path, &binding(), &fresh(false), false).unwrap();
+    let (store, vol) = MetadataStore::open(&path, &binding()).unwrap();
+    assert_eq!(vol.state(), VolumeState::Syncing);
+    assert_eq!(vol.tables.stale.count(), vol.geometry().tracks());
+    assert_eq!(vol.operation().unwrap().total, vol.geometry().tracks());
+    assert_eq!(store.generation(), 1);
+    assert!(!vol.needs_commit());
+}
+
+#[test]
+fn commits_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    let mut store = MetadataStore::format(&path, &binding(), &fresh(true), false).unwrap();
+    drop(store);
+    let (s, vol) = MetadataStore::open(&path, &binding()).unwrap();
+    store = s;
+    for round in 0..3u64 {
+        vol.tables.changed.set(40_000 + round);
+        vol.tables.intent.set(99_999 - round);
+        let flushed = Arc::new(Mutex::new(Vec::new()));
+        let f = flushed.clone();
+        let mut flush: DataFlush = Box::new(move |d| {
+            f.lock().unwrap().push(d);
+            Ok(())
+        });
+        store.commit(&vol, &mut flush).unwrap();
+        assert!(vol.clock.is_durable(round + 2));
+    }
+    drop(store);
+    let (_, again) = MetadataStore::open(&path, &binding()).unwrap();
+    assert_eq!(again.tables.changed.count(), 3);
+    // Leftover intent means mirror writes may have been in flight: resync.
+    assert_eq!(again.state(), VolumeState::Syncing);
+    assert_eq!(again.tables.stale.count(), 3);
+    assert!(again.tables.stale.get(99_999));
+}
+
+#[test]
+fn clearing_intent_flushes_both_devices_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    let vol = fresh(true);
+    let mut store = MetadataStore::format(&path, &binding(), &vol, false).unwrap();
+    vol.tables.intent.set(7);
+    store.commit(&vol, &mut no_flush()).unwrap();
+    assert_eq!(vol.clear_idle_intents(), 1);
+    let flushed = Arc::new(Mutex::new(DevSet::NONE));
+    let f = flushed.clone();
+    let mut flush: DataFlush = Box::new(move |d| {
+        *f.lock().unwrap() = d;
+        Ok(())
+    });
+    store.commit(&vol, &mut flush).unwrap();
+    assert_eq!(*flushed.lock().unwrap(), DevSet::BOTH);
+}
+
+#[test]
+fn format_refuses_valid_metadata_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    MetadataStore::format(&path, &binding(), &fresh(true), false).unwrap();
+    let msg = config_message(MetadataStore::format(
+        &path,
+        &binding(),
+        &fresh(true),
+        false,
+    ));
+    assert!(
+        msg.contains("already holds a valid splitmirror volume"),
+        "{msg}"
+    );
+    assert!(msg.contains("--force"), "{msg}");
+    MetadataStore::format(&path, &binding(), &fresh(false), true).unwrap();
+    let (_, vol) = MetadataStore::open(&path, &binding()).unwrap();
+    assert_eq!(vol.state(), VolumeState::Syncing);
+}
+
+#[test]
+fn open_refuses_other_devices_foreign_and_missing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    let msg = config_message(MetadataStore::open(&path, &binding()));
+    assert!(
+        msg.contains("does not exist") && msg.contains("format"),
+        "{msg}"
+    );
+    MetadataStore::format(&path, &binding(), &fresh(true), false).unwrap();
+    let mut other = binding();
+    other.secondary_size += 4096;
+    let msg = config_message(MetadataStore::open(&path, &other));
+    assert!(msg.contains("secondary size"), "{msg}");
+    assert!(!msg.contains('\n'));
+    let foreign = dir.path().join("foreign");
+    std::fs::write(&foreign, vec![0x5a; 64 * 1024]).unwrap();
+    let msg = config_message(MetadataStore::open(&foreign, &binding()));
+    assert!(msg.contains("does not hold a splitmirror volume"), "{msg}");
+}
+
+fn layout() -> Layout {
+    Layout::new(Geometry::new(SIZE, TRACK).unwrap().tracks(), 4)
+}
+
+fn smash(path: &Path, offset: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&[0xff; 100], offset).unwrap();
+}
+
+#[test]
+fn a_second_opener_is_refused_while_the_first_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    let first = MetadataStore::format(&path, &binding(), &fresh(true), false).unwrap();
+    match MetadataStore::open(&path, &binding()) {
+        Err(Error::Runtime(m)) => assert!(m.contains("in use"), "{m}"),
+        _ => panic!("a second opener must be refused"),
+    }
+    drop(first);
+    MetadataStore::open(&path, &binding()).unwrap();
+}
+
+#[test]
+fn a_torn_header_falls_back_to_the_previous_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    let vol = fresh(true);
+    let mut store = MetadataStore::format(&path, &binding(), &vol, false).unwrap();
+    vol.tables.changed.set(5);
+    store.commit(&vol, &mut no_flush()).unwrap(); // generation 2
+    vol.tables.changed.set(6);
+    store.commit(&vol, &mut no_flush()).unwrap(); // generation 3
+    drop(store);
+    smash(&path, layout().header_offset(Header::slot(3)) + 40);
+    let (store, vol) = MetadataStore::open(&path, &binding()).unwrap();
+    assert_eq!(store.generation(), 2);
+    assert!(vol.tables.changed.get(5) && !vol.tables.changed.get(6));
+    smash(&path, layout().header_offset(Header::slot(2)) + 40);
+    drop(store);
+    let msg = config_message(MetadataStore::open(&path, &binding()));
+    assert!(msg.contains("both header slots"), "{msg}");
+}
+
+/// A file whose writes fail on demand: every write numbered `fail_at` or
+/// later fails; with `land`, it reaches the file before failing (an error
+/// reported after the data was written).
+struct Flaky {
+    inner: FileMeta,
+    ctl: Arc<FlakyCtl>,
+}
+
+struct FlakyCtl {
+    writes: AtomicU32,
+    fail_at: AtomicU32,
+    land: AtomicBool,
+}
+
+impl FlakyCtl {
+    fn fail_from_now(&self, skip: u32, land: bool) {
+        self.land.store(land, SeqCst);
+        self.fail_at.store(self.writes.load(SeqCst) + skip, SeqCst);
+    }
+    fn heal(&self) {
+        self.fail_at.store(u32::MAX, SeqCst);
+    }
+}
+
+impl MetaDevice for Flaky {
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let n = self.ctl.writes.fetch_add(1, SeqCst);
+        if n < self.ctl.fail_at.load(SeqCst) {
+            return self.inner.write_at(buf, offset);
+        }
+        if self.ctl.land.load(SeqCst) {
+            self.inner.write_at(buf, offset)?;
+        }
+        Err(io::Error::from_raw_os_error(libc::EIO))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn size(&mut self) -> io::Result<u64> {
+        self.inner.size()
+    }
+    fn grow(&mut self, bytes: u64) -> io::Result<()> {
+        self.inner.grow(bytes)
+    }
+    fn describe(&self) -> String {
+        "flaky".into()
+    }
+}
+
+fn flaky(path: &Path) -> (Flaky, Arc<FlakyCtl>) {
+    let ctl = Arc::new(FlakyCtl {
+        writes: AtomicU32::new(0),
+        fail_at: AtomicU32::new(u32::MAX),
+        land: AtomicBool::new(false),
+    });
+    let dev = Flaky {
+        inner: FileMeta::open(path, true).unwrap(),
+        ctl: ctl.clone(),
+    };
+    (dev, ctl)
+}
+
+#[test]
+fn a_failed_commit_is_retried_whole_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    let vol = fresh(true);
+    let (dev, ctl) = flaky(&path);
+    let mut store = MetadataStore::format_dev(dev, &binding(), &vol, false).unwrap();
+    vol.tables.changed.set(70_000);
+    let seq = vol.clock.next();
+    ctl.fail_from_now(0, false);
+    assert!(store.commit(&vol, &mut no_flush()).is_err());
+    assert!(!vol.clock.is_durable(seq));
+    assert!(
+        vol.needs_commit(),
+        "the failed commit's chunks are dirty again"
+    );
+    ctl.heal();
+    store.commit(&vol, &mut no_flush()).unwrap();
+    assert!(vol.clock.is_durable(seq));
+    drop(store);
+    let (_, again) = MetadataStore::open(&path, &binding()).unwrap();
+    assert!(again.tables.changed.get(70_000));
+}
+
+#[test]
+fn a_failed_header_write_is_resolved_before_the_next_commit() {
+    for land in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vol.meta");
+        let vol = fresh(true);
+        let (dev, ctl) = flaky(&path);
+        let mut store = MetadataStore::format_dev(dev, &binding(), &vol, false).unwrap();
+        vol.tables.changed.set(1);
+        store.commit(&vol, &mut no_flush()).unwrap();
+        // One dirty page: its write succeeds, the header write fails.
+        vol.tables.changed.set(2);
+        ctl.fail_from_now(1, land);
+        assert!(store.commit(&vol, &mut no_flush()).is_err());
+        ctl.heal();
+        vol.tables.changed.set(3);
+        store.commit(&vol, &mut no_flush()).unwrap();
+        let expect = if land { 4 } else { 3 };
+        assert_eq!(store.generation(), expect, "land={land}");
+        drop(store);
+        let (again_store, again) = MetadataStore::open(&path, &binding()).unwrap();
+        assert_eq!(again_store.generation(), expect);
+        assert_eq!(again.tables.changed.count(), 3, "land={land}");
+    }
+}
+
+#[test]
+fn the_committer_commits_on_request_and_at_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    let vol = Arc::new(fresh(true));
+    let store = MetadataStore::format(&path, &binding(), &vol, false).unwrap();
+    let c = Committer::start(store, vol.clone(), no_flush(), Duration::from_secs(3600));
+    let h = c.handle();
+    vol.tables.changed.set(11);
+    let seq = vol.clock.next();
+    h.request();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !vol.clock.is_durable(seq) {
+        assert!(Instant::now() < deadline, "no commit after a request");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(h.failed(), None);
+    vol.tables.changed.set(12);
+    c.stop().unwrap();
+    let (_, again) = MetadataStore::open(&path, &binding()).unwrap();
+    assert!(again.tables.changed.get(11) && again.tables.changed.get(12));
+}
+
+#[test]
+fn the_committer_reports_failures_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    let vol = Arc::new(fresh(true));
+    let (dev, ctl) = flaky(&path);
+    let store = MetadataStore::format_dev(dev, &binding(), &vol, false).unwrap();
+    let c = Committer::start(store, vol.clone(), no_flush(), Duration::from_millis(5));
+    let h = c.handle();
+    ctl.fail_from_now(0, false);
+    vol.tables.changed.set(3);
+    h.request();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.failed().is_none() {
+        assert!(Instant::now() < deadline, "failure not reported");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(h.failed().unwrap().contains("metadata commit failed"));
+    ctl.heal();
+    while h.failed().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "no retry after the device recovered"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    c.stop().unwrap();
+    let (_, again) = MetadataStore::open(&path, &binding()).unwrap();
+    assert!(again.tables.changed.get(3));
+}

@@ -169,3 +169,27 @@ impl TokenBucket {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_paces_and_stops() {
+        let stop = AtomicBool::new(false);
+        let mut unlimited = TokenBucket::new(0);
+        unlimited.spend(1 << 30);
+        assert!(unlimited.wait(&stop));
+
+        let mut b = TokenBucket::new(1 << 20);
+        let t0 = Instant::now();
+        b.spend(100 << 10);
+        assert!(b.wait(&stop));
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(90), "{took:?}");
+
+        b.spend(10 << 20);
+        stop.store(true, SeqCst);
+        assert!(!b.wait(&stop));
+    }
+}

@@ -1,5 +1,5 @@
 #!/bin/sh
-# timeout: 600
+# timeout: 1200
 # Scenario (b): split, overwrite everything, full restore under
 # restore.rate_limit. The device shows the split image as soon as `restore`
 # returns; the secondary is unchanged while restoring; a partial-track and a

@@ -1,5 +1,5 @@
 #!/bin/sh
-# timeout: 600
+# timeout: 1800
 # Scenario (c): incremental restore, then protected restore, each checked
 # like the full restore (device shows the split image at once, secondary
 # unchanged while restoring, partial- and full-track writes made during the

@@ -1,5 +1,5 @@
 #!/bin/sh
-# timeout: 600
+# timeout: 1200
 # Client commands against a live server: exit codes of the contract
 # (1 server unreachable, 3 not valid in this state), every `status --json`
 # field, `wait` (returns at once when idle, gives up with --timeout, blocks

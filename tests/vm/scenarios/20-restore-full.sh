@@ -9,9 +9,9 @@
 
 step "format --assume-clean (fresh zeroed disks are identical); rate-limit copies; run"
 run splitmirror format -c "$CONFIG" --assume-clean
-# 16 MiB/s: a full restore of 256 MiB takes ~16 s, long enough to check the
+# 8 MiB/s: a full restore of 256 MiB takes ~32 s, long enough to check the
 # secondary while it runs. The server reads the config at `run`.
-set_restore_rate 16MiB
+set_restore_rate 8MiB
 cat "$CONFIG"
 start_server
 expect_state established

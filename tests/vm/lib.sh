@@ -290,11 +290,30 @@ restore_and_check() {
     write_at "$DEVICE" "$_off2" "$SCRATCH/p_full"
 
     step "secondary unchanged while restoring"
+    # Quick and always conclusive: the two tracks just written (the host's
+    # writes must go to the primary only while restoring), read while the
+    # state is still `restoring`.
+    for _t in "$_t1" "$_t2"; do
+        [ "$(sha_region "$SECONDARY" $((_t * TRACK)) "$TRACK")" = "$(sha_file_region "$_ref" $((_t * TRACK)) "$TRACK")" ] \
+            || fail "track $_t of the secondary changed during the restore (state now $(state))"
+    done
+    _s=$(state)
+    [ "$_s" = restoring ] || fail "restore no longer running after reading 2 tracks (state $_s): lower restore.rate_limit so the checks mean something"
+    info "tracks $_t1 $_t2 of the secondary still hold the split image, state restoring"
+    # Whole secondary: reading it takes ~10-20 s under TCG. Conclusive only
+    # if the restore is still running afterwards: once it ends, the resync
+    # legitimately copies the tracks written during it to the secondary (the
+    # end state is checked by the caller).
     _sec=$(sha_dev "$SECONDARY")
     _s=$(state)
-    [ "$_sec" = "$_sha_ref" ] || fail "secondary changed during the restore (sha256 $_sec, split image $_sha_ref; state now $_s)"
-    [ "$_s" = restoring ] || fail "restore no longer running after the secondary check (state $_s): lower restore.rate_limit so the check means something"
-    info "secondary sha256 $_sec == split image, state still restoring"
+    if [ "$_s" = restoring ]; then
+        [ "$_sec" = "$_sha_ref" ] || fail "secondary changed during the restore (sha256 $_sec, split image $_sha_ref)"
+        info "secondary sha256 $_sec == split image, state still restoring"
+    elif [ "$_sec" = "$_sha_ref" ]; then
+        info "secondary sha256 $_sec == split image (state now $_s)"
+    else
+        info "note: restore ended while the secondary was read (state $_s); whole-secondary check inconclusive, the end state is checked later"
+    fi
 
     step "device = split image + the two writes"
     _dev=$(sha_dev "$DEVICE")

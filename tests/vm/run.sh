@@ -8,6 +8,9 @@
 # See tests/vm/README.md for the environment variables and how it works.
 set -uo pipefail
 export LC_COLLATE=C
+# The whole script is one brace group, so bash parses all of it before
+# running any: editing run.sh during a (long) run cannot break that run.
+{
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$SCRIPT_DIR/../.." && pwd)
@@ -57,6 +60,7 @@ setup_fail() {
   exit 1
 }
 
+case $DISK_MIB in ''|*[!0-9]*) setup_fail "SPLITMIRROR_VM_DISK_MIB=$DISK_MIB is not a number of MiB" ;; esac
 mkdir -p "$CACHE" "$LOGDIR" || setup_fail "cannot create $CACHE or $LOGDIR"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/splitmirror-vm.XXXXXX") || setup_fail "mktemp"
 trap 'rm -rf "$WORK"' EXIT
@@ -387,8 +391,8 @@ for s in "${SCENARIOS[@]}"; do
   echo "$name" >"$sw/cpio/vm/name"
   ( cd "$sw/cpio" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet ) >"$sw/scen.cpio"
   cat "$BASE" "$WORK/run.cpio" "$sw/scen.cpio" >"$sw/initrd.cpio"
-  truncate -s ${DISK_MIB}M "$sw/primary.img" "$sw/secondary.img" "$sw/spare.img"
-  truncate -s ${META_MIB}M "$sw/metadata.img"
+  truncate -s "${DISK_MIB}M" "$sw/primary.img" "$sw/secondary.img" "$sw/spare.img"
+  truncate -s "${META_MIB}M" "$sw/metadata.img"
   logf=$LOGDIR/$name.log
   start=$SECONDS
   # cache=unsafe: the guest still sees a volatile write cache and sends
@@ -442,3 +446,5 @@ done
 log "vm: logs in $LOGDIR (summary.txt: per-scenario guest uptime at start/end)"
 echo "vm: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
+exit
+}

@@ -1,5 +1,5 @@
 #!/bin/sh
-# timeout: 600
+# timeout: 1200
 # Scenario (d): fio with verify=crc32c running through the device while a
 # full restore runs (and on into the resync): 0 verify errors. fio starts
 # after `restore` returns: from that instant the device is the split image,

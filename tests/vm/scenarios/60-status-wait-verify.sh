@@ -1,5 +1,5 @@
 #!/bin/sh
-# timeout: 600
+# timeout: 1200
 # Client commands against a live server: exit codes of the contract
 # (1 server unreachable, 3 not valid in this state), every `status --json`
 # field, `wait` (returns at once when idle, gives up with --timeout, blocks
@@ -99,7 +99,6 @@ j=$(status_json); info "status: $j"
 [ "$(json_get operation "$j")" = null ] || fail "operation not null after wait: $j"
 
 step "stop; corrupt 4 KiB of track 1234 on the secondary (tables say identical); restart"
-D=$(sha_dev "$DEVICE")
 stop_server
 cmp_devs "$PRIMARY" "$SECONDARY"
 BAD=1234
@@ -107,14 +106,17 @@ dd if=/dev/urandom of="$SCRATCH/junk" bs=4096 count=1 2>/dev/null
 write_at "$SECONDARY" $((BAD * TRACK + 8192)) "$SCRATCH/junk"
 start_server
 expect_state established
-[ "$(sha_dev "$DEVICE")" = "$D" ] || fail "device content changed across the restart"
+# the device reads the primary's copy of that track, not the corrupted one
+# (whole-device hashes cost ~20 s each under TCG; 10-established covers restarts)
+GOOD=$(sha_region "$PRIMARY" $((BAD * TRACK)) "$TRACK")
+[ "$(sha_region "$DEVICE" $((BAD * TRACK)) "$TRACK")" = "$GOOD" ] || fail "device track $BAD does not read the primary's data"
 
 step "verify names track $BAD and exits 1"
 sm verify >"$SCRATCH/v2" 2>&1; rc=$?
 cat "$SCRATCH/v2"
 [ $rc -eq 1 ] || fail "verify with a corrupted secondary exited $rc, expected 1"
 grep -qw "$BAD" "$SCRATCH/v2" || fail "verify output does not name track $BAD"
-[ "$(sha_dev "$DEVICE")" = "$D" ] || fail "verify changed what the device reads"
+[ "$(sha_region "$DEVICE" $((BAD * TRACK)) "$TRACK")" = "$GOOD" ] || fail "verify changed what the device reads at track $BAD"
 
 step "split + establish --full repairs it; verify clean"
 run sm split

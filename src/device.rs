@@ -1,1 +1,277 @@
+//! The data devices: opening the primary and the secondary for direct I/O,
+//! their sizes, and the layout checks that catch a wrong config before any
+//! byte is written (the same device twice, a secondary too small, metadata
+//! on a data device).
 
+use crate::config::Config;
+use crate::core::{Dev, DevSet};
+use crate::error::{Error, Result};
+use crate::metadata::Binding;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
+nix::ioctl_read_bad!(blk_sszget, nix::request_code_none!(0x12, 104), libc::c_int);
+
+/// What a path names, so that two paths to one device compare equal
+/// whatever symlinks or device nodes lead to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Identity {
+    Block(u64),
+    File { dev: u64, ino: u64 },
+}
+
+fn identity(meta: &std::fs::Metadata) -> Option<Identity> {
+    let ft = meta.file_type();
+    if ft.is_block_device() {
+        Some(Identity::Block(meta.rdev()))
+    } else if ft.is_file() {
+        Some(Identity::File {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    } else {
+        None
+    }
+}
+
+/// One opened data device.
+pub struct DataDev {
+    pub role: &'static str,
+    pub path: PathBuf,
+    pub file: File,
+    pub size: u64,
+    /// The device's logical block size: the smallest direct I/O it takes.
+    pub logical_block: u32,
+    identity: Identity,
+}
+
+impl DataDev {
+    fn open(role: &'static str, path: &Path) -> Result<DataDev> {
+        let shown = path.display();
+        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => Error::config(format!(
+                "{role} {shown} does not exist; check the {role} path in the config"
+            )),
+            _ => Error::config(format!("cannot stat {role} {shown}: {e}")),
+        })?;
+        let identity = identity(&meta).ok_or_else(|| {
+            Error::config(format!(
+                "{role} {shown} is neither a block device nor a regular file"
+            ))
+        })?;
+        let is_block = matches!(identity, Identity::Block(_));
+        let mut flags = libc::O_DIRECT;
+        if is_block {
+            // O_EXCL on a block device: no mounted filesystem, no other
+            // server, no md/dm holder may write under us.
+            flags |= libc::O_EXCL;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EBUSY) => Error::runtime(format!(
+                    "{role} {shown} is in use by another opener (mounted, or another server?); release it first"
+                )),
+                Some(libc::EINVAL) => Error::config(format!(
+                    "{role} {shown} does not support direct I/O (O_DIRECT); use a block device or a file on a filesystem that does"
+                )),
+                _ => Error::runtime(format!("cannot open {role} {shown}: {e}")),
+            })?;
+        let (size, logical_block) = if is_block {
+            let mut size = 0u64;
+            let mut lbs: libc::c_int = 0;
+            // SAFETY: both ioctls write one integer of the given type.
+            unsafe {
+                blk_getsize64(file.as_raw_fd(), &mut size)
+                    .map_err(|e| Error::runtime(format!("{role} {shown}: BLKGETSIZE64: {e}")))?;
+                blk_sszget(file.as_raw_fd(), &mut lbs)
+                    .map_err(|e| Error::runtime(format!("{role} {shown}: BLKSSZGET: {e}")))?;
+            }
+            (size, lbs.max(512) as u32)
+        } else {
+            (meta.len(), 512)
+        };
+        Ok(DataDev {
+            role,
+            path: path.to_path_buf(),
+            file,
+            size,
+            logical_block,
+            identity,
+        })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+/// The primary and the secondary, open and checked against each other.
+pub struct Devices {
+    pub primary: DataDev,
+    pub secondary: DataDev,
+}
+
+impl Devices {
+    /// Opens both data devices (O_DIRECT; block devices O_EXCL) and checks
+    /// the layout (see [`check_layout`]).
+    pub fn open(cfg: &Config) -> Result<Devices> {
+        let primary = DataDev::open("primary", &cfg.primary)?;
+        let secondary = DataDev::open("secondary", &cfg.secondary)?;
+        let devs = Devices { primary, secondary };
+        check_layout(cfg, &devs)?;
+        Ok(devs)
+    }
+
+    pub fn get(&self, dev: Dev) -> &DataDev {
+        match dev {
+            Dev::Primary => &self.primary,
+            Dev::Secondary => &self.secondary,
+        }
+    }
+
+    /// The volume presents the primary's bytes; a larger secondary's tail
+    /// is unused.
+    pub fn volume_size(&self) -> u64 {
+        self.primary.size
+    }
+
+    /// The smallest direct I/O both devices take.
+    pub fn logical_block(&self) -> u32 {
+        self.primary.logical_block.max(self.secondary.logical_block)
+    }
+
+    pub fn binding(&self, track_size: u64) -> Binding {
+        Binding {
+            volume_size: self.volume_size(),
+            track_size,
+            primary_size: self.primary.size,
+            secondary_size: self.secondary.size,
+        }
+    }
+
+    /// Makes the writes already completed on `set` durable.
+    pub fn sync(&self, set: DevSet) -> io::Result<()> {
+        for dev in set.devs() {
+            self.get(dev).file.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks that the devices can form a volume: two different devices, the
+/// secondary at least as large as the primary, the metadata on neither.
+pub fn check_layout(cfg: &Config, devs: &Devices) -> Result<()> {
+    let (p, s) = (&devs.primary, &devs.secondary);
+    if p.identity == s.identity {
+        return Err(Error::config(format!(
+            "primary {} and secondary {} are the same device; give two different devices",
+            p.path.display(),
+            s.path.display()
+        )));
+    }
+    // A metadata file that does not exist yet (before `format`) cannot alias.
+    if let Some(m) = std::fs::metadata(&cfg.metadata)
+        .ok()
+        .and_then(|m| identity(&m))
+    {
+        for d in [p, s] {
+            if m == d.identity {
+                return Err(Error::config(format!(
+                    "metadata {} is the {} device {}; put the metadata on a separate file or device",
+                    cfg.metadata.display(),
+                    d.role,
+                    d.path.display()
+                )));
+            }
+        }
+    }
+    if p.size == 0 {
+        return Err(Error::config(format!(
+            "primary {} is empty; give a device or file with data space",
+            p.path.display()
+        )));
+    }
+    if s.size < p.size {
+        return Err(Error::config(format!(
+            "secondary {} ({} bytes) is smaller than primary {} ({} bytes); use a secondary at least as large",
+            s.path.display(),
+            s.size,
+            p.path.display(),
+            p.size
+        )));
+    }
+    let lbs = u64::from(devs.logical_block());
+    if p.size % lbs != 0 {
+        return Err(Error::config(format!(
+            "primary {} size {} is not a multiple of its {lbs}-byte block size; resize it",
+            p.path.display(),
+            p.size
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(dir: &Path, name: &str, size: u64) -> PathBuf {
+        let p = dir.join(name);
+        let f = File::create(&p).unwrap();
+        f.set_len(size).unwrap();
+        p
+    }
+
+    fn cfg(dir: &Path, p: &Path, s: &Path) -> Config {
+        Config::new("t", p, s, dir.join("meta"))
+    }
+
+    /// tmpfs refuses O_DIRECT on older kernels; such hosts skip these tests.
+    fn direct_ok(dir: &Path) -> bool {
+        let p = file(dir, "probe", 4096);
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(p)
+            .is_ok()
+    }
+
+    #[test]
+    fn layout_checks() {
+        let d = tempfile::tempdir().unwrap();
+        if !direct_ok(d.path()) {
+            return;
+        }
+        let p = file(d.path(), "p", 1 << 20);
+        let s = file(d.path(), "s", 1 << 20);
+        let small = file(d.path(), "small", 1 << 19);
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+
+        let devs = Devices::open(&cfg(d.path(), &p, &s)).unwrap();
+        assert_eq!(devs.volume_size(), 1 << 20);
+        assert_eq!(devs.binding(65536).secondary_size, 1 << 20);
+
+        let e = Devices::open(&cfg(d.path(), &p, &link)).err().unwrap();
+        assert!(e.to_string().contains("same device"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+        let e = Devices::open(&cfg(d.path(), &p, &small)).err().unwrap();
+        assert!(e.to_string().contains("smaller"), "{e}");
+        let e = Devices::open(&cfg(d.path(), &p, &d.path().join("nope")))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        let mut c = cfg(d.path(), &p, &s);
+        c.metadata = link;
+        let e = Devices::open(&c).err().unwrap();
+        assert!(e.to_string().contains("metadata"), "{e}");
+    }
+}

@@ -13,6 +13,7 @@
 //! - [`control`] is the Unix-socket control protocol (server and client);
 //! - [`config`], [`device`] and [`cli`] are the user-facing edges.
 
+pub mod blocking;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -9,6 +9,12 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --all-targets -- -D warnings
+echo "== shellcheck (VM tier, deploy)"
+command -v shellcheck >/dev/null || { echo "shellcheck missing: bash tests/vm/deps.sh" >&2; exit 1; }
+shellcheck -x tests/vm/run.sh tests/vm/deps.sh tests/deploy.sh tests/run-all.sh deploy/install.sh
+shellcheck -s sh -e SC1090,SC1091 tests/vm/lib.sh tests/vm/scenarios/*.sh
+echo "== deploy/ (systemd-analyze verify, install.sh into a temp root)"
+bash tests/deploy.sh
 echo "== cargo test (release: the model and crash seeds run faster)"
 cargo test --release
 echo "== crash soak: real processes killed with SIGKILL mid-operation"

@@ -631,6 +631,33 @@ impl Volume {
         n
     }
 
+    // ---- verify ---------------------------------------------------------
+
+    /// For `verify`: locks track `t` exclusive if no table says primary and
+    /// secondary may differ there, so that no write or copy changes either
+    /// copy while the two are compared. Release with [`Self::unlock_identical`].
+    pub fn lock_identical(&self, _t: &Ticket, t: Track) -> VerifyLock {
+        let marked = |tables: &Tables| tables.all().iter().any(|table| table.get(t));
+        if marked(&self.tables) {
+            return VerifyLock::NotIdentical;
+        }
+        if !self.locks.try_exclusive(t) {
+            return VerifyLock::Busy;
+        }
+        // A write may have marked the track between the check and the lock.
+        if marked(&self.tables) {
+            self.locks.release_exclusive(t);
+            self.bump();
+            return VerifyLock::NotIdentical;
+        }
+        VerifyLock::Locked
+    }
+
+    pub fn unlock_identical(&self, t: Track) {
+        self.locks.release_exclusive(t);
+        self.bump();
+    }
+
     // ---- state changes --------------------------------------------------
 
     /// Whether `cmd` is valid now (checked before draining host I/O).
@@ -785,6 +812,17 @@ impl Volume {
         }
         tables.intent.clear_all();
     }
+}
+
+/// Whether `verify` may compare a track now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyLock {
+    /// A table marks the track as possibly different: not compared.
+    NotIdentical,
+    /// A write or copy holds the track; try again shortly.
+    Busy,
+    /// Locked; compare, then `unlock_identical`.
+    Locked,
 }
 
 /// What a host write does to one track.

@@ -34,6 +34,8 @@ impl FileMeta {
         let block_device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
         // O_EXCL on a block device: no mount or other opener meanwhile.
         let excl = if block_device { libc::O_EXCL } else { 0 };
+        // O_CREAT with O_EXCL means "must not exist": only for files.
+        let create = create && !block_device;
         let file = match open_file(path, create, libc::O_DIRECT | excl) {
             // tmpfs and some filesystems refuse O_DIRECT: buffered I/O plus
             // fdatasync is just as crash-safe, only slower.

@@ -6,6 +6,7 @@ set -euo pipefail
 
 PKGS=(
   qemu-system-x86   # qemu-system-x86_64, run with -accel tcg
+  qemu-system-data  # qboot.rom: the fast firmware run.sh boots with
   busybox-static    # the VM's userland
   fio               # I/O load + verify inside the VM
   e2fsprogs         # mkfs.ext4 / e2fsck (+ /etc/mke2fs.conf)
@@ -13,6 +14,8 @@ PKGS=(
   cpio gzip xz-utils  # initramfs packing, .ko.xz decompression
   libclang-dev      # bindgen in libublk-sys (static splitmirror build)
   binutils          # strip: keeps the per-run initramfs small
+  shellcheck        # tests/run-all.sh lints these scripts
+  systemd           # systemd-analyze verify in tests/deploy.sh
   coreutils findutils sed grep util-linux  # host-side script tools (flock)
   apt dpkg          # apt-get download / dpkg-deb -x for the kernel package
 )

@@ -1,5 +1,5 @@
 #!/bin/sh
-# timeout: 600
+# timeout: 1200
 # Scenario (b): split, overwrite everything, full restore under
 # restore.rate_limit. The device shows the split image as soon as `restore`
 # returns; the secondary is unchanged while restoring; a partial-track and a
@@ -9,9 +9,9 @@
 
 step "format --assume-clean (fresh zeroed disks are identical); rate-limit copies; run"
 run splitmirror format -c "$CONFIG" --assume-clean
-# 16 MiB/s: a full restore of 256 MiB takes ~16 s, long enough to check the
+# 8 MiB/s: a full restore of 256 MiB takes ~32 s, long enough to check the
 # secondary while it runs. The server reads the config at `run`.
-set_restore_rate 16MiB
+set_restore_rate 8MiB
 cat "$CONFIG"
 start_server
 expect_state established
@@ -53,5 +53,6 @@ stop_server
 P=$(sha_dev "$PRIMARY"); S=$(sha_dev "$SECONDARY")
 [ "$P" = "$EXPECT_SHA" ] || { _find_bad "$PRIMARY" "$EXPECT"; fail "primary ($P) is not the expected image ($EXPECT_SHA)"; }
 [ "$S" = "$EXPECT_SHA" ] || { _find_bad "$SECONDARY" "$EXPECT"; fail "secondary ($S) is not the expected image ($EXPECT_SHA)"; }
+cmp_devs "$PRIMARY" "$SECONDARY"
 info "primary == secondary == $P"
 echo "restore-full ok"

@@ -1,5 +1,5 @@
 #!/bin/sh
-# timeout: 600
+# timeout: 1800
 # Scenario (c): incremental restore, then protected restore, each checked
 # like the full restore (device shows the split image at once, secondary
 # unchanged while restoring, partial- and full-track writes made during the
@@ -10,9 +10,9 @@
 # back).
 . "${VMLIB:?run me through tests/vm/run.sh}"
 
-step "format --assume-clean; run with restore.rate_limit 4MiB"
+step "format --assume-clean; run with restore.rate_limit 2MiB"
 run splitmirror format -c "$CONFIG" --assume-clean
-set_restore_rate 4MiB
+set_restore_rate 2MiB
 start_server
 expect_state established
 SIZE=$(dev_size "$DEVICE"); MIB=$((SIZE / 1048576)); N=$((SIZE / TRACK))
@@ -32,7 +32,7 @@ CHANGED=$(( (32 * 1048576 / TRACK) + (MIB - 64) ))
 c=$(json_get changed_since_split)
 [ "$c" = "$CHANGED" ] || fail "changed_since_split is $c, expected $CHANGED"
 [ "$(sha_dev "$DEVICE")" != "$SHA_A" ] || fail "overwrite did not change the device"
-info "$c tracks changed since split (~$((c * TRACK / 1048576)) MiB: ~$((c * TRACK / 4194304))s to restore at 4 MiB/s)"
+info "$c tracks changed since split (~$((c * TRACK / 1048576)) MiB: ~$((c * TRACK / 2097152))s to restore at 2 MiB/s)"
 
 # the last two changed tracks: 1 MiB apart, near the end (still pending)
 LAST=$(( (MIB - 1) * 1048576 / TRACK ))
@@ -47,10 +47,10 @@ S=$(sha_dev "$SECONDARY")
 cp "$EXPECT" "$SCRATCH/C"; SHA_C=$EXPECT_SHA
 info "incremental restore ok; image C = $SHA_C"
 
-step "restart with restore.rate_limit 16MiB (full protected restore of ${MIB} MiB)"
+step "restart with restore.rate_limit 8MiB (full protected restore of ${MIB} MiB: ~32 s)"
 stop_server
 [ "$(sha_dev "$PRIMARY")" = "$SHA_C" ] || fail "primary after stop != C"
-set_restore_rate 16MiB
+set_restore_rate 8MiB
 start_server
 expect_state established
 [ "$(sha_dev "$DEVICE")" = "$SHA_C" ] || fail "device after restart != C"
@@ -85,6 +85,7 @@ wait_idle 300
 expect_state established
 stop_server
 P=$(sha_dev "$PRIMARY"); S=$(sha_dev "$SECONDARY")
-[ "$P" = "$SHA_C" ] && [ "$S" = "$SHA_C" ] || fail "after final restore: primary $P secondary $S, expected $SHA_C"
+{ [ "$P" = "$SHA_C" ] && [ "$S" = "$SHA_C" ]; } || fail "after final restore: primary $P secondary $S, expected $SHA_C"
+cmp_devs "$PRIMARY" "$SECONDARY"
 info "primary == secondary == split image"
 echo "restore-incremental-protect ok"

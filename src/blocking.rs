@@ -1,0 +1,195 @@
+//! A plain blocking [`Backend`]: pread/pwrite on the O_DIRECT device fds,
+//! fdatasync for flushes, and a short sleep to wait. It serves the copy
+//! engine thread, control commands and verify, where a blocked thread
+//! holds up nothing else; the ublk queues use their own io_uring instead.
+
+use crate::core::Dev;
+use crate::device::Devices;
+use crate::hostpath::Backend;
+use crate::metadata::CommitHandle;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct BlockingBackend {
+    devs: Arc<Devices>,
+    commit: CommitHandle,
+}
+
+impl BlockingBackend {
+    pub fn new(devs: Arc<Devices>, commit: CommitHandle) -> Self {
+        BlockingBackend { devs, commit }
+    }
+
+    fn fd(&self, dev: Dev) -> RawFd {
+        self.devs.get(dev).fd()
+    }
+}
+
+/// Turns a short transfer into an error: direct I/O inside the device never
+/// stops early, so a short count means the device shrank or failed.
+fn full(done: usize, want: usize) -> io::Result<()> {
+    if done == want {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("short transfer: {done} of {want} bytes"),
+        ))
+    }
+}
+
+pub fn pread_all(fd: RawFd, mut offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    let want = buf.len();
+    let mut done = 0;
+    while done < want {
+        // SAFETY: the pointer and length describe the unfilled tail of `buf`.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                buf[done..].as_mut_ptr().cast(),
+                want - done,
+                offset as libc::off_t,
+            )
+        };
+        match n {
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            0 => break,
+            n => {
+                done += n as usize;
+                offset += n as u64;
+            }
+        }
+    }
+    full(done, want)
+}
+
+pub fn pwrite_all(fd: RawFd, mut offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
+    let want = buf.len();
+    let mut done = 0;
+    let flags = if fua { libc::RWF_DSYNC } else { 0 };
+    while done < want {
+        let iov = libc::iovec {
+            iov_base: buf[done..].as_ptr() as *mut libc::c_void,
+            iov_len: want - done,
+        };
+        // SAFETY: one iovec over the unwritten tail of `buf`.
+        let n = unsafe { libc::pwritev2(fd, &iov, 1, offset as libc::off_t, flags) };
+        match n {
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            0 => break,
+            n => {
+                done += n as usize;
+                offset += n as u64;
+            }
+        }
+    }
+    full(done, want)
+}
+
+impl Backend for BlockingBackend {
+    async fn read(&self, dev: Dev, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        pread_all(self.fd(dev), offset, buf)
+    }
+
+    async fn write(&self, dev: Dev, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
+        pwrite_all(self.fd(dev), offset, buf, fua)
+    }
+
+    async fn flush(&self, dev: Dev) -> io::Result<()> {
+        self.devs.get(dev).file.sync_data()
+    }
+
+    async fn pause(&self) {
+        std::thread::sleep(Duration::from_micros(100));
+    }
+
+    fn request_commit(&self) {
+        self.commit.request();
+    }
+
+    fn commit_failed(&self) -> bool {
+        self.commit.failed().is_some()
+    }
+}
+
+/// Paces copies to a byte rate: spending runs up a debt that [`wait`]
+/// sleeps off. No credit accumulates while idle, so there are no bursts
+/// beyond one batch.
+///
+/// [`wait`]: TokenBucket::wait
+pub struct TokenBucket {
+    /// Bytes per second; 0 means unlimited.
+    rate: u64,
+    next: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: u64) -> Self {
+        TokenBucket {
+            rate,
+            next: Instant::now(),
+        }
+    }
+
+    pub fn spend(&mut self, bytes: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        self.next = self.next.max(Instant::now())
+            + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+    }
+
+    /// Sleeps until the debt is paid; false if `stop` was set meanwhile
+    /// (the thread is unparked to notice it at once).
+    pub fn wait(&self, stop: &AtomicBool) -> bool {
+        loop {
+            if stop.load(SeqCst) {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= self.next {
+                return true;
+            }
+            std::thread::park_timeout((self.next - now).min(Duration::from_millis(100)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_paces_and_stops() {
+        let stop = AtomicBool::new(false);
+        let mut unlimited = TokenBucket::new(0);
+        unlimited.spend(1 << 30);
+        assert!(unlimited.wait(&stop));
+
+        let mut b = TokenBucket::new(1 << 20);
+        let t0 = Instant::now();
+        b.spend(100 << 10);
+        assert!(b.wait(&stop));
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(90), "{took:?}");
+
+        b.spend(10 << 20);
+        stop.store(true, SeqCst);
+        assert!(!b.wait(&stop));
+    }
+}

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Checks deploy/: the unit template passes `systemd-analyze verify` (as the
+# instance splitmirror@vol0.service), and install.sh stages a complete tree
+# under DESTDIR. Fails loudly when systemd-analyze is missing: a skipped
+# check would look like a passed one.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+UNIT=$REPO/deploy/splitmirror@.service
+
+command -v systemd-analyze >/dev/null 2>&1 || {
+  echo "deploy: FAIL: systemd-analyze not found (apt-get install systemd)" >&2; exit 1; }
+
+T=$(mktemp -d "${TMPDIR:-/tmp}/splitmirror-deploy.XXXXXX")
+trap 'rm -rf "$T"' EXIT
+fail() { echo "deploy: FAIL: $*" >&2; exit 1; }
+
+# verify checks that ExecStart's binary exists: point it at a stand-in.
+mkdir -p "$T/bin" "$T/units"
+printf '#!/bin/sh\nexit 0\n' >"$T/bin/splitmirror"; chmod 755 "$T/bin/splitmirror"
+grep -q '^ExecStart=/usr/local/bin/splitmirror run -c /etc/splitmirror/%i.yaml$' "$UNIT" \
+  || fail "ExecStart is not '/usr/local/bin/splitmirror run -c /etc/splitmirror/%i.yaml'"
+sed "s|/usr/local/bin/splitmirror|$T/bin/splitmirror|" "$UNIT" >"$T/units/splitmirror@vol0.service"
+
+echo "== systemd-analyze verify splitmirror@vol0.service"
+# --man=no: Documentation= links are not checked against installed man pages.
+# Every message about our unit counts as a failure (verify exits 0 on some
+# warnings, e.g. unknown keys); messages about the host's own units do not.
+out=$(cd "$T/units" && SYSTEMD_LOG_LEVEL=warning systemd-analyze verify --man=no ./splitmirror@vol0.service 2>&1) \
+  || { echo "$out"; fail "systemd-analyze verify exited non-zero"; }
+[ -n "$out" ] && echo "$out"
+if echo "$out" | grep -q 'splitmirror'; then fail "systemd-analyze verify complained about the unit"; fi
+
+echo "== unit properties"
+# the properties the design depends on (see comments in the unit)
+for want in 'Type=notify' 'Restart=on-failure' 'DefaultDependencies=no' 'Before=local-fs-pre.target' \
+            'LimitMEMLOCK=infinity' 'ProtectSystem=strict' 'RestrictAddressFamilies=AF_UNIX' \
+            'NoNewPrivileges=yes' 'ProtectHome=yes' 'PrivateTmp=yes' 'RuntimeDirectory=splitmirror'; do
+  grep -qx "$want" "$UNIT" || fail "unit lacks '$want'"
+done
+# these would hide or block the block devices and /dev/ublk*
+for bad in PrivateDevices DevicePolicy DeviceAllow ProtectClock; do
+  if grep -q "^$bad=" "$UNIT"; then fail "unit sets $bad=, which blocks access to the disks or ublk devices"; fi
+done
+echo "ok"
+
+echo "== install.sh into DESTDIR"
+DESTDIR=$T/root "$REPO/deploy/install.sh" --binary "$T/bin/splitmirror" >/dev/null
+for f in usr/local/bin/splitmirror etc/systemd/system/splitmirror@.service \
+         etc/modules-load.d/splitmirror.conf etc/splitmirror/example.yaml; do
+  [ -s "$T/root/$f" ] || fail "install.sh did not install /$f"
+done
+[ -x "$T/root/usr/local/bin/splitmirror" ] || fail "installed binary is not executable"
+[ "$(stat -c %a "$T/root/var/lib/splitmirror")" = 700 ] || fail "/var/lib/splitmirror is not mode 0700"
+grep -qx ublk_drv "$T/root/etc/modules-load.d/splitmirror.conf" || fail "modules-load.d does not load ublk_drv"
+cmp -s "$UNIT" "$T/root/etc/systemd/system/splitmirror@.service" || fail "installed unit differs from deploy/"
+echo "ok"
+
+echo "== example.yaml keys"
+# only keys of the config contract (unknown keys are an error at run time)
+bad=$(sed -n 's/^\([a-z_]*\):.*/\1/p' "$REPO/deploy/example.yaml" \
+      | grep -vxE 'name|primary|secondary|metadata|track_size|ublk|restore|control' || true)
+[ -z "$bad" ] || fail "example.yaml has unknown top-level keys: $bad"
+echo "ok"
+echo "deploy: all checks passed"

@@ -636,13 +636,13 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 
 fn de_track_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let v = de_size(d)?;
-    check_track_size(v).map_err(de::Error::custom)?;
+    check_track_size(v).map_err(|m| de::Error::custom(format!("track_size: {m}")))?;
     Ok(v)
 }
 
 fn de_max_io<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let v = de_size(d)?;
-    check_max_io(v).map_err(de::Error::custom)?;
+    check_max_io(v).map_err(|m| de::Error::custom(format!("ublk.max_io: {m}")))?;
     Ok(v as u32)
 }
 
@@ -650,27 +650,28 @@ fn de_max_io<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 /// message rather than serde's "expected u32".
 fn de_int<'de, D: Deserializer<'de>>(
     d: D,
+    key: &str,
     check: fn(i64) -> Result<(), String>,
 ) -> Result<i64, D::Error> {
     let v = i64::deserialize(d)?;
-    check(v).map_err(de::Error::custom)?;
+    check(v).map_err(|m| de::Error::custom(format!("{key}: {m}")))?;
     Ok(v)
 }
 
 fn de_ublk_id<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
-    Ok(de_int(d, check_ublk_id)? as i32)
+    Ok(de_int(d, "ublk.id", check_ublk_id)? as i32)
 }
 fn de_queues<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    Ok(de_int(d, check_queues)? as u32)
+    Ok(de_int(d, "ublk.queues", check_queues)? as u32)
 }
 fn de_depth<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    Ok(de_int(d, check_depth)? as u32)
+    Ok(de_int(d, "ublk.depth", check_depth)? as u32)
 }
 fn de_batch<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    Ok(de_int(d, check_copy_tracks)? as u32)
+    Ok(de_int(d, "restore.batch", check_copy_tracks)? as u32)
 }
 fn de_max_inflight<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    Ok(de_int(d, check_copy_tracks)? as u32)
+    Ok(de_int(d, "restore.max_inflight", check_copy_tracks)? as u32)
 }
 
 fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {

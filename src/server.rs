@@ -8,11 +8,11 @@
 //! committer; the control listener.
 
 use crate::blocking::{BlockingBackend, TokenBucket};
-use crate::config::{self, Config};
+use crate::config::Config;
 use crate::control::{self, ControlTarget, OperationStatus, Status, VerifyReport};
 use crate::core::{Command, Geometry, Volume};
 use crate::device::Devices;
-use crate::engine::{self, EngineConfig, OnError};
+use crate::engine::{self, EngineConfig};
 use crate::error::{Error, Result};
 use crate::metadata::{CommitHandle, Committer, MetadataStore};
 use crate::ublk::{self, DeviceParams, QueueCtx};
@@ -41,11 +41,6 @@ pub fn format(cfg: &Config, assume_clean: bool, force: bool) -> Result<()> {
 
 /// `splitmirror run`: serves the device until SIGINT/SIGTERM.
 pub fn run(cfg: &Config) -> Result<()> {
-    if !Path::new(UBLK_CONTROL).exists() {
-        return Err(Error::runtime(format!(
-            "{UBLK_CONTROL} not found: load the ublk driver with `modprobe ublk_drv`"
-        )));
-    }
     // Before any thread exists, so that every thread inherits the mask and
     // the main thread alone takes the signals, when it is ready to.
     let signals = shutdown_signals();
@@ -55,6 +50,13 @@ pub fn run(cfg: &Config) -> Result<()> {
 
     let devs = Arc::new(Devices::open(cfg)?);
     let (store, vol) = MetadataStore::open(&cfg.metadata, &devs.binding(cfg.track_size))?;
+    // Checked after the devices and the metadata, so that a config or
+    // metadata problem is reported as such even on a host without the driver.
+    if !Path::new(UBLK_CONTROL).exists() {
+        return Err(Error::runtime(format!(
+            "{UBLK_CONTROL} not found: load the ublk driver with `modprobe ublk_drv`"
+        )));
+    }
     let vol = Arc::new(vol);
     let flush_devs = devs.clone();
     let committer = Committer::start(
@@ -200,10 +202,7 @@ impl Server {
         EngineConfig {
             batch,
             max_io: u64::from(self.cfg.ublk.max_io).max(self.cfg.track_size),
-            on_error: match r.on_error {
-                config::OnError::Pause => OnError::Pause,
-                config::OnError::Skip => OnError::Skip,
-            },
+            ..EngineConfig::from_restore(r)
         }
     }
 

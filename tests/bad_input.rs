@@ -23,8 +23,17 @@ impl Fixture {
     /// Two 4 MiB data files, a formatted metadata file and a config.
     fn formatted() -> Self {
         let f = Self::unformatted();
-        let o = f.run(&["format", "-c", f.config().to_str().unwrap(), "--assume-clean"]);
-        assert!(o.status.success(), "format: {}", String::from_utf8_lossy(&o.stderr));
+        let o = f.run(&[
+            "format",
+            "-c",
+            f.config().to_str().unwrap(),
+            "--assume-clean",
+        ]);
+        assert!(
+            o.status.success(),
+            "format: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         f
     }
 
@@ -86,13 +95,24 @@ impl Fixture {
         let before = self.hashes();
         let o = self.run(args);
         let err = String::from_utf8_lossy(&o.stderr).to_string();
-        assert_eq!(o.status.code(), Some(code), "{args:?}: exit code; stderr: {err}");
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "{args:?}: exit code; stderr: {err}"
+        );
         let lines = err.lines().filter(|l| !l.trim().is_empty()).count();
-        assert!((1..=3).contains(&lines), "{args:?}: want 1-3 stderr lines, got: {err}");
+        assert!(
+            (1..=3).contains(&lines),
+            "{args:?}: want 1-3 stderr lines, got: {err}"
+        );
         for bad in ["panicked", "backtrace", "RUST_BACKTRACE"] {
             assert!(!err.contains(bad), "{args:?}: {bad} in stderr: {err}");
         }
-        assert_eq!(before, self.hashes(), "{args:?}: a device or metadata file changed");
+        assert_eq!(
+            before,
+            self.hashes(),
+            "{args:?}: a device or metadata file changed"
+        );
         err
     }
 
@@ -118,7 +138,10 @@ fn format_refuses(extra: &str, needle: &str) {
     f.write_config(extra);
     let c = f.config();
     let err = f.refuses(&["format", "-c", c.to_str().unwrap(), "--force"], 2);
-    assert!(err.to_lowercase().contains(needle), "want {needle:?} in: {err}");
+    assert!(
+        err.to_lowercase().contains(needle),
+        "want {needle:?} in: {err}"
+    );
 }
 
 #[test]
@@ -132,21 +155,45 @@ fn missing_config_file() {
 fn empty_config_file() {
     let f = Fixture::formatted();
     std::fs::write(f.path("empty.yaml"), "").unwrap();
-    f.refuses(&["format", "-c", f.path("empty.yaml").to_str().unwrap(), "--force"], 2);
+    f.refuses(
+        &[
+            "format",
+            "-c",
+            f.path("empty.yaml").to_str().unwrap(),
+            "--force",
+        ],
+        2,
+    );
 }
 
 #[test]
 fn unparsable_config_file() {
     let f = Fixture::formatted();
     std::fs::write(f.path("bad.yaml"), "name: [unclosed\n  primary: :\n").unwrap();
-    f.refuses(&["format", "-c", f.path("bad.yaml").to_str().unwrap(), "--force"], 2);
+    f.refuses(
+        &[
+            "format",
+            "-c",
+            f.path("bad.yaml").to_str().unwrap(),
+            "--force",
+        ],
+        2,
+    );
 }
 
 #[test]
 fn config_path_is_a_directory() {
     let f = Fixture::formatted();
     std::fs::create_dir(f.path("cfgdir")).unwrap();
-    f.refuses(&["format", "-c", f.path("cfgdir").to_str().unwrap(), "--force"], 2);
+    f.refuses(
+        &[
+            "format",
+            "-c",
+            f.path("cfgdir").to_str().unwrap(),
+            "--force",
+        ],
+        2,
+    );
 }
 
 #[test]
@@ -157,7 +204,9 @@ fn unknown_key() {
 #[test]
 fn bad_name() {
     let f = Fixture::formatted();
-    let text = std::fs::read_to_string(f.config()).unwrap().replace("name: vol0", "name: Vol 0!");
+    let text = std::fs::read_to_string(f.config())
+        .unwrap()
+        .replace("name: vol0", "name: Vol 0!");
     std::fs::write(f.config(), text).unwrap();
     let c = f.config();
     let err = f.refuses(&["format", "-c", c.to_str().unwrap(), "--force"], 2);
@@ -177,26 +226,41 @@ fn bad_size_value() {
 #[test]
 fn track_size_not_power_of_two() {
     let f = Fixture::formatted();
-    let text = std::fs::read_to_string(f.config()).unwrap().replace("64KiB", "96KiB");
+    let text = std::fs::read_to_string(f.config())
+        .unwrap()
+        .replace("64KiB", "96KiB");
     std::fs::write(f.config(), text).unwrap();
-    let err = f.refuses(&["format", "-c", f.config().to_str().unwrap(), "--force"], 2);
+    let err = f.refuses(
+        &["format", "-c", f.config().to_str().unwrap(), "--force"],
+        2,
+    );
     assert!(err.contains("track_size"), "{err}");
 }
 
 #[test]
 fn track_size_too_small() {
     let f = Fixture::formatted();
-    let text = std::fs::read_to_string(f.config()).unwrap().replace("64KiB", "2KiB");
+    let text = std::fs::read_to_string(f.config())
+        .unwrap()
+        .replace("64KiB", "2KiB");
     std::fs::write(f.config(), text).unwrap();
-    f.refuses(&["format", "-c", f.config().to_str().unwrap(), "--force"], 2);
+    f.refuses(
+        &["format", "-c", f.config().to_str().unwrap(), "--force"],
+        2,
+    );
 }
 
 #[test]
 fn track_size_too_large() {
     let f = Fixture::formatted();
-    let text = std::fs::read_to_string(f.config()).unwrap().replace("64KiB", "32MiB");
+    let text = std::fs::read_to_string(f.config())
+        .unwrap()
+        .replace("64KiB", "32MiB");
     std::fs::write(f.config(), text).unwrap();
-    f.refuses(&["format", "-c", f.config().to_str().unwrap(), "--force"], 2);
+    f.refuses(
+        &["format", "-c", f.config().to_str().unwrap(), "--force"],
+        2,
+    );
 }
 
 #[test]
@@ -228,8 +292,14 @@ fn bad_on_error_value() {
 fn same_device_twice() {
     let f = Fixture::formatted();
     f.write_config_with("primary.img", "primary.img", "vol.meta", "");
-    let err = f.refuses(&["format", "-c", f.config().to_str().unwrap(), "--force"], 2);
-    assert!(err.contains("primary") && err.contains("secondary"), "{err}");
+    let err = f.refuses(
+        &["format", "-c", f.config().to_str().unwrap(), "--force"],
+        2,
+    );
+    assert!(
+        err.contains("primary") && err.contains("secondary"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -237,7 +307,10 @@ fn same_device_through_a_symlink() {
     let f = Fixture::formatted();
     std::os::unix::fs::symlink(f.path("primary.img"), f.path("alias.img")).unwrap();
     f.write_config_with("primary.img", "alias.img", "vol.meta", "");
-    f.refuses(&["format", "-c", f.config().to_str().unwrap(), "--force"], 2);
+    f.refuses(
+        &["format", "-c", f.config().to_str().unwrap(), "--force"],
+        2,
+    );
 }
 
 #[test]
@@ -245,7 +318,10 @@ fn secondary_smaller_than_primary() {
     let f = Fixture::formatted();
     f.data_file("small.img", 2 * MIB);
     f.write_config_with("primary.img", "small.img", "vol.meta", "");
-    let err = f.refuses(&["format", "-c", f.config().to_str().unwrap(), "--force"], 2);
+    let err = f.refuses(
+        &["format", "-c", f.config().to_str().unwrap(), "--force"],
+        2,
+    );
     assert!(err.contains("smaller"), "{err}");
 }
 
@@ -253,7 +329,10 @@ fn secondary_smaller_than_primary() {
 fn metadata_on_a_data_device() {
     let f = Fixture::formatted();
     f.write_config_with("primary.img", "secondary.img", "primary.img", "");
-    f.refuses(&["format", "-c", f.config().to_str().unwrap(), "--force"], 2);
+    f.refuses(
+        &["format", "-c", f.config().to_str().unwrap(), "--force"],
+        2,
+    );
 }
 
 #[test]
@@ -261,14 +340,20 @@ fn metadata_on_a_data_device_through_a_symlink() {
     let f = Fixture::formatted();
     std::os::unix::fs::symlink(f.path("secondary.img"), f.path("meta-link")).unwrap();
     f.write_config_with("primary.img", "secondary.img", "meta-link", "");
-    f.refuses(&["format", "-c", f.config().to_str().unwrap(), "--force"], 2);
+    f.refuses(
+        &["format", "-c", f.config().to_str().unwrap(), "--force"],
+        2,
+    );
 }
 
 #[test]
 fn missing_primary_device() {
     let f = Fixture::formatted();
     f.write_config_with("gone.img", "secondary.img", "vol.meta", "");
-    let err = f.refuses(&["format", "-c", f.config().to_str().unwrap(), "--force"], 2);
+    let err = f.refuses(
+        &["format", "-c", f.config().to_str().unwrap(), "--force"],
+        2,
+    );
     assert!(err.contains("gone.img"), "{err}");
 }
 
@@ -311,7 +396,9 @@ fn run_with_foreign_metadata() {
 fn run_with_metadata_of_other_devices() {
     let f = Fixture::formatted();
     // Same files, but a different track size than the metadata records.
-    let text = std::fs::read_to_string(f.config()).unwrap().replace("64KiB", "128KiB");
+    let text = std::fs::read_to_string(f.config())
+        .unwrap()
+        .replace("64KiB", "128KiB");
     std::fs::write(f.config(), text).unwrap();
     let err = f.refuses(&["run", "-c", f.config().to_str().unwrap()], 2);
     assert!(err.contains("track"), "{err}");
@@ -367,5 +454,8 @@ fn verify_without_server() {
 fn unknown_command_and_flag() {
     let f = Fixture::formatted();
     f.refuses(&["frobnicate"], 2);
-    f.refuses(&["restore", "--sideways", "-c", f.config().to_str().unwrap()], 2);
+    f.refuses(
+        &["restore", "--sideways", "-c", f.config().to_str().unwrap()],
+        2,
+    );
 }

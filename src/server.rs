@@ -12,10 +12,13 @@ use crate::config::Config;
 use crate::control::{self, ControlTarget, OperationStatus, Status, VerifyReport};
 use crate::core::{Command, Geometry, Volume};
 use crate::device::Devices;
-use crate::engine::{self, EngineConfig};
+use crate::engine::{self, EngineConfig, RunReport};
 use crate::error::{Error, Result};
+use crate::hostpath::HostLoad;
 use crate::metadata::{CommitHandle, Committer, MetadataStore};
+use crate::metrics::{self, Metrics};
 use crate::ublk::{self, DeviceParams, QueueCtx};
+use crate::uring::{UringBackend, UringOptions};
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::Path;
@@ -27,6 +30,9 @@ use std::time::{Duration, Instant};
 const UBLK_CONTROL: &str = "/dev/ublk-control";
 /// How often the committer commits unasked (lazy write-intent clearing).
 const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a copy paused by a read error (`on_error: pause`) waits before
+/// it tries again.
+const PAUSE_RETRY: Duration = Duration::from_secs(30);
 /// The window over which copy speed is measured for `status`.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 
@@ -80,7 +86,35 @@ pub fn run(cfg: &Config) -> Result<()> {
         commands: Mutex::new(()),
         rate: Mutex::new(RateMeter::default()),
         engine: Mutex::new(None),
+        load: Arc::new(HostLoad::default()),
+        metrics: Arc::new(Metrics::default()),
+        op_started: Mutex::new(Instant::now()),
     });
+    log::info!(
+        "volume {}: {} ({} tracks of {} bytes){}",
+        cfg.name,
+        vol.state(),
+        vol.geometry().tracks(),
+        vol.geometry().track_size(),
+        vol.operation()
+            .map(|op| format!(
+                ", resuming {:?} with {} tracks to copy",
+                op.kind,
+                vol.copy_remaining()
+            ))
+            .unwrap_or_default()
+    );
+    let _metrics_server = match cfg.metrics.listen.as_str() {
+        "" => None,
+        addr => {
+            let s = server.clone();
+            Some(metrics::serve(
+                addr,
+                server.metrics.clone(),
+                Arc::new(move || s.status()),
+            )?)
+        }
+    };
     let engine = {
         let s = server.clone();
         thread::Builder::new()
@@ -103,6 +137,8 @@ pub fn run(cfg: &Config) -> Result<()> {
             vol: vol.clone(),
             fds: [devs.primary.fd(), devs.secondary.fd()],
             commit: commit.clone(),
+            load: server.load.clone(),
+            metrics: server.metrics.clone(),
         };
         let s = server.clone();
         let r = ublk::serve(params, ctx, move |ctrl| {
@@ -177,6 +213,12 @@ struct Server {
     commands: Mutex<()>,
     rate: Mutex<RateMeter>,
     engine: Mutex<Option<thread::Thread>>,
+    /// Host requests in flight, shared with the ublk queues: the copy
+    /// engine copies fewer tracks at once while the host is busy.
+    load: Arc<HostLoad>,
+    metrics: Arc<Metrics>,
+    /// When the running operation started, for its end-of-operation log line.
+    op_started: Mutex<Instant>,
 }
 
 impl Server {
@@ -206,49 +248,97 @@ impl Server {
         }
     }
 
-    /// The copy engine: copies while the state has something to copy, ends
-    /// the operation when nothing is left, and sleeps otherwise.
+    /// The copy engine: copies while the state has something to copy (the
+    /// running operation ends itself when nothing is left), and sleeps
+    /// otherwise. Copies run on an io_uring of their own; a host without
+    /// io_uring falls back to blocking I/O.
     fn engine_loop(&self) {
-        let b = self.backend();
         let ecfg = self.engine_config();
-        let mut bucket = TokenBucket::new(self.cfg.restore.rate_limit);
-        let vol = &*self.vol;
+        let opts = UringOptions {
+            pool_buffers: ecfg.max_inflight,
+            buffer_size: self.cfg.track_size as usize,
+            ..Default::default()
+        };
+        let (c1, c2) = (self.commit.clone(), self.commit.clone());
+        match UringBackend::new(self.devs.primary.fd(), self.devs.secondary.fd(), opts) {
+            Ok(b) => {
+                let b = b
+                    .with_commit(move || c1.request())
+                    .with_commit_failed(move || c2.failed().is_some());
+                self.copy_until_stopped(&ecfg, |cfg| {
+                    b.block_on(engine::run_copies(
+                        &self.vol, &b, cfg, &self.stop, &self.load,
+                    ))
+                });
+            }
+            Err(e) => {
+                log::warn!("io_uring unavailable for the copy engine ({e}); using blocking I/O");
+                let b = self.backend();
+                self.copy_until_stopped(&ecfg, |cfg| {
+                    smol::block_on(engine::run_copies(
+                        &self.vol, &b, cfg, &self.stop, &self.load,
+                    ))
+                });
+            }
+        }
+    }
+
+    fn copy_until_stopped(
+        &self,
+        ecfg: &EngineConfig,
+        mut run: impl FnMut(&EngineConfig) -> std::io::Result<RunReport>,
+    ) {
         while !self.stop.load(SeqCst) {
             if self.paused.load(SeqCst) {
-                thread::park_timeout(Duration::from_secs(1));
+                // on_error: pause. Try again now and then: a transient error
+                // (a cable, a path failover) must not need an operator.
+                thread::park_timeout(PAUSE_RETRY);
+                self.paused.store(false, SeqCst);
                 continue;
             }
-            if vol.copy_remaining() > 0 {
-                if !bucket.wait(&self.stop) {
-                    break;
-                }
-                let started = Instant::now();
-                let r = smol::block_on(engine::copy_batch(vol, &b, &ecfg));
-                bucket.spend(r.bytes);
-                self.rate.lock().unwrap().record(started, r.bytes);
-                if !r.errors.is_empty() {
-                    let mut errs = self.errors.lock().unwrap();
-                    for e in &r.errors {
-                        let what = if e.skipped { "skipped" } else { "copy paused" };
-                        log::error!("copying track {}: {} ({what})", e.track, e.message);
-                        errs.push(format!("track {}: {} ({what})", e.track, e.message));
-                    }
-                    if r.errors.iter().any(|e| !e.skipped) {
-                        self.paused.store(true, SeqCst);
-                    }
-                } else if r.tracks == 0 {
-                    // Every remaining track is held by host writes for now.
-                    thread::sleep(Duration::from_millis(1));
-                }
-            } else if vol.state().copy_kind().is_some() {
-                let _g = self.commands.lock().unwrap();
-                if let Err(e) = smol::block_on(engine::complete_if_done(vol, &b)) {
-                    log::error!("ending the copy operation: {e}");
+            if self.vol.state().copy_kind().is_none() {
+                thread::park_timeout(Duration::from_millis(200));
+                continue;
+            }
+            let kind = self.vol.operation().map(|op| op.kind);
+            match run(ecfg) {
+                Ok(report) => self.after_copies(kind, &report),
+                Err(e) => {
+                    log::error!("copy engine: {e}");
                     thread::park_timeout(Duration::from_secs(1));
                 }
-            } else {
-                thread::park_timeout(Duration::from_millis(200));
             }
+        }
+    }
+
+    /// Records what a `run_copies` call did: errors for `status`, metrics,
+    /// and one log line per operation that ended.
+    fn after_copies(&self, kind: Option<crate::core::OperationKind>, r: &RunReport) {
+        self.metrics
+            .copied(r.tracks, r.bytes, r.errors.len() as u64);
+        if !r.errors.is_empty() {
+            let mut errs = self.errors.lock().unwrap();
+            for e in &r.errors {
+                let what = if e.skipped { "skipped" } else { "copy paused" };
+                log::error!("copying track {}: {} ({what})", e.track, e.message);
+                errs.push(format!("track {}: {} ({what})", e.track, e.message));
+            }
+        }
+        if r.paused {
+            self.paused.store(true, SeqCst);
+        }
+        if r.completed > 0 {
+            let mut started = self.op_started.lock().unwrap();
+            log::info!(
+                "{} finished: {} tracks ({} bytes) copied in {:.1}s, {} errors; volume {}",
+                kind.map_or("copy".into(), |k| format!("{k:?}").to_lowercase()),
+                r.tracks,
+                r.bytes,
+                started.elapsed().as_secs_f64(),
+                r.errors.len(),
+                self.vol.state()
+            );
+            *started = Instant::now();
         }
     }
 }
@@ -261,7 +351,7 @@ impl ControlTarget for Server {
         let operation = vol.operation().map(|op| {
             let remaining = vol.copy_remaining();
             let done = op.total.saturating_sub(remaining);
-            let bps = self.rate.lock().unwrap().bytes_per_sec();
+            let bps = self.rate.lock().unwrap().sample(done * g.track_size());
             let left_bytes = remaining * g.track_size();
             OperationStatus {
                 kind: format!("{:?}", op.kind).to_lowercase(),
@@ -303,7 +393,15 @@ impl ControlTarget for Server {
         let b = self.backend();
         smol::block_on(engine::transition(&self.vol, &b, |v| v.apply(cmd)))
             .map_err(|e| Error::runtime(format!("{} failed: {e}", cmd.name())))??;
-        log::info!("{} done: volume {}", cmd.name(), self.vol.state());
+        let op = self.vol.operation();
+        log::info!(
+            "{} done: volume {}{}",
+            cmd.name(),
+            self.vol.state(),
+            op.map(|o| format!(", {} tracks to copy", o.total))
+                .unwrap_or_default()
+        );
+        *self.op_started.lock().unwrap() = Instant::now();
         // A new operation starts with a clean slate.
         self.errors.lock().unwrap().clear();
         *self.rate.lock().unwrap() = RateMeter::default();
@@ -370,37 +468,35 @@ impl ControlTarget for Server {
     }
 }
 
-/// Copy speed over the last [`RATE_WINDOW`].
+/// Copy speed over the last [`RATE_WINDOW`], from samples of the running
+/// operation's progress taken whenever `status` is asked (by `wait`, a
+/// metrics scrape, an operator).
 #[derive(Default)]
 struct RateMeter {
-    /// (batch start, bytes copied by the batch)
-    batches: VecDeque<(Instant, u64)>,
+    /// (when, bytes done by the operation then)
+    samples: VecDeque<(Instant, u64)>,
 }
 
 impl RateMeter {
-    fn record(&mut self, started: Instant, bytes: u64) {
-        self.batches.push_back((started, bytes));
-        self.prune(Instant::now());
-    }
-
-    fn prune(&mut self, now: Instant) {
-        while self
-            .batches
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
-        {
-            self.batches.pop_front();
-        }
-    }
-
-    fn bytes_per_sec(&mut self) -> u64 {
+    fn sample(&mut self, done_bytes: u64) -> u64 {
         let now = Instant::now();
-        self.prune(now);
-        let Some((first, _)) = self.batches.front() else {
+        if self.samples.back().is_some_and(|(_, b)| *b > done_bytes) {
+            self.samples.clear(); // a new operation started
+        }
+        self.samples.push_back((now, done_bytes));
+        while self.samples.len() > 2
+            && self
+                .samples
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        let (t0, b0) = self.samples[0];
+        let secs = now.duration_since(t0).as_secs_f64();
+        if secs < 0.05 {
             return 0;
-        };
-        let secs = now.duration_since(*first).as_secs_f64().max(0.001);
-        let bytes: u64 = self.batches.iter().map(|(_, b)| b).sum();
-        (bytes as f64 / secs) as u64
+        }
+        ((done_bytes - b0) as f64 / secs) as u64
     }
 }

@@ -3,8 +3,9 @@
 //! the host path over the queue's own io_uring.
 
 use crate::core::{Dev, Volume};
-use crate::hostpath::{self, Backend};
+use crate::hostpath::{self, Backend, HostLoad};
 use crate::metadata::CommitHandle;
+use crate::metrics::{HostOp, Metrics};
 use io_uring::{opcode, types};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::helpers::IoBuf;
@@ -39,6 +40,9 @@ pub struct QueueCtx {
     /// for as long as the device exists.
     pub fds: [RawFd; 2],
     pub commit: CommitHandle,
+    /// Host requests in flight: the copy engine backs off while there are.
+    pub load: Arc<HostLoad>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Creates and starts the device, calls `started` once it is usable (on
@@ -117,6 +121,8 @@ fn queue_thread(qid: u16, dev: &UblkDev, ctx: QueueCtx) {
     let backend = Rc::new(RingBackend {
         fds: ctx.fds,
         commit: ctx.commit.clone(),
+        load: ctx.load.clone(),
+        metrics: ctx.metrics.clone(),
     });
     let mut tasks = Vec::new();
     for tag in q.tags() {
@@ -163,6 +169,13 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, vol: &Volume, b: &RingBackend, buf:
     let offset = iod.start_sector << 9;
     let len = (iod.nr_sectors as usize) << 9;
     let in_range = len <= buf.len() && vol.geometry().contains(offset, len as u64);
+    let _busy = b.load.enter();
+    let started = std::time::Instant::now();
+    let kind = match op {
+        sys::UBLK_IO_OP_READ => HostOp::Read,
+        sys::UBLK_IO_OP_WRITE => HostOp::Write,
+        _ => HostOp::Flush,
+    };
     let res = match op {
         sys::UBLK_IO_OP_READ if in_range => hostpath::read(vol, b, offset, &mut buf[..len]).await,
         sys::UBLK_IO_OP_WRITE if in_range => {
@@ -174,6 +187,8 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, vol: &Volume, b: &RingBackend, buf:
         // Discard and write-zeroes are not advertised.
         _ => return -libc::EOPNOTSUPP,
     };
+    b.metrics
+        .host(kind, len as u64, started.elapsed(), res.is_ok());
     match res {
         Ok(()) => len as i32,
         Err(e) => {
@@ -188,6 +203,8 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, vol: &Volume, b: &RingBackend, buf:
 struct RingBackend {
     fds: [RawFd; 2],
     commit: CommitHandle,
+    load: Arc<HostLoad>,
+    metrics: Arc<Metrics>,
 }
 
 impl RingBackend {

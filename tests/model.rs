@@ -11,8 +11,8 @@
 //!   secondary equals it too (established) or still holds the split image
 //!   (split, after a protected restore).
 //!
-//! `SPLITMIRROR_MODEL_SEEDS=N` runs more seeds; `SPLITMIRROR_MODEL_SEED=n`
-//! reruns one.
+//! `PROPTEST_CASES=N` runs more cases; `SPLITMIRROR_MODEL_SEED=n` reruns
+//! the seed a failure printed.
 
 mod common;
 
@@ -318,43 +318,49 @@ impl Model {
     }
 }
 
-fn seeds(default: u64) -> Vec<u64> {
-    if let Ok(s) = std::env::var("SPLITMIRROR_MODEL_SEED") {
-        return vec![s.parse().expect("SPLITMIRROR_MODEL_SEED must be a number")];
+proptest::proptest! {
+    // Cases: PROPTEST_CASES (default 256). A failure prints the seed; rerun
+    // it alone with SPLITMIRROR_MODEL_SEED.
+    #![proptest_config(proptest::test_runner::Config {
+        failure_persistence: None,
+        ..Default::default()
+    })]
+
+    #[test]
+    fn model_random_io_commands_and_copies_match_the_model(seed in proptest::prelude::any::<u64>()) {
+        Model::new(seed_or_override(seed)).run(300);
     }
-    let n = std::env::var("SPLITMIRROR_MODEL_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default);
-    (0..n).collect()
+
+    #[test]
+    fn model_restore_heavy_interleavings(seed in proptest::prelude::any::<u64>()) {
+        restore_heavy(seed_or_override(seed));
+    }
 }
 
-#[test]
-fn model_random_io_commands_and_copies_match_the_model() {
-    for seed in seeds(400) {
-        Model::new(seed).run(300);
+/// Split first so that most of the run is a restore of a diverged volume.
+fn restore_heavy(seed: u64) {
+    let mut m = Model::new(seed);
+    m.drain();
+    m.h.command(Command::Split).unwrap();
+    m.split_image = Some(m.bytes.clone());
+    for _ in 0..30 {
+        m.start_io();
     }
+    m.drain();
+    let cmd = Command::Restore {
+        incremental: m.rng.bool(),
+        protect: m.rng.bool(),
+    };
+    m.h.command(cmd).unwrap();
+    m.bytes = m.split_image.clone().unwrap();
+    m.restore_mark = Some(m.h.disks.secondary_written.get());
+    m.run(200);
 }
 
-#[test]
-fn model_restore_heavy_interleavings() {
-    // Split first so that most commands are restores of a diverged volume.
-    for seed in seeds(200) {
-        let mut m = Model::new(seed + 1_000_000);
-        m.drain();
-        m.h.command(Command::Split).unwrap();
-        m.split_image = Some(m.bytes.clone());
-        for _ in 0..30 {
-            m.start_io();
-        }
-        m.drain();
-        let cmd = Command::Restore {
-            incremental: m.rng.bool(),
-            protect: m.rng.bool(),
-        };
-        m.h.command(cmd).unwrap();
-        m.bytes = m.split_image.clone().unwrap();
-        m.restore_mark = Some(m.h.disks.secondary_written.get());
-        m.run(200);
-    }
+/// `SPLITMIRROR_MODEL_SEED=n` replaces every generated seed by `n`, to rerun
+/// the seed a failure printed.
+fn seed_or_override(seed: u64) -> u64 {
+    std::env::var("SPLITMIRROR_MODEL_SEED")
+        .map(|s| s.parse().expect("SPLITMIRROR_MODEL_SEED must be a number"))
+        .unwrap_or(seed)
 }

@@ -307,6 +307,8 @@ fn status_rows(st: &Status) -> Vec<(&'static str, String)> {
         ("Name", st.name.clone()),
         ("Device", st.device.clone().unwrap_or_else(|| "-".into())),
         ("State", st.state.clone()),
+        ("Primary", st.primary.clone()),
+        ("Secondary", st.secondary.clone()),
         ("Track Size", human_bytes(st.track_size)),
         (
             "Tracks",
@@ -605,6 +607,8 @@ mod tests {
         Status {
             name: "vol0".into(),
             device: Some("/dev/ublkb0".into()),
+            primary: "/dev/a".into(),
+            secondary: "/dev/b".into(),
             state: "restoring".into(),
             track_size: 128 << 10,
             tracks: 8192,

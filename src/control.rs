@@ -43,6 +43,12 @@ const ACCEPT_POLL_MS: i32 = 100;
 pub struct Status {
     pub name: String,
     pub device: Option<String>,
+    /// The primary and secondary as configured (an extension of the
+    /// contract's fields, for the human `status`).
+    #[serde(default)]
+    pub primary: String,
+    #[serde(default)]
+    pub secondary: String,
     pub state: String,
     pub track_size: u64,
     pub tracks: u64,

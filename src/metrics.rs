@@ -324,6 +324,8 @@ mod tests {
         Status {
             name: "vol0".into(),
             device: None,
+            primary: "/dev/a".into(),
+            secondary: "/dev/b".into(),
             state: "restoring".into(),
             track_size: 131072,
             tracks: 10,

@@ -375,6 +375,8 @@ impl ControlTarget for Server {
         Status {
             name: self.cfg.name.clone(),
             device: self.device.lock().unwrap().clone(),
+            primary: self.cfg.primary.display().to_string(),
+            secondary: self.cfg.secondary.display().to_string(),
             state: vol.state().name().to_string(),
             track_size: g.track_size(),
             tracks: g.tracks(),

@@ -265,6 +265,8 @@ impl Fake {
             status: Mutex::new(Status {
                 name: "vol0".into(),
                 device: Some("/dev/ublkb7".into()),
+                primary: "/dev/a".into(),
+                secondary: "/dev/b".into(),
                 state: state.into(),
                 track_size: 128 << 10,
                 tracks: 8192,

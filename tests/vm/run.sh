@@ -82,6 +82,8 @@ else
     || { tail -n 40 "$LOGDIR/build.log"; setup_fail "cargo build failed (full log: $LOGDIR/build.log)"; }
   BIN="${CARGO_TARGET_DIR:-$REPO/target}/x86_64-unknown-linux-gnu/release/splitmirror"
   [ -x "$BIN" ] || setup_fail "build produced no $BIN"
+  # the VM has no Rust runtime libraries: +crt-static must have worked
+  if ldd "$BIN" 2>/dev/null | grep -q '=>'; then setup_fail "$BIN is not statically linked (crt-static ignored?)"; fi
   log "vm: built in $((SECONDS - t0))s"
 fi
 
@@ -359,11 +361,11 @@ fi
 
 KERNEL=$KDIR/vmlinuz
 
+# extra qemu arguments, split on blanks (e.g. "-d guest_errors")
+read -r -a QEMU_EXTRA <<<"${SPLITMIRROR_VM_QEMU_ARGS:-}"
 # qboot (qemu-system-data) only jumps to the kernel: no option ROMs, no boot
 # menu, and it loads the initrd by DMA; with -nic none (no iPXE ROM) and
 # -vga none a boot is ~2 s shorter than with SeaBIOS (see README.md).
-# extra qemu arguments, split on blanks (e.g. "-d guest_errors")
-read -r -a QEMU_EXTRA <<<"${SPLITMIRROR_VM_QEMU_ARGS:-}"
 BIOS_ARGS=()
 QBOOT=${SPLITMIRROR_VM_BIOS-/usr/share/qemu/qboot.rom}
 if [ -n "$QBOOT" ]; then

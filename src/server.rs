@@ -369,6 +369,13 @@ impl ControlTarget for Server {
             }
         });
         let mut errors = self.errors.lock().unwrap().clone();
+        if vol.state() == crate::core::VolumeState::Degraded {
+            errors.push(
+                "secondary failed while mirroring and was split off; host I/O goes on to the \
+                 primary and changes are tracked: repair the secondary, then `establish`"
+                    .into(),
+            );
+        }
         if let Some(e) = self.commit.failed() {
             errors.push(format!("metadata commit failing: {e}"));
         }

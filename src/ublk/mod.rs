@@ -2,7 +2,7 @@
 //! per queue with one async task per tag, and serves each request through
 //! the host path over the queue's own io_uring.
 
-use crate::core::{Dev, Volume};
+use crate::core::{Dev, Volume, VolumeState};
 use crate::hostpath::{self, Backend, HostLoad};
 use crate::metadata::CommitHandle;
 use crate::metrics::{HostOp, Metrics};
@@ -123,6 +123,7 @@ fn queue_thread(qid: u16, dev: &UblkDev, ctx: QueueCtx) {
         commit: ctx.commit.clone(),
         load: ctx.load.clone(),
         metrics: ctx.metrics.clone(),
+        degraded_logged: std::cell::Cell::new(false),
     });
     let mut tasks = Vec::new();
     for tag in q.tags() {
@@ -189,6 +190,15 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, vol: &Volume, b: &RingBackend, buf:
     };
     b.metrics
         .host(kind, len as u64, started.elapsed(), res.is_ok());
+    if kind == HostOp::Write
+        && vol.state() == VolumeState::Degraded
+        && !b.degraded_logged.replace(true)
+    {
+        log::error!(
+            "volume degraded: the secondary failed while mirroring and was split off; \
+             host I/O goes on to the primary"
+        );
+    }
     match res {
         Ok(()) => len as i32,
         Err(e) => {
@@ -205,6 +215,8 @@ struct RingBackend {
     commit: CommitHandle,
     load: Arc<HostLoad>,
     metrics: Arc<Metrics>,
+    /// This queue has logged the switch to degraded (once per queue).
+    degraded_logged: std::cell::Cell<bool>,
 }
 
 impl RingBackend {

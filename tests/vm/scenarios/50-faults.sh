@@ -43,7 +43,7 @@ _alive "$FIO" || { cat "$SCRATCH/fio.txt"; fail "fio ended before the fault was 
 dm_swap sec "0 $SECTORS error"
 wait_state degraded 60
 j=$(status_json); info "status: $j"
-json_empty_array errors "$j" && info "note: errors[] is empty in degraded"
+! json_empty_array errors "$j" || fail "status shows no error while degraded: $j"
 
 step "host I/O goes on: fio finishes without errors"
 wait $FIO; rc=$?

@@ -174,3 +174,55 @@ fn metadata_commit_failure_refuses_to_ack_writes_that_need_it() {
     h.write(2 * TRACK + 4096, &[2u8; 4096])
         .expect("bit already durable");
 }
+
+/// Two commands racing (two operators, or a script run twice): the gate
+/// serializes them, exactly one `split` wins, the other is refused with
+/// the state error (exit 3), and nothing is half-applied.
+#[test]
+fn concurrent_commands_one_wins_the_other_is_refused() {
+    use splitmirror::engine;
+    for seed in 0..50 {
+        let (mut h, _) = established(100 + seed);
+        let mut slots = Vec::new();
+        for _ in 0..2 {
+            let (vol, b) = (h.vol.clone(), h.b.clone());
+            slots.push(h.sched.spawn_with(async move {
+                engine::transition(&vol, &*b, |v| v.apply(Command::Split)).await
+            }));
+        }
+        h.sched.run_until(common::STEP_LIMIT, || {
+            slots.iter().all(|s| s.borrow().is_some())
+        });
+        let results: Vec<bool> = slots
+            .iter()
+            .map(|s| s.borrow_mut().take().unwrap().expect("I/O").is_ok())
+            .collect();
+        assert_eq!(
+            results.iter().filter(|ok| **ok).count(),
+            1,
+            "seed {seed}: {results:?}"
+        );
+        assert_eq!(h.vol.state(), VolumeState::Split);
+    }
+}
+
+/// `restore` sent while an `establish` is still copying: refused (exit 3),
+/// the establish goes on to the end undisturbed.
+#[test]
+fn restore_during_establish_is_refused_and_establish_completes() {
+    let (mut h, _) = established(7);
+    h.command(Command::Split).unwrap();
+    h.write(0, &pattern(70, SIZE as usize)).unwrap();
+    h.engine_paused.set(true);
+    h.command(Command::Establish { full: true }).unwrap();
+    assert_eq!(h.vol.state(), VolumeState::Syncing);
+    let refused = h.command(Command::Restore {
+        incremental: false,
+        protect: false,
+    });
+    assert!(refused.is_err(), "restore accepted while syncing");
+    assert_eq!(h.vol.state(), VolumeState::Syncing);
+    h.settle();
+    assert_eq!(h.vol.state(), VolumeState::Established);
+    assert!(h.secondary() == h.primary());
+}

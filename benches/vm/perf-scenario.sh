@@ -1,0 +1,117 @@
+#!/bin/sh
+# timeout: 1800
+# VM performance scenario: splitmirror vs the raw virtio disk and rublk's
+# loop target over the same disk, in one boot, interleaved and repeated.
+# Run it through benches/vm-perf.sh, which prepends the parameters below
+# (PERF_*) and the fio job files from benches/fio/ (written to $SCRATCH),
+# boots the VM through tests/vm/run.sh with rublk in the guest, and
+# summarises the "PERF ..." lines this prints.
+#
+# One round = every target in turn, each running every job:
+#   raw        fio straight on $PRIMARY (/dev/vda)
+#   rublk      rublk's loop target over $PRIMARY (/dev/ublkb$RUBLK_ID)
+#   established  splitmirror (primary + secondary), mirroring
+#   split      splitmirror after `split`
+#   restoring  splitmirror during a full `restore` (rate-limited so that it
+#              lasts the whole phase; checked after every job)
+# Between rounds the server is restarted without a rate limit to finish the
+# restore and its resync quickly, then again with the limit for the next
+# round. Content is irrelevant here: raw and rublk write to the primary
+# behind splitmirror's back.
+. "${VMLIB:?run me through benches/vm-perf.sh}"
+
+: "${PERF_ROUNDS:=3}" "${PERF_RUNTIME:=5}" "${PERF_RATE:=4MiB}"
+: "${PERF_JOBS:=randread-4k-qd32 randwrite-4k-qd32}"
+: "${PERF_TARGETS:=raw rublk established split restoring}"
+RUBLK_ID=7
+
+for j in $PERF_JOBS; do
+    [ -f "$SCRATCH/$j.fio" ] || fail "no $SCRATCH/$j.fio: run me through benches/vm-perf.sh"
+done
+command -v rublk >/dev/null || fail "rublk not in the guest (benches/vm-perf.sh passes it with SPLITMIRROR_VM_EXTRA_BINS)"
+
+echo "PERF-INFO kernel=$(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo) rounds=$PERF_ROUNDS runtime=$PERF_RUNTIME rate=$PERF_RATE"
+
+# measure ROUND TARGET DEV: every job once on DEV; one PERF line per job.
+# The fio jobs are time-based; terse field 8 = read IOPS, 49 = write IOPS.
+measure() {
+    for j in $PERF_JOBS; do
+        _out=$(DEV=$3 RUNTIME=$PERF_RUNTIME fio --minimal "$SCRATCH/$j.fio" 2>"$SCRATCH/fio.err") \
+            || { cat "$SCRATCH/fio.err" >&2; fail "fio $j on $2 ($3) failed"; }
+        _iops=$(printf '%s\n' "$_out" | awk -F';' 'NF > 49 { r = $8 + $49; printf "%d\n", r; exit }')
+        if [ -z "$_iops" ] || [ "$_iops" -le 0 ]; then
+            printf '%s\n' "$_out" >&2; fail "fio $j on $2: no IOPS in its output"
+        fi
+        echo "PERF round=$1 target=$2 job=$j iops=$_iops"
+        if [ "$2" = restoring ]; then
+            _s=$(state)
+            [ "$_s" = restoring ] || fail "the restore ended during round $1 ($j; state $_s): lower PERF_RATE"
+        fi
+    done
+}
+
+start_rublk() {
+    rublk add loop -n "$RUBLK_ID" -q 1 -d 128 -f "$PRIMARY" --foreground >"$SCRATCH/rublk.out" 2>&1 &
+    RUBLK_PID=$!
+    _i=0
+    until [ -b "/dev/ublkb$RUBLK_ID" ]; do
+        _i=$((_i + 1))
+        if [ $_i -gt 300 ] || ! kill -0 "$RUBLK_PID" 2>/dev/null; then
+            cat "$SCRATCH/rublk.out" >&2; fail "rublk did not create /dev/ublkb$RUBLK_ID"
+        fi
+        sleep 0.1
+    done
+    info "rublk pid $RUBLK_PID serves /dev/ublkb$RUBLK_ID (loop over $PRIMARY)"
+}
+
+step "format --assume-clean; rublk loop over $PRIMARY"
+run splitmirror format -c "$CONFIG" --assume-clean
+set_restore_rate 0
+start_server
+expect_state established
+start_rublk
+
+r=1
+while [ $r -le "$PERF_ROUNDS" ]; do
+    step "round $r"
+    for t in $PERF_TARGETS; do
+        case $t in
+            raw) measure $r raw "$PRIMARY" ;;
+            rublk) measure $r rublk "/dev/ublkb$RUBLK_ID" ;;
+            established)
+                expect_state established
+                measure $r established "$DEVICE" ;;
+            split)
+                expect_state established
+                run sm split
+                measure $r split "$DEVICE" ;;
+            restoring)
+                _s=$(state)
+                [ "$_s" = split ] || { run sm split; }
+                # the rate limit is read at `run`: restart with it
+                stop_server
+                set_restore_rate "$PERF_RATE"
+                start_server
+                run sm restore
+                expect_state restoring
+                measure $r restoring "$DEVICE"
+                echo "PERF-INFO round=$r restore_progress_after=$(json_get "done")/$(json_get total)"
+                step "finish the restore and resync without a rate limit"
+                stop_server
+                set_restore_rate 0
+                start_server
+                wait_idle 600
+                expect_state established ;;
+            *) fail "unknown target $t" ;;
+        esac
+    done
+    # a round without restoring leaves the volume split: back to established
+    if [ "$(state)" = split ]; then run sm establish; wait_idle 600; fi
+    r=$((r + 1))
+done
+
+step "done"
+kill -TERM "$RUBLK_PID" 2>/dev/null
+wait "$RUBLK_PID" 2>/dev/null
+stop_server
+echo "PERF-DONE"

@@ -95,7 +95,9 @@ grep -aq '^PERF-DONE' "$LOG" || die "no PERF-DONE in $LOG"
 # ---------------------------------------------------------------- summary
 echo
 grep -a '^PERF-INFO' "$LOG" | sed 's/^PERF-INFO /info: /'
-grep -a '^PERF round=' "$LOG" | awk -v jobs="$JOBS" -v targets="$TARGETS" -v rounds="$ROUNDS" '
+NCPU=$(grep -a -o '^PERF-INFO kernel=.* cpus=[0-9]*' "$LOG" | sed 's/.*cpus=//' | head -n 1)
+grep -a '^PERF round=' "$LOG" | awk -v jobs="$JOBS" -v targets="$TARGETS" -v rounds="$ROUNDS" \
+  -v runtime="$RUNTIME" -v ncpu="${NCPU:-2}" '
 function median(a, n,    i, j, t, b) {
   for (i = 1; i <= n; i++) b[i] = a[i]
   for (i = 2; i <= n; i++) { t = b[i]; for (j = i - 1; j >= 1 && b[j] > t; j--) b[j + 1] = b[j]; b[j + 1] = t }
@@ -103,7 +105,12 @@ function median(a, n,    i, j, t, b) {
 }
 {
   for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
-  v[f["job"], f["target"], f["round"]] = f["iops"]; seen[f["job"], f["target"]]++
+  k = f["job"] SUBSEP f["target"] SUBSEP f["round"]
+  v[k] = f["iops"]
+  # server CPU per I/O: ticks are 10 ms; fio counts I/Os after its 2 s ramp,
+  # the ticks include it, so this slightly overstates the cost
+  if (f["server_ticks"] > 0) cpu[k] = f["server_ticks"] * 10000 / (f["iops"] * (runtime + 2))
+  if (f["wall"] > 0) busy[k] = 100 * (1 - f["idle_ticks"] / (f["wall"] * 100 * ncpu))
 }
 END {
   nj = split(jobs, J, " "); nt = split(targets, T, " ")
@@ -124,8 +131,20 @@ END {
       printf " %8d %9.1f\n", m[j, t], m[j, t] * bs / 1024
     }
   }
+  printf "\nmedians over rounds: ublk server CPU time per I/O (approx.), guest CPU busy\n"
+  printf "%-20s %-12s %12s %9s\n", "job", "target", "server_us/io", "busy_%"
+  for (a = 1; a <= nj; a++) for (b = 1; b <= nt; b++) {
+    j = J[a]; t = T[b]; n = 0; nb = 0
+    for (r = 1; r <= rounds; r++) {
+      if ((j, t, r) in cpu) x[++n] = cpu[j, t, r]
+      if ((j, t, r) in busy) y[++nb] = busy[j, t, r]
+    }
+    cu[j, t] = n ? median(x, n) : -1
+    printf "%-20s %-12s %12s %9.0f\n", j, t, n ? sprintf("%.1f", cu[j, t]) : "-", nb ? median(y, nb) : 0
+  }
   print ""
   for (a = 1; a <= nj; a++) for (b = 1; b <= nt; b++) printf "%s.%s.median_iops: %d\n", J[a], T[b], m[J[a], T[b]]
+  for (a = 1; a <= nj; a++) for (b = 2; b <= nt; b++) if (cu[J[a], T[b]] >= 0) printf "%s.%s.server_us_per_io: %.1f\n", J[a], T[b], cu[J[a], T[b]]
   est_min = 9; res_min = 9
   for (a = 1; a <= nj; a++) {
     j = J[a]

@@ -32,17 +32,31 @@ command -v rublk >/dev/null || fail "rublk not in the guest (benches/vm-perf.sh 
 
 echo "PERF-INFO kernel=$(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo) rounds=$PERF_ROUNDS runtime=$PERF_RUNTIME rate=$PERF_RATE"
 
-# measure ROUND TARGET DEV: every job once on DEV; one PERF line per job.
-# The fio jobs are time-based; terse field 8 = read IOPS, 49 = write IOPS.
+# cpu_ticks PID: user + system clock ticks of a process (all its threads);
+# 0 without one
+cpu_ticks() {
+    if [ -n "$1" ] && [ -r "/proc/$1/stat" ]; then
+        sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
+    else echo 0; fi
+}
+# idle_ticks: idle + iowait ticks of all guest CPUs
+idle_ticks() { awk '/^cpu / { print $5 + $6 }' /proc/stat; }
+
+# measure ROUND TARGET DEV [SERVER_PID]: every job once on DEV; one PERF line
+# per job. The fio jobs are time-based; terse field 8 = read IOPS, 49 =
+# write IOPS. server_ticks: CPU time (1/100 s) the ublk server used during
+# the job (ramp included); idle_ticks: the guest's idle CPU time meanwhile.
 measure() {
     for j in $PERF_JOBS; do
+        _c0=$(cpu_ticks "${4:-}"); _i0=$(idle_ticks); _t0=$(cut -d' ' -f1 /proc/uptime)
         _out=$(DEV=$3 RUNTIME=$PERF_RUNTIME fio --minimal "$SCRATCH/$j.fio" 2>"$SCRATCH/fio.err") \
             || { cat "$SCRATCH/fio.err" >&2; fail "fio $j on $2 ($3) failed"; }
         _iops=$(printf '%s\n' "$_out" | awk -F';' 'NF > 49 { r = $8 + $49; printf "%d\n", r; exit }')
         if [ -z "$_iops" ] || [ "$_iops" -le 0 ]; then
             printf '%s\n' "$_out" >&2; fail "fio $j on $2: no IOPS in its output"
         fi
-        echo "PERF round=$1 target=$2 job=$j iops=$_iops"
+        _c1=$(cpu_ticks "${4:-}"); _i1=$(idle_ticks); _t1=$(cut -d' ' -f1 /proc/uptime)
+        echo "PERF round=$1 target=$2 job=$j iops=$_iops server_ticks=$((_c1 - _c0)) idle_ticks=$((_i1 - _i0)) wall=$(echo "$_t0 $_t1" | awk '{ printf "%.1f", $2 - $1 }')"
         if [ "$2" = restoring ]; then
             _s=$(state)
             [ "$_s" = restoring ] || fail "the restore ended during round $1 ($j; state $_s): lower PERF_RATE"
@@ -77,14 +91,14 @@ while [ $r -le "$PERF_ROUNDS" ]; do
     for t in $PERF_TARGETS; do
         case $t in
             raw) measure $r raw "$PRIMARY" ;;
-            rublk) measure $r rublk "/dev/ublkb$RUBLK_ID" ;;
+            rublk) measure $r rublk "/dev/ublkb$RUBLK_ID" "$RUBLK_PID" ;;
             established)
                 expect_state established
-                measure $r established "$DEVICE" ;;
+                measure $r established "$DEVICE" "$SERVER_PID" ;;
             split)
                 expect_state established
                 run sm split
-                measure $r split "$DEVICE" ;;
+                measure $r split "$DEVICE" "$SERVER_PID" ;;
             restoring)
                 _s=$(state)
                 [ "$_s" = split ] || { run sm split; }
@@ -94,7 +108,7 @@ while [ $r -le "$PERF_ROUNDS" ]; do
                 start_server
                 run sm restore
                 expect_state restoring
-                measure $r restoring "$DEVICE"
+                measure $r restoring "$DEVICE" "$SERVER_PID"
                 echo "PERF-INFO round=$r restore_progress_after=$(json_get "done")/$(json_get total)"
                 step "finish the restore and resync without a rate limit"
                 stop_server

@@ -10,6 +10,7 @@
 # One round = every target in turn, each running every job:
 #   raw        fio straight on $PRIMARY (/dev/vda)
 #   rublk      rublk's loop target over $PRIMARY (/dev/ublkb$RUBLK_ID)
+#   rublk-async  (only if asked for) the same with rublk's --async_await
 #   established  splitmirror (primary + secondary), mirroring
 #   split      splitmirror after `split`
 #   restoring  splitmirror during a full `restore`, a fresh one per job
@@ -62,18 +63,21 @@ measure() {
     done
 }
 
+# start_rublk ID [ARGS]: rublk's loop target over $PRIMARY as /dev/ublkbID;
+# sets RUBLK_PID
 start_rublk() {
-    rublk add loop -n "$RUBLK_ID" -q 1 -d 128 -f "$PRIMARY" --foreground >"$SCRATCH/rublk.out" 2>&1 &
+    _id=$1; shift
+    rublk add loop -n "$_id" -q 1 -d 128 -f "$PRIMARY" --foreground "$@" >"$SCRATCH/rublk.$_id.out" 2>&1 &
     RUBLK_PID=$!
     _i=0
-    until [ -b "/dev/ublkb$RUBLK_ID" ]; do
+    until [ -b "/dev/ublkb$_id" ]; do
         _i=$((_i + 1))
         if [ $_i -gt 300 ] || ! kill -0 "$RUBLK_PID" 2>/dev/null; then
-            cat "$SCRATCH/rublk.out" >&2; fail "rublk did not create /dev/ublkb$RUBLK_ID"
+            cat "$SCRATCH/rublk.$_id.out" >&2; fail "rublk did not create /dev/ublkb$_id"
         fi
         sleep 0.1
     done
-    info "rublk pid $RUBLK_PID serves /dev/ublkb$RUBLK_ID (loop over $PRIMARY)"
+    info "rublk pid $RUBLK_PID serves /dev/ublkb$_id (loop over $PRIMARY${*:+; $*})"
 }
 
 step "format --assume-clean; rublk loop over $PRIMARY"
@@ -81,7 +85,14 @@ run splitmirror format -c "$CONFIG" --assume-clean
 set_restore_rate 0
 start_server
 expect_state established
-start_rublk
+start_rublk "$RUBLK_ID"
+RUBLK_SYNC_PID=$RUBLK_PID
+# rublk-async: the same loop target on libublk's async/await path (one task
+# per tag on a smol executor), the design splitmirror's queues use
+RUBLK_ASYNC_PID=
+case " $PERF_TARGETS " in
+    *" rublk-async "*) start_rublk $((RUBLK_ID + 1)) --async_await; RUBLK_ASYNC_PID=$RUBLK_PID ;;
+esac
 
 r=1
 while [ $r -le "$PERF_ROUNDS" ]; do
@@ -89,7 +100,8 @@ while [ $r -le "$PERF_ROUNDS" ]; do
     for t in $PERF_TARGETS; do
         case $t in
             raw) measure $r raw "$PRIMARY" ;;
-            rublk) measure $r rublk "/dev/ublkb$RUBLK_ID" "$RUBLK_PID" ;;
+            rublk) measure $r rublk "/dev/ublkb$RUBLK_ID" "$RUBLK_SYNC_PID" ;;
+            rublk-async) measure $r rublk-async "/dev/ublkb$((RUBLK_ID + 1))" "$RUBLK_ASYNC_PID" ;;
             established)
                 expect_state established
                 measure $r established "$DEVICE" "$SERVER_PID" ;;
@@ -127,7 +139,6 @@ while [ $r -le "$PERF_ROUNDS" ]; do
 done
 
 step "done"
-kill -TERM "$RUBLK_PID" 2>/dev/null
-wait "$RUBLK_PID" 2>/dev/null
+for p in $RUBLK_SYNC_PID $RUBLK_ASYNC_PID; do kill -TERM "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
 stop_server
 echo "PERF-DONE"

@@ -51,7 +51,9 @@ read -r -a TARGET_LIST <<<"$TARGETS"
 for t in "${TARGET_LIST[@]}"; do
   case $t in raw|rublk|rublk-async|established|split|restoring) ;; *) die "unknown target $t in VM_PERF_TARGETS" ;; esac
 done
-case " $TARGETS " in *" raw "*" rublk "*|*" rublk "*" raw "*) ;; *) die "VM_PERF_TARGETS must include raw and rublk" ;; esac
+for t in raw rublk; do
+  case " $TARGETS " in *" $t "*) ;; *) die "VM_PERF_TARGETS must include $t" ;; esac
+done
 # The restore must outlast the restoring phase (NJOBS jobs of ramp + runtime
 # + ~5 s of fio start-up and status calls under TCG): aim for twice that.
 RATE=${VM_PERF_RATE:-$(( DISK_MIB * 1024 / (2 * NJOBS * (RUNTIME + 7)) ))KiB}

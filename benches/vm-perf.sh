@@ -14,7 +14,7 @@
 #   VM_PERF_RATE     restore.rate_limit during the restoring phase (default:
 #                    slow enough for the restore to last twice the phase)
 #   VM_PERF_TARGETS  order within a round (default "raw rublk established
-#                    split restoring"; rublk-async = rublk --async_await, the
+#                    split restoring"; rublk-async = rublk --async-await, the
 #                    executor design splitmirror uses; raw and rublk required)
 #   RUBLK_BIN        prebuilt static rublk (default: built once with
 #                    `cargo install rublk --no-default-features` into the

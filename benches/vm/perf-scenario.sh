@@ -10,7 +10,7 @@
 # One round = every target in turn, each running every job:
 #   raw        fio straight on $PRIMARY (/dev/vda)
 #   rublk      rublk's loop target over $PRIMARY (/dev/ublkb$RUBLK_ID)
-#   rublk-async  (only if asked for) the same with rublk's --async_await
+#   rublk-async  (only if asked for) the same with rublk's --async-await
 #   established  splitmirror (primary + secondary), mirroring
 #   split      splitmirror after `split`
 #   restoring  splitmirror during a full `restore`, a fresh one per job
@@ -91,7 +91,7 @@ RUBLK_SYNC_PID=$RUBLK_PID
 # per tag on a smol executor), the design splitmirror's queues use
 RUBLK_ASYNC_PID=
 case " $PERF_TARGETS " in
-    *" rublk-async "*) start_rublk $((RUBLK_ID + 1)) --async_await; RUBLK_ASYNC_PID=$RUBLK_PID ;;
+    *" rublk-async "*) start_rublk $((RUBLK_ID + 1)) --async-await; RUBLK_ASYNC_PID=$RUBLK_PID ;;
 esac
 
 r=1

@@ -178,9 +178,11 @@ END {
   if (res_job != "") printf "goal_restoring_vs_rublk_ge_0.8: %s (lowest %.3f, %s)\n", (res_min >= 0.8 ? "met" : "missed"), res_min, res_job
   if (missing != "") { printf("vm-perf: missing measurements:%s\n", missing) > "/dev/stderr"; exit 1 }
 }'
-echo "restoring: state and restore progress (tracks) at the end of each job:"
-grep -a '^PERF round=.* target=restoring ' "$LOG" \
-  | sed -n 's/^PERF round=\([0-9]*\) .* job=\([^ ]*\) .*state_end=\([^ ]*\) restored=\([^ ]*\).*/  round \1 \2: \3 \4/p'
+if grep -aq '^PERF round=.* target=restoring ' "$LOG"; then
+  echo "restoring: state and progress of the running copy (tracks) at the end of each job:"
+  grep -a '^PERF round=.* target=restoring ' "$LOG" \
+    | sed -n 's/^PERF round=\([0-9]*\) .* job=\([^ ]*\) .*state_end=\([^ ]*\) restored=\([^ ]*\).*/  round \1 \2: \3 \4/p'
+fi
 echo "console log: $LOG"
 exit 0
 }

@@ -350,12 +350,23 @@ cp "$SCRIPT_DIR/lib.sh" "$OV/vm/lib.sh"
 if strip --strip-debug -o "$OV/usr/local/bin/splitmirror" "$BIN" 2>/dev/null; then :; else cp "$BIN" "$OV/usr/local/bin/splitmirror"; fi
 chmod 755 "$OV/usr/local/bin/splitmirror"
 # a dynamically linked binary (e.g. SPLITMIRROR_BIN=/bin/true) still runs: bring its libraries
-if ldd "$BIN" 2>/dev/null | grep -q '=>'; then
-  log "vm: note: $BIN is dynamically linked; copying its libraries"
-  for l in $(ldd "$BIN" | awk '/=> \//{print $3} /^[[:space:]]*\//{print $1}'); do
-    mkdir -p "$OV$(dirname "$l")"; cp -L "$l" "$OV$l"
-  done
-fi
+overlay_libs() { # $1 = binary
+  if ldd "$1" 2>/dev/null | grep -q '=>'; then
+    log "vm: note: $1 is dynamically linked; copying its libraries"
+    for l in $(ldd "$1" | awk '/=> \//{print $3} /^[[:space:]]*\//{print $1}'); do
+      [ -e "$OV$l" ] || { mkdir -p "$OV$(dirname "$l")"; cp -L "$l" "$OV$l"; }
+    done
+  fi
+}
+overlay_libs "$BIN"
+# SPLITMIRROR_VM_EXTRA_BINS="path ...": more executables for the guest's
+# /usr/local/bin, under their own names (benches/vm-perf.sh brings rublk).
+read -r -a EXTRA_BINS <<<"${SPLITMIRROR_VM_EXTRA_BINS:-}"
+for x in "${EXTRA_BINS[@]}"; do
+  { [ -f "$x" ] && [ -x "$x" ]; } || setup_fail "SPLITMIRROR_VM_EXTRA_BINS: $x is not an executable file"
+  cp -L "$x" "$OV/usr/local/bin/$(basename "$x")" || setup_fail "cannot copy $x into the overlay"
+  overlay_libs "$x"
+done
 ( cd "$OV" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet ) >"$WORK/run.cpio" \
   || setup_fail "could not pack the run overlay"
 

@@ -95,25 +95,31 @@ where
         None => log::info!("ublk driver does not report features (kernel before 6.5)"),
     }
     let flags = recovery_flags(features.unwrap_or(0));
+    if flags == 0 {
+        log::info!("no user recovery in the driver: a crashed server's device will be recreated");
+    }
     let mut origin = Origin::Created;
     let mut recover = None;
     match previous(id_file, &p, flags != 0) {
         Previous::None => {}
-        Previous::Recoverable(id) => match UblkCtrl::new_simple(id as i32)
-            .and_then(|c| c.start_user_recover())
-        {
-            Ok(r) if r >= 0 => recover = Some(id),
-            Ok(r) => {
-                log::warn!("cannot recover /dev/ublkb{id}: {}", io::Error::from_raw_os_error(-r));
-                delete_device(id);
-                origin = Origin::Recreated;
+        Previous::Recoverable(id) => {
+            match UblkCtrl::new_simple(id as i32).and_then(|c| c.start_user_recover()) {
+                Ok(r) if r >= 0 => recover = Some(id),
+                Ok(r) => {
+                    log::warn!(
+                        "cannot recover /dev/ublkb{id}: {}",
+                        io::Error::from_raw_os_error(-r)
+                    );
+                    delete_device(id);
+                    origin = Origin::Recreated;
+                }
+                Err(e) => {
+                    log::warn!("cannot recover /dev/ublkb{id}: {e}");
+                    delete_device(id);
+                    origin = Origin::Recreated;
+                }
             }
-            Err(e) => {
-                log::warn!("cannot recover /dev/ublkb{id}: {e}");
-                delete_device(id);
-                origin = Origin::Recreated;
-            }
-        },
+        }
         Previous::Stale { id, why, delete } => {
             log::warn!("/dev/ublkb{id} of an earlier run {why}");
             if delete {
@@ -123,25 +129,28 @@ where
         }
     }
     let ctrl = match recover {
-        Some(id) => {
-            origin = Origin::Recovered;
-            UblkCtrlBuilder::default()
-                .name("splitmirror")
-                .id(id as i32)
-                .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
-                .build()
-                .map_err(|e| format!("cannot recover the ublk device /dev/ublkb{id}: {e}"))?
-        }
-        None => UblkCtrlBuilder::default()
+        Some(id) => match UblkCtrlBuilder::default()
             .name("splitmirror")
-            .id(p.id)
-            .nr_queues(p.queues)
-            .depth(p.depth)
-            .io_buf_bytes(p.max_io)
-            .ctrl_flags(flags)
-            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+            .id(id as i32)
+            .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
             .build()
-            .map_err(|e| format!("cannot create the ublk device: {e}"))?,
+        {
+            Ok(c) => {
+                origin = Origin::Recovered;
+                c
+            }
+            Err(e) => {
+                log::warn!("cannot recover /dev/ublkb{id}: {e}");
+                delete_device(id);
+                origin = Origin::Recreated;
+                add_device(&p, flags)?
+            }
+        },
+        None if flags != 0 => {
+            log::info!("creating the device with user recovery (flags {flags:#x})");
+            add_device(&p, flags)?
+        }
+        None => add_device(&p, flags)?,
     };
     let tgt_init = move |dev: &mut UblkDev| {
         let tgt = &mut dev.tgt;
@@ -209,6 +218,19 @@ where
     Ok(origin)
 }
 
+fn add_device(p: &DeviceParams, flags: u64) -> Result<UblkCtrl, String> {
+    UblkCtrlBuilder::default()
+        .name("splitmirror")
+        .id(p.id)
+        .nr_queues(p.queues)
+        .depth(p.depth)
+        .io_buf_bytes(p.max_io)
+        .ctrl_flags(flags)
+        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+        .build()
+        .map_err(|e| format!("cannot create the ublk device: {e}"))
+}
+
 /// The device flags for user recovery, given the driver's features.
 ///
 /// With `UBLK_F_USER_RECOVERY` a device outlives its server: when the
@@ -255,11 +277,16 @@ fn write_id(id_file: &Path, id: u32) -> io::Result<()> {
 /// What became of the device recorded in `id_file`. It is taken for ours
 /// when its queues, depth, buffer size and size match this volume's.
 fn previous(id_file: &Path, p: &DeviceParams, can_recover: bool) -> Previous {
-    let Some(id) = read_id(id_file) else {
+    // Without a record (e.g. /run was cleared), a fixed `ublk.id` names
+    // the candidate.
+    let recorded = read_id(id_file);
+    let Some(id) = recorded.or(u32::try_from(p.id).ok()) else {
         return Previous::None;
     };
     if !Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
-        log::info!("/dev/ublkb{id} of an earlier run is gone: creating a new device");
+        if recorded.is_some() {
+            log::info!("/dev/ublkb{id} of an earlier run is gone: creating a new device");
+        }
         return Previous::None;
     }
     let ctrl = match UblkCtrl::new_simple(id as i32) {
@@ -291,6 +318,13 @@ fn previous(id_file: &Path, p: &DeviceParams, can_recover: bool) -> Previous {
             id,
             why: "does not match this volume (another device took its number): left alone".into(),
             delete: false,
+        };
+    }
+    if p.id >= 0 && id != p.id as u32 {
+        return Previous::Stale {
+            id,
+            why: format!("is not the configured ublk.id {}: deleting it", p.id),
+            delete: info.state != sys::UBLK_S_DEV_LIVE as u16,
         };
     }
     let state = u32::from(info.state);
@@ -534,5 +568,31 @@ impl Backend for RingBackend {
 
     fn commit_failed(&self) -> bool {
         self.commit.failed().is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_flags_follow_the_driver() {
+        let rec = u64::from(sys::UBLK_F_USER_RECOVERY);
+        let reissue = u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE);
+        assert_eq!(recovery_flags(0), 0);
+        assert_eq!(recovery_flags(0x1fe), rec | reissue); // 6.12
+        assert_eq!(recovery_flags(rec), rec);
+        assert_eq!(recovery_flags(reissue), 0);
+    }
+
+    #[test]
+    fn id_file_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("sub/vol.ublk-id");
+        assert_eq!(read_id(&f), None);
+        write_id(&f, 7).unwrap();
+        assert_eq!(read_id(&f), Some(7));
+        std::fs::write(&f, "junk").unwrap();
+        assert_eq!(read_id(&f), None);
     }
 }

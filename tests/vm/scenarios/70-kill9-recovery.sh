@@ -81,6 +81,7 @@ j=$(status_json); info "status before the kill: $j"
 
 step "kill -9 the server (restore and writer running)"
 OLD_DEVICE=$DEVICE
+info "recorded device id: $(cat /run/splitmirror/vm0.ublk-id 2>/dev/null || echo none)"
 kill -KILL "$SERVER_PID" || fail "cannot kill $SERVER_PID"
 wait "$SERVER_PID"; rc=$?
 SERVER_PID=
@@ -150,5 +151,6 @@ run umount "$MNT"
 step "stop; primary == secondary"
 stop_server
 show_log "new server"
+[ ! -e /run/splitmirror/vm0.ublk-id ] || fail "the device id file is still there after a clean stop"
 cmp_devs "$PRIMARY" "$SECONDARY"
 echo "kill9-recovery ok ($PATH_TAKEN)"

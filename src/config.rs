@@ -248,6 +248,12 @@ impl Config {
         }
     }
 
+    /// Where a running server records its ublk device's id, so that the
+    /// next `run` after a crash recovers that device.
+    pub fn ublk_id_path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/splitmirror/{}.ublk-id", self.name))
+    }
+
     fn fill_defaults(&mut self) {
         self.control.socket = self.socket_path();
     }

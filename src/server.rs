@@ -141,7 +141,7 @@ pub fn run(cfg: &Config) -> Result<()> {
             metrics: server.metrics.clone(),
         };
         let s = server.clone();
-        let r = ublk::serve(params, ctx, move |ctrl| {
+        let r = ublk::serve(params, ctx, &cfg.ublk_id_path(), move |ctrl, _origin| {
             let path = ctrl.get_bdev_path();
             *s.device.lock().unwrap() = Some(path.clone());
             announce(&path);
@@ -153,6 +153,7 @@ pub fn run(cfg: &Config) -> Result<()> {
                 log::error!("stopping {path}: {e}");
             }
         })
+        .map(|_| ())
         .map_err(Error::runtime);
         ctl.stop();
         r

@@ -14,6 +14,7 @@ use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{sys, BufDesc, UblkError, UblkFlags, UblkUringData};
 use std::io;
 use std::os::fd::RawFd;
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -45,32 +46,112 @@ pub struct QueueCtx {
     pub metrics: Arc<Metrics>,
 }
 
+/// How the device of this run came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A new device (no earlier one was recorded).
+    Created,
+    /// The device a crashed server left behind, taken over (user recovery):
+    /// `/dev/ublkbN` stayed, and host I/O blocked on it goes on.
+    Recovered,
+    /// An earlier device was recorded but could not be recovered: it was
+    /// deleted (if it was ours) and a new one created.
+    Recreated,
+}
+
+/// The device of an earlier run, as found on `run`.
+enum Previous {
+    /// Nothing to do: none recorded, or it no longer exists.
+    None,
+    /// Quiesced by the death of its server: ready for `START_USER_RECOVERY`.
+    Recoverable(u32),
+    /// It exists but cannot be taken over; `delete` if it is ours.
+    Stale { id: u32, why: String, delete: bool },
+}
+
 /// Creates and starts the device, calls `started` once it is usable (on
 /// the calling thread; the device stays up until `started` returns and
 /// the device is stopped, e.g. with `UblkCtrl::kill_dev`), and returns once
 /// every queue has wound down. The device is deleted when this returns.
-pub fn serve<W>(p: DeviceParams, ctx: QueueCtx, started: W) -> Result<(), String>
+///
+/// `id_file` records the device's id while the server runs: a server
+/// killed without a clean stop leaves it behind, and the next `serve`
+/// recovers that device (user recovery) instead of adding a new one.
+pub fn serve<W>(
+    p: DeviceParams,
+    ctx: QueueCtx,
+    id_file: &Path,
+    started: W,
+) -> Result<Origin, String>
 where
-    W: FnOnce(&UblkCtrl) + Send + Sync + 'static,
+    W: FnOnce(&UblkCtrl, Origin) + Send + Sync + 'static,
 {
-    // No optional driver feature is enabled (zero copy, auto buffer
+    // No other optional driver feature is enabled (zero copy, auto buffer
     // registration, quiesce, ...): 6.12 lacks most of them, and a device
-    // asking for a missing one hangs rather than failing. Logged for
-    // diagnosis only.
-    match UblkCtrl::get_features() {
+    // asking for a missing one hangs rather than failing.
+    let features = UblkCtrl::get_features();
+    match features {
         Some(f) => log::info!("ublk driver features {f:#x}"),
         None => log::info!("ublk driver does not report features (kernel before 6.5)"),
     }
-    let ctrl = UblkCtrlBuilder::default()
-        .name("splitmirror")
-        .id(p.id)
-        .nr_queues(p.queues)
-        .depth(p.depth)
-        .io_buf_bytes(p.max_io)
-        .ctrl_flags(0)
-        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
-        .build()
-        .map_err(|e| format!("cannot create the ublk device: {e}"))?;
+    let flags = recovery_flags(features.unwrap_or(0));
+    if flags == 0 {
+        log::info!("no user recovery in the driver: a crashed server's device will be recreated");
+    }
+    let mut origin = Origin::Created;
+    let mut recover = None;
+    match previous(id_file, &p, flags != 0) {
+        Previous::None => {}
+        Previous::Recoverable(id) => {
+            match UblkCtrl::new_simple(id as i32).and_then(|c| c.start_user_recover()) {
+                Ok(r) if r >= 0 => recover = Some(id),
+                Ok(r) => {
+                    log::warn!(
+                        "cannot recover /dev/ublkb{id}: {}",
+                        io::Error::from_raw_os_error(-r)
+                    );
+                    delete_device(id);
+                    origin = Origin::Recreated;
+                }
+                Err(e) => {
+                    log::warn!("cannot recover /dev/ublkb{id}: {e}");
+                    delete_device(id);
+                    origin = Origin::Recreated;
+                }
+            }
+        }
+        Previous::Stale { id, why, delete } => {
+            log::warn!("/dev/ublkb{id} of an earlier run {why}");
+            if delete {
+                delete_device(id);
+            }
+            origin = Origin::Recreated;
+        }
+    }
+    let ctrl = match recover {
+        Some(id) => match UblkCtrlBuilder::default()
+            .name("splitmirror")
+            .id(id as i32)
+            .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+            .build()
+        {
+            Ok(c) => {
+                origin = Origin::Recovered;
+                c
+            }
+            Err(e) => {
+                log::warn!("cannot recover /dev/ublkb{id}: {e}");
+                delete_device(id);
+                origin = Origin::Recreated;
+                add_device(&p, flags)?
+            }
+        },
+        None if flags != 0 => {
+            log::info!("creating the device with user recovery (flags {flags:#x})");
+            add_device(&p, flags)?
+        }
+        None => add_device(&p, flags)?,
+    };
     let tgt_init = move |dev: &mut UblkDev| {
         let tgt = &mut dev.tgt;
         tgt.dev_size = p.size;
@@ -97,16 +178,196 @@ where
         };
         Ok(())
     };
+    let id_path = id_file.to_path_buf();
+    let recorded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rec = recorded.clone();
     ctrl.run_target(
         tgt_init,
         move |qid, dev: &UblkDev| queue_thread(qid, dev, ctx),
-        started,
+        move |ctrl: &UblkCtrl| {
+            let id = ctrl.dev_info().dev_id;
+            let path = ctrl.get_bdev_path();
+            match origin {
+                Origin::Created => log::info!("created {path}"),
+                Origin::Recovered => log::info!("recovered {path}"),
+                Origin::Recreated => {
+                    log::warn!("recreated {path} (not recovered): reopen or remount it")
+                }
+            }
+            match write_id(&id_path, id) {
+                Ok(()) => rec.store(true, std::sync::atomic::Ordering::SeqCst),
+                Err(e) => log::warn!(
+                    "cannot record the device id in {}: {e}; a crashed server's device \
+                     will not be recovered",
+                    id_path.display()
+                ),
+            }
+            started(ctrl, origin)
+        },
     )
     .map_err(|e| format!("ublk device failed: {e}"))?;
     if let Err(e) = ctrl.del_dev() {
         log::debug!("deleting the ublk device: {e}");
     }
-    Ok(())
+    // A clean stop: nothing for the next run to recover.
+    if recorded.load(std::sync::atomic::Ordering::SeqCst) {
+        if let Err(e) = std::fs::remove_file(id_file) {
+            log::debug!("removing {}: {e}", id_file.display());
+        }
+    }
+    Ok(origin)
+}
+
+fn add_device(p: &DeviceParams, flags: u64) -> Result<UblkCtrl, String> {
+    UblkCtrlBuilder::default()
+        .name("splitmirror")
+        .id(p.id)
+        .nr_queues(p.queues)
+        .depth(p.depth)
+        .io_buf_bytes(p.max_io)
+        .ctrl_flags(flags)
+        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+        .build()
+        .map_err(|e| format!("cannot create the ublk device: {e}"))
+}
+
+/// The device flags for user recovery, given the driver's features.
+///
+/// With `UBLK_F_USER_RECOVERY` a device outlives its server: when the
+/// server dies the kernel quiesces the queues (host I/O waits, nothing
+/// fails) until a new server takes over. `UBLK_F_USER_RECOVERY_REISSUE`
+/// decides what happens to the requests the dead server had taken but not
+/// completed: without it they fail with EIO (a filesystem sees a failed
+/// journal write and shuts itself down); with it they are sent again to
+/// the new server. Re-sending is safe here: none of them was acknowledged,
+/// a write is redone with the same data at the same place (the write
+/// intent / changed bits it needs are set again before it is
+/// acknowledged), and reads and flushes are idempotent. So reissue when
+/// the driver can.
+fn recovery_flags(features: u64) -> u64 {
+    let rec = u64::from(sys::UBLK_F_USER_RECOVERY);
+    let reissue = u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE);
+    if features & rec == 0 {
+        0
+    } else {
+        rec | (features & reissue)
+    }
+}
+
+fn read_id(id_file: &Path) -> Option<u32> {
+    let s = std::fs::read_to_string(id_file).ok()?;
+    match s.trim().parse() {
+        Ok(id) => Some(id),
+        Err(_) => {
+            log::warn!("ignoring {}: not a device id", id_file.display());
+            None
+        }
+    }
+}
+
+fn write_id(id_file: &Path, id: u32) -> io::Result<()> {
+    if let Some(dir) = id_file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = id_file.with_extension("ublk-id.tmp");
+    std::fs::write(&tmp, format!("{id}\n"))?;
+    std::fs::rename(&tmp, id_file)
+}
+
+/// What became of the device recorded in `id_file`. It is taken for ours
+/// when its queues, depth, buffer size and size match this volume's.
+fn previous(id_file: &Path, p: &DeviceParams, can_recover: bool) -> Previous {
+    // Without a record (e.g. /run was cleared), a fixed `ublk.id` names
+    // the candidate.
+    let recorded = read_id(id_file);
+    let Some(id) = recorded.or(u32::try_from(p.id).ok()) else {
+        return Previous::None;
+    };
+    if !Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
+        if recorded.is_some() {
+            log::info!("/dev/ublkb{id} of an earlier run is gone: creating a new device");
+        }
+        return Previous::None;
+    }
+    let ctrl = match UblkCtrl::new_simple(id as i32) {
+        Ok(c) => c,
+        Err(e) => {
+            return Previous::Stale {
+                id,
+                why: format!("cannot be inspected ({e}): left alone"),
+                delete: false,
+            }
+        }
+    };
+    let info = ctrl.dev_info();
+    let mut params = sys::ublk_params {
+        len: std::mem::size_of::<sys::ublk_params>() as u32,
+        types: sys::UBLK_PARAM_TYPE_BASIC,
+        ..Default::default()
+    };
+    let size = ctrl
+        .get_params(&mut params)
+        .ok()
+        .map(|_| params.basic.dev_sectors << 9);
+    let ours = info.nr_hw_queues == p.queues
+        && info.queue_depth == p.depth
+        && info.max_io_buf_bytes == p.max_io
+        && size == Some(p.size);
+    if !ours {
+        return Previous::Stale {
+            id,
+            why: "does not match this volume (another device took its number): left alone".into(),
+            delete: false,
+        };
+    }
+    if p.id >= 0 && id != p.id as u32 {
+        return Previous::Stale {
+            id,
+            why: format!("is not the configured ublk.id {}: deleting it", p.id),
+            delete: info.state != sys::UBLK_S_DEV_LIVE as u16,
+        };
+    }
+    let state = u32::from(info.state);
+    if state == sys::UBLK_S_DEV_LIVE {
+        // Its server is alive (the data devices' O_EXCL opens make that
+        // unlikely): not ours to take.
+        return Previous::Stale {
+            id,
+            why: format!("is live (server pid {}): left alone", info.ublksrv_pid),
+            delete: false,
+        };
+    }
+    let can = info.flags & u64::from(sys::UBLK_F_USER_RECOVERY) != 0;
+    if state == sys::UBLK_S_DEV_QUIESCED && can && can_recover {
+        return Previous::Recoverable(id);
+    }
+    Previous::Stale {
+        id,
+        why: format!(
+            "cannot be recovered (state {}, {}): deleting it",
+            match state {
+                sys::UBLK_S_DEV_DEAD => "dead".to_string(),
+                sys::UBLK_S_DEV_QUIESCED => "quiesced".to_string(),
+                s => s.to_string(),
+            },
+            if can {
+                "created with user recovery"
+            } else {
+                "created without user recovery"
+            }
+        ),
+        delete: true,
+    }
+}
+
+fn delete_device(id: u32) {
+    match UblkCtrl::new_simple(id as i32).and_then(|c| {
+        let _ = c.kill_dev();
+        c.del_dev()
+    }) {
+        Ok(_) => log::info!("deleted the stale /dev/ublkb{id}"),
+        Err(e) => log::warn!("cannot delete the stale /dev/ublkb{id}: {e}"),
+    }
 }
 
 fn queue_thread(qid: u16, dev: &UblkDev, ctx: QueueCtx) {
@@ -307,5 +568,31 @@ impl Backend for RingBackend {
 
     fn commit_failed(&self) -> bool {
         self.commit.failed().is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_flags_follow_the_driver() {
+        let rec = u64::from(sys::UBLK_F_USER_RECOVERY);
+        let reissue = u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE);
+        assert_eq!(recovery_flags(0), 0);
+        assert_eq!(recovery_flags(0x1fe), rec | reissue); // 6.12
+        assert_eq!(recovery_flags(rec), rec);
+        assert_eq!(recovery_flags(reissue), 0);
+    }
+
+    #[test]
+    fn id_file_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("sub/vol.ublk-id");
+        assert_eq!(read_id(&f), None);
+        write_id(&f, 7).unwrap();
+        assert_eq!(read_id(&f), Some(7));
+        std::fs::write(&f, "junk").unwrap();
+        assert_eq!(read_id(&f), None);
     }
 }

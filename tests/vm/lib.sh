@@ -41,13 +41,19 @@ expect_rc() {
 
 # start_server [TIMEOUT_SECS]: `splitmirror run -c $CONFIG` in the background,
 # waits (bounded) for "device: /dev/ublkbN"; sets SERVER_PID and DEVICE.
+# With SERVER_ERR set, the server's log (stderr) goes to that file instead
+# of the console (the caller greps it, then shows it).
 start_server() {
     _t=${1:-60}
     _srv_n=$((_srv_n + 1))
     SERVER_OUT=$SCRATCH/server.$_srv_n.out
     : >"$SERVER_OUT"
-    # stderr (logs) goes straight to the console log
-    splitmirror run -c "$CONFIG" >"$SERVER_OUT" &
+    # stderr (logs) goes straight to the console log, or to $SERVER_ERR
+    if [ -n "${SERVER_ERR:-}" ]; then
+        splitmirror run -c "$CONFIG" >"$SERVER_OUT" 2>>"$SERVER_ERR" &
+    else
+        splitmirror run -c "$CONFIG" >"$SERVER_OUT" &
+    fi
     SERVER_PID=$!
     _i=0
     while :; do

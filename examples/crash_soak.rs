@@ -183,6 +183,10 @@ fn trial(dir: &Path, seed: u64) -> u64 {
     let out = BufReader::new(child.stdout.take().unwrap());
     let mut lines = 0u64;
     let mut last_cmd = String::new();
+    let mut killed = false;
+    // Read to the end even after the kill: the child may have issued (and
+    // had acknowledged) more writes than the lines read when it died; those
+    // lines are still in the pipe, and the model must see every one.
     for line in out.lines() {
         let Ok(line) = line else { break };
         model.apply(&line);
@@ -190,12 +194,12 @@ fn trial(dir: &Path, seed: u64) -> u64 {
             last_cmd = line.clone();
         }
         lines += 1;
-        if lines >= kill_after {
+        if lines >= kill_after && !killed {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(child.id() as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
-            break;
+            killed = true;
         }
     }
     let _ = child.wait();

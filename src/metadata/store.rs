@@ -222,7 +222,7 @@ impl<D: MetaDevice> MetadataStore<D> {
         let mut words = vec![0u64; CHUNK_WORDS];
         for t in TAKE_ORDER {
             for c in 0..tables[t].chunks() {
-                if tables[t].take_dirty_chunk(c, &mut words) {
+                if tables[t].take_dirty_chunk_for(c, &mut words, seq) {
                     pages.push((t, c, words.clone()));
                 }
             }

@@ -464,7 +464,10 @@ fn unknown_command_and_flag() {
 fn run_after_a_device_size_changed() {
     let f = Fixture::formatted();
     for d in ["primary.img", "secondary.img"] {
-        let file = std::fs::OpenOptions::new().write(true).open(f.path(d)).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(f.path(d))
+            .unwrap();
         file.set_len(8 * MIB).unwrap();
     }
     let err = f.refuses(&["run", "-c", f.config().to_str().unwrap()], 2);

@@ -18,5 +18,5 @@ rc=0
 SPLITMIRROR_VM_LOGS=$logs bash tests/vm/run.sh demo/walk.sh || rc=$?
 echo "---- what the walk printed inside the VM ($logs/walk.log):"
 # The console log carries kernel and init lines too: show the walk's part.
-sed -n '/### a volume on two sparse/,/demo ok\|demo: /p' "$logs/walk.log" | grep -v '^\[ *[0-9.]*\]' || cat "$logs/walk.log"
+sed -n '/### a volume on two sparse/,/^demo ok\|DEMO FAILED/p' "$logs/walk.log" | grep -v '^\[ *[0-9.]*\]' || cat "$logs/walk.log"
 exit "$rc"

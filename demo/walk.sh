@@ -7,7 +7,7 @@
 set -u
 
 say() { printf '\n### %s\n' "$*"; }
-die() { echo "demo: $*" >&2; [ -n "${PID:-}" ] && kill -TERM "$PID" 2>/dev/null; exit 1; }
+die() { echo "DEMO FAILED: $*" >&2; [ -n "${PID:-}" ] && kill -TERM "$PID" 2>/dev/null; exit 1; }
 sha() { dd if="$1" bs=1M count="$MIB" iflag=direct 2>/dev/null | sha256sum | cut -c1-16; }
 
 MIB=64

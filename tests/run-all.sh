@@ -26,3 +26,5 @@ if [ -n "${SPLITMIRROR_SKIP_VM:-}" ]; then
 fi
 echo "== VM tier (qemu TCG, Debian 6.12 kernel, real ublk_drv)"
 bash tests/vm/run.sh
+echo "== README's walk (demo/run.sh: in the VM when the host has no ublk_drv)"
+bash demo/run.sh

@@ -1,7 +1,8 @@
 //! A plain blocking [`Backend`]: pread/pwrite on the O_DIRECT device fds,
-//! fdatasync for flushes, and a short sleep to wait. It serves the copy
-//! engine thread, control commands and verify, where a blocked thread
-//! holds up nothing else; the ublk queues use their own io_uring instead.
+//! fdatasync for flushes, and a short sleep to wait. It serves control
+//! commands and verify (and the copy engine where io_uring is unavailable),
+//! where a blocked thread holds up nothing else; the ublk queues and the
+//! copy engine use io_uring.
 
 use crate::core::Dev;
 use crate::device::Devices;
@@ -9,9 +10,8 @@ use crate::hostpath::Backend;
 use crate::metadata::CommitHandle;
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct BlockingBackend {
     devs: Arc<Devices>,
@@ -124,72 +124,5 @@ impl Backend for BlockingBackend {
 
     fn commit_failed(&self) -> bool {
         self.commit.failed().is_some()
-    }
-}
-
-/// Paces copies to a byte rate: spending runs up a debt that [`wait`]
-/// sleeps off. No credit accumulates while idle, so there are no bursts
-/// beyond one batch.
-///
-/// [`wait`]: TokenBucket::wait
-pub struct TokenBucket {
-    /// Bytes per second; 0 means unlimited.
-    rate: u64,
-    next: Instant,
-}
-
-impl TokenBucket {
-    pub fn new(rate: u64) -> Self {
-        TokenBucket {
-            rate,
-            next: Instant::now(),
-        }
-    }
-
-    pub fn spend(&mut self, bytes: u64) {
-        if self.rate == 0 {
-            return;
-        }
-        self.next = self.next.max(Instant::now())
-            + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
-    }
-
-    /// Sleeps until the debt is paid; false if `stop` was set meanwhile
-    /// (the thread is unparked to notice it at once).
-    pub fn wait(&self, stop: &AtomicBool) -> bool {
-        loop {
-            if stop.load(SeqCst) {
-                return false;
-            }
-            let now = Instant::now();
-            if now >= self.next {
-                return true;
-            }
-            std::thread::park_timeout((self.next - now).min(Duration::from_millis(100)));
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_bucket_paces_and_stops() {
-        let stop = AtomicBool::new(false);
-        let mut unlimited = TokenBucket::new(0);
-        unlimited.spend(1 << 30);
-        assert!(unlimited.wait(&stop));
-
-        let mut b = TokenBucket::new(1 << 20);
-        let t0 = Instant::now();
-        b.spend(100 << 10);
-        assert!(b.wait(&stop));
-        let took = t0.elapsed();
-        assert!(took >= Duration::from_millis(90), "{took:?}");
-
-        b.spend(10 << 20);
-        stop.store(true, SeqCst);
-        assert!(!b.wait(&stop));
     }
 }

@@ -250,7 +250,7 @@ async fn next_done<T, F: Future<Output = T> + ?Sized>(
 /// when it ends, by what it copied); no batch starts until they are back
 /// above zero. The burst is a tenth of a second's worth, so a limit is
 /// smooth at the scale a host notices.
-struct TokenBucket {
+pub struct TokenBucket {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -258,7 +258,8 @@ struct TokenBucket {
 }
 
 impl TokenBucket {
-    fn new(rate: u64, min_burst: u64) -> Self {
+    /// `rate` bytes/s (0 = unlimited); the burst is at least `min_burst`.
+    pub fn new(rate: u64, min_burst: u64) -> Self {
         let rate = rate as f64;
         let burst = (rate / 10.0).max(min_burst as f64);
         TokenBucket {
@@ -269,7 +270,8 @@ impl TokenBucket {
         }
     }
 
-    fn ready(&mut self) -> bool {
+    /// Whether the next piece of work may start now.
+    pub fn ready(&mut self) -> bool {
         if self.rate == 0.0 {
             return true;
         }
@@ -280,10 +282,22 @@ impl TokenBucket {
         self.tokens > 0.0
     }
 
-    fn spend(&mut self, bytes: u64) {
+    pub fn spend(&mut self, bytes: u64) {
         if self.rate != 0.0 {
             self.tokens -= bytes as f64;
         }
+    }
+
+    /// For blocking callers (verify): sleeps until `ready`; false if `stop`
+    /// was set meanwhile.
+    pub fn wait_blocking(&mut self, stop: &std::sync::atomic::AtomicBool) -> bool {
+        while !self.ready() {
+            if stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        !stop.load(Ordering::Relaxed)
     }
 }
 
@@ -406,5 +420,26 @@ impl<F: Future> Future for JoinAll<F> {
         } else {
             Poll::Ready(this.out.drain(..).map(|o| o.expect("completed")).collect())
         }
+    }
+}
+
+#[cfg(test)]
+mod bucket_tests {
+    use super::TokenBucket;
+    use std::sync::atomic::AtomicBool;
+
+    #[test]
+    fn token_bucket_limits_and_stops() {
+        let stop = AtomicBool::new(false);
+        let mut unlimited = TokenBucket::new(0, 4096);
+        unlimited.spend(1 << 30);
+        assert!(unlimited.ready());
+        // 1 MiB/s, burst 100 KiB: spending a second's worth empties it.
+        let mut b = TokenBucket::new(1 << 20, 4096);
+        assert!(b.ready());
+        b.spend(1 << 20);
+        assert!(!b.ready(), "a debt of ~0.9 s is not paid at once");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(!b.wait_blocking(&stop), "stop ends the wait");
     }
 }

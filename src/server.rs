@@ -7,12 +7,12 @@
 //! receives them); one thread per ublk queue; the copy engine; the metadata
 //! committer; the control listener.
 
-use crate::blocking::{BlockingBackend, TokenBucket};
+use crate::blocking::BlockingBackend;
 use crate::config::Config;
 use crate::control::{self, ControlTarget, OperationStatus, Status, VerifyReport};
 use crate::core::{Command, Geometry, Volume};
 use crate::device::Devices;
-use crate::engine::{self, EngineConfig, RunReport};
+use crate::engine::{self, EngineConfig, RunReport, TokenBucket};
 use crate::error::{Error, Result};
 use crate::hostpath::HostLoad;
 use crate::metadata::{CommitHandle, Committer, MetadataStore};
@@ -428,7 +428,7 @@ impl ControlTarget for Server {
         let b = self.backend();
         let mut p = AlignedBuf::new(g.track_size() as usize);
         let mut s = AlignedBuf::new(g.track_size() as usize);
-        let mut bucket = TokenBucket::new(self.cfg.restore.rate_limit);
+        let mut bucket = TokenBucket::new(self.cfg.restore.rate_limit, g.track_size());
         let mut report = VerifyReport {
             compared: 0,
             mismatches: Vec::new(),
@@ -468,7 +468,7 @@ impl ControlTarget for Server {
                     report.mismatches.push(t);
                 }
                 bucket.spend(2 * len as u64);
-                if !bucket.wait(&self.stop) {
+                if !bucket.wait_blocking(&self.stop) {
                     return Err(Error::runtime("verify interrupted: the server is stopping"));
                 }
                 break;

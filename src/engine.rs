@@ -56,6 +56,21 @@ impl EngineConfig {
             commit_every: 8,
         }
     }
+
+    /// [`Self::from_restore`] for a volume of `track_size` tracks whose
+    /// coalesced copies may be up to `max_io` bytes (at least one track).
+    pub fn for_volume(r: &RestoreConfig, track_size: u64, max_io: u64) -> Self {
+        let mut cfg = EngineConfig::from_restore(r);
+        cfg.max_io = max_io.max(track_size);
+        if r.rate_limit > 0 {
+            // The rate is charged per batch: keep a batch to about a tenth
+            // of a second's worth, so a low limit is met smoothly rather
+            // than in second-long bursts.
+            let per_tenth = (r.rate_limit / 10 / track_size).max(1) as usize;
+            cfg.batch = cfg.batch.min(per_tenth);
+        }
+        cfg
+    }
 }
 
 /// A track the engine could not copy.

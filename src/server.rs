@@ -234,19 +234,11 @@ impl Server {
     }
 
     fn engine_config(&self) -> EngineConfig {
-        let r = &self.cfg.restore;
-        let mut batch = r.batch as usize;
-        if r.rate_limit > 0 {
-            // About a tenth of a second's worth per batch, so that a low
-            // rate limit is met smoothly rather than in bursts.
-            let per_tenth = (r.rate_limit / 10 / self.cfg.track_size).max(1);
-            batch = batch.min(per_tenth as usize);
-        }
-        EngineConfig {
-            batch,
-            max_io: u64::from(self.cfg.ublk.max_io).max(self.cfg.track_size),
-            ..EngineConfig::from_restore(r)
-        }
+        EngineConfig::for_volume(
+            &self.cfg.restore,
+            self.cfg.track_size,
+            u64::from(self.cfg.ublk.max_io),
+        )
     }
 
     /// The copy engine: copies while the state has something to copy (the

@@ -76,7 +76,7 @@ mod tests {
     use crate::core::table::CHUNK_WORDS;
 
     #[test]
-    fn a_synced_bit_waits_only_for_the_commit_that_took_it() {
+    fn a_synced_bit_waits_only_for_the_commit_that_carried_its_word() {
         let clock = CommitClock::default();
         let table = TrackTable::new(1000);
         let mut buf = vec![0u64; CHUNK_WORDS];
@@ -96,12 +96,18 @@ mod tests {
         );
         clock.finish(seq);
         assert_eq!(clock.needed_for(&table, 5), None);
-        // Another commit in progress that does not carry this bit: no wait.
-        let _next = clock.begin();
+        // Another commit in progress that does not carry this bit: no wait,
+        // even when it takes the same chunk for another word's change.
+        table.set(640);
+        let next = clock.begin();
+        assert!(table.take_dirty_chunk_for(0, &mut buf, next));
         assert_eq!(clock.needed_for(&table, 5), None);
+        assert_eq!(clock.needed_for(&table, 640), Some(next));
+        clock.finish(next);
         // A store that does not say which commit took a chunk: conservative.
         table.set(6);
+        let _third = clock.begin();
         assert!(table.take_dirty_chunk(0, &mut buf));
-        assert_eq!(clock.needed_for(&table, 6), Some(2));
+        assert_eq!(clock.needed_for(&table, 6), Some(3));
     }
 }

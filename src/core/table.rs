@@ -25,11 +25,14 @@ pub struct TrackTable {
     bits: AtomicBitmap,
     unsynced: AtomicBitmap,
     dirty_chunks: AtomicBitmap,
-    /// Per chunk, the commit that last took it (0: none since load). Lets a
-    /// writer whose bit is synced wait only for the commit that carries it,
-    /// instead of for whatever commit happens to be in progress: during a
-    /// restore commits run back to back, and waiting on each would put a
-    /// flush into many host writes' latency.
+    /// Per word of bits, the commit that last carried a change of it (0:
+    /// none since load). Lets a writer whose bit is synced wait only for the
+    /// commit that carries that bit, not for every commit that takes its
+    /// chunk: during a restore (or while new tracks are first written)
+    /// commits run back to back and take the same chunks again and again,
+    /// and waiting on each would put a metadata commit (a flush) into the
+    /// latency of writes whose bits were durable long ago. Per word, not per
+    /// bit: 64 tracks share an entry, which costs at most a needless wait.
     taken: Box<[AtomicU64]>,
 }
 
@@ -39,7 +42,7 @@ impl TrackTable {
             bits: AtomicBitmap::new(tracks),
             unsynced: AtomicBitmap::new(tracks),
             dirty_chunks: AtomicBitmap::new(tracks.div_ceil(CHUNK_TRACKS)),
-            taken: (0..tracks.div_ceil(CHUNK_TRACKS))
+            taken: (0..tracks.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
         }
@@ -170,32 +173,43 @@ impl TrackTable {
         if !self.dirty_chunks.clear(c as u64) {
             return false;
         }
-        // Before the unsynced bits are cleared: a writer that sees its bit
-        // synced must also see which commit took it.
-        self.taken[c].fetch_max(seq, SeqCst);
-        self.snapshot_chunk(c, out, true);
+        self.snapshot_words(c, out, Some(seq));
         true
     }
 
-    /// The commit that last took the chunk holding track `t` (0: none since
-    /// load, [`TAKEN_UNKNOWN`]: one that did not say).
+    /// The commit that last carried a change of the word holding track `t`
+    /// (0: none since load, [`TAKEN_UNKNOWN`]: one that did not say).
     pub fn taken_by(&self, t: Track) -> u64 {
-        self.taken[(t / CHUNK_TRACKS) as usize].load(SeqCst)
+        self.taken[(t / 64) as usize].load(SeqCst)
     }
 
     /// Copies chunk `c` into `out`; with `sync`, also marks it synced.
     pub fn snapshot_chunk(&self, c: usize, out: &mut [u64], sync: bool) {
+        // Commit 0 is durable from the start: nothing to wait for later.
+        self.snapshot_words(c, out, sync.then_some(0));
+    }
+
+    /// Copies chunk `c` into `out`; with `Some(seq)` it also marks each
+    /// unsynced word synced, as carried by commit `seq`.
+    fn snapshot_words(&self, c: usize, out: &mut [u64], sync: Option<u64>) {
         let first = c * CHUNK_WORDS;
         for (i, slot) in out.iter_mut().enumerate().take(CHUNK_WORDS) {
             let w = first + i;
-            *slot = if w < self.bits.words() {
-                if sync {
+            if w >= self.bits.words() {
+                *slot = 0;
+                continue;
+            }
+            if let Some(seq) = sync {
+                // `taken` before the unsynced bits are cleared: a writer
+                // that sees its bit synced must also see which commit took
+                // it. A word that turns unsynced after this load keeps its
+                // unsynced bit, so the next commit carries it.
+                if self.unsynced.word(w) != 0 {
+                    self.taken[w].fetch_max(seq, SeqCst);
                     self.unsynced.swap_word(w, 0);
                 }
-                self.bits.word(w)
-            } else {
-                0
-            };
+            }
+            *slot = self.bits.word(w);
         }
     }
 
@@ -210,7 +224,10 @@ impl TrackTable {
             }
         }
         self.dirty_chunks.clear(c as u64);
-        self.taken[c].store(0, SeqCst);
+        let words = first..(first + CHUNK_WORDS).min(self.bits.words());
+        for w in words {
+            self.taken[w].store(0, SeqCst);
+        }
     }
 
     /// Marks chunk `c` dirty again: a commit that took it failed, so the

@@ -110,29 +110,42 @@ impl AtomicBitmap {
     }
 
     pub fn count_ones(&self) -> u64 {
-        self.words
-            .iter()
-            .map(|w| w.load(Relaxed).count_ones() as u64)
-            .sum()
+        self.count_ones_in(0..self.words.len())
     }
 
     /// The first set bit at or after `from`, without wrapping.
     pub fn next_one(&self, from: u64) -> Option<u64> {
-        if from >= self.bits {
+        self.next_one_before(from, self.bits)
+    }
+
+    /// The first set bit in `from..end`; `end` is a multiple of 64 or the
+    /// length.
+    pub fn next_one_before(&self, from: u64, end: u64) -> Option<u64> {
+        let end = end.min(self.bits);
+        if from >= end {
             return None;
         }
         let (mut w, _) = Self::locate(from);
+        let end_word = end.div_ceil(64) as usize;
         let mut word = self.word(w) & (!0u64 << (from % 64));
         loop {
             if word != 0 {
                 return Some(w as u64 * 64 + word.trailing_zeros() as u64);
             }
             w += 1;
-            if w >= self.words.len() {
+            if w >= end_word {
                 return None;
             }
             word = self.word(w);
         }
+    }
+
+    /// Set bits in words `words`.
+    pub fn count_ones_in(&self, words: std::ops::Range<usize>) -> u64 {
+        self.words[words]
+            .iter()
+            .map(|w| w.load(Relaxed).count_ones() as u64)
+            .sum()
     }
 
     /// The first set bit at or after `from`, wrapping around once.

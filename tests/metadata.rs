@@ -354,3 +354,41 @@ fn the_committer_reports_failures_and_recovers() {
     let (_, again) = MetadataStore::open(&path, &binding()).unwrap();
     assert!(again.tables.changed.get(3));
 }
+
+#[test]
+fn a_full_restore_is_committed_as_header_flags_not_pages() {
+    use splitmirror::core::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    MetadataStore::format(&path, &binding(), &fresh(true), false).unwrap();
+    let (dev, ctl) = flaky(&path);
+    let (mut store, vol) = MetadataStore::open_dev(dev, &binding()).unwrap();
+    let tracks = vol.geometry().tracks();
+    let apply = |cmd| {
+        assert!(vol.close_gate() && vol.is_drained());
+        vol.apply(cmd).unwrap();
+        vol.open_gate();
+    };
+    apply(Command::Split);
+    store.commit(&vol, &mut no_flush()).unwrap();
+    let before = ctl.writes.load(SeqCst);
+    apply(Command::Restore {
+        incremental: false,
+        protect: false,
+    });
+    store.commit(&vol, &mut no_flush()).unwrap();
+    assert_eq!(
+        ctl.writes.load(SeqCst) - before,
+        1,
+        "only the header: every pending page is an \"all ones\" flag"
+    );
+    // Restoring one track writes that track's page out for real.
+    assert!(vol.tables.pending.clear(70_000));
+    store.commit(&vol, &mut no_flush()).unwrap();
+    drop(store);
+    let (_, again) = MetadataStore::open(&path, &binding()).unwrap();
+    assert_eq!(again.state(), VolumeState::Restoring);
+    assert_eq!(again.tables.pending.count(), tracks - 1);
+    assert!(!again.tables.pending.get(70_000));
+    assert!(again.tables.pending.get(69_999) && again.tables.pending.get(tracks - 1));
+}

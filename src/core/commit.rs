@@ -73,7 +73,7 @@ pub fn later(a: Option<CommitSeq>, b: Option<CommitSeq>) -> Option<CommitSeq> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::table::CHUNK_WORDS;
+    use crate::core::table::{Taken, CHUNK_WORDS};
 
     #[test]
     fn a_synced_bit_waits_only_for_the_commit_that_carried_its_word() {
@@ -88,7 +88,7 @@ mod tests {
             "unsynced: the next commit"
         );
         let seq = clock.begin();
-        assert!(table.take_dirty_chunk_for(0, &mut buf, seq));
+        assert_eq!(table.take_dirty_chunk_for(0, &mut buf, seq), Taken::Words);
         assert_eq!(
             clock.needed_for(&table, 5),
             Some(seq),
@@ -100,7 +100,7 @@ mod tests {
         // even when it takes the same chunk for another word's change.
         table.set(640);
         let next = clock.begin();
-        assert!(table.take_dirty_chunk_for(0, &mut buf, next));
+        assert_eq!(table.take_dirty_chunk_for(0, &mut buf, next), Taken::Words);
         assert_eq!(clock.needed_for(&table, 5), None);
         assert_eq!(clock.needed_for(&table, 640), Some(next));
         clock.finish(next);

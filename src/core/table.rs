@@ -46,6 +46,17 @@ pub const CHUNK_TRACKS: u64 = CHUNK_WORDS as u64 * 64;
 /// which (callers of [`TrackTable::take_dirty_chunk`]).
 pub const TAKEN_UNKNOWN: u64 = u64::MAX;
 
+/// What [`TrackTable::take_dirty_chunk_for`] took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// The chunk was not dirty: nothing to write.
+    Clean,
+    /// The chunk's words are in `out`.
+    Words,
+    /// Every bit of the chunk is set; `out` is untouched.
+    Ones,
+}
+
 const REAL: u8 = 0;
 const ONES_UNSYNCED: u8 = 1;
 const ONES_SYNCED: u8 = 2;
@@ -332,16 +343,25 @@ impl TrackTable {
     /// unsynced bits, then reading the bits is what makes concurrent changes
     /// either included here or carried by the next commit.
     pub fn take_dirty_chunk(&self, c: usize, out: &mut [u64]) -> bool {
-        self.take_dirty_chunk_for(c, out, TAKEN_UNKNOWN)
-    }
-
-    /// [`Self::take_dirty_chunk`] by commit `seq` (from `CommitClock::begin`).
-    pub fn take_dirty_chunk_for(&self, c: usize, out: &mut [u64], seq: u64) -> bool {
         if !self.dirty_chunks.clear(c as u64) {
             return false;
         }
-        self.snapshot_words(c, out, Some(seq));
+        self.snapshot_words(c, out, Some(TAKEN_UNKNOWN));
         true
+    }
+
+    /// [`Self::take_dirty_chunk`] by commit `seq` (from `CommitClock::begin`),
+    /// which says when the chunk is all ones instead of writing them into
+    /// `out` (a full restore's commit then costs O(chunks), not O(tracks)).
+    pub fn take_dirty_chunk_for(&self, c: usize, out: &mut [u64], seq: u64) -> Taken {
+        if !self.dirty_chunks.clear(c as u64) {
+            return Taken::Clean;
+        }
+        if self.take_lazy(c, Some(seq)) {
+            return Taken::Ones;
+        }
+        self.snapshot_words(c, out, Some(seq));
+        Taken::Words
     }
 
     /// The commit that last carried a change of the word holding track `t`
@@ -363,7 +383,16 @@ impl TrackTable {
     /// Copies chunk `c` into `out`; with `Some(seq)` it also marks each
     /// unsynced word synced, as carried by commit `seq`.
     fn snapshot_words(&self, c: usize, out: &mut [u64], sync: Option<u64>) {
-        if self.snapshot_lazy(c, out, sync) {
+        if self.take_lazy(c, sync) {
+            let first = c * CHUNK_WORDS;
+            for (i, slot) in out.iter_mut().enumerate().take(CHUNK_WORDS) {
+                let w = first + i;
+                *slot = if w < self.bits.words() {
+                    self.bits.valid_mask(w)
+                } else {
+                    0
+                };
+            }
             return;
         }
         let first = c * CHUNK_WORDS;
@@ -387,16 +416,16 @@ impl TrackTable {
         }
     }
 
-    /// [`Self::snapshot_words`] of a lazy chunk: all ones, and with `sync`
-    /// the chunk turns synced as a whole. False if the chunk is `REAL`
-    /// (also when it became so meanwhile).
-    fn snapshot_lazy(&self, c: usize, out: &mut [u64], sync: Option<u64>) -> bool {
+    /// If chunk `c` is lazy, turns it synced as carried by commit `sync`
+    /// (if any) and returns true. False if the chunk is `REAL` (also when it
+    /// became so meanwhile).
+    fn take_lazy(&self, c: usize, sync: Option<u64>) -> bool {
         loop {
             let s = self.settled_state(c);
             if s == REAL {
                 return false;
             }
-            if let (Some(seq), ONES_UNSYNCED) = (sync, s) {
+            if let (ONES_UNSYNCED, Some(seq)) = (s, sync) {
                 // As for words: the commit number before the synced state.
                 self.lazy_taken[c].fetch_max(seq, SeqCst);
                 if self.state[c]
@@ -405,15 +434,6 @@ impl TrackTable {
                 {
                     continue; // being written out: take its words instead
                 }
-            }
-            let first = c * CHUNK_WORDS;
-            for (i, slot) in out.iter_mut().enumerate().take(CHUNK_WORDS) {
-                let w = first + i;
-                *slot = if w < self.bits.words() {
-                    self.bits.valid_mask(w)
-                } else {
-                    0
-                };
             }
             return true;
         }
@@ -616,8 +636,11 @@ mod model {
                         let range = c as u64 * CHUNK_TRACKS..((c as u64 + 1) * CHUNK_TRACKS).min(TRACKS);
                         let differs = range.clone().any(|t| m.bits[t as usize] != m.committed[t as usize]);
                         let took = table.take_dirty_chunk_for(c, &mut out, m.seq);
-                        assert!(took || !differs, "chunk {c} changed but not dirty");
-                        if took {
+                        assert!(took != Taken::Clean || !differs, "chunk {c} changed but not dirty");
+                        if took == Taken::Ones {
+                            out.iter_mut().for_each(|w| *w = !0);
+                        }
+                        if took != Taken::Clean {
                             for t in range {
                                 let i = t as usize;
                                 let w = ((t - c as u64 * CHUNK_TRACKS) / 64) as usize;
@@ -666,8 +689,7 @@ mod model {
         assert!(table.state.iter().all(|s| s.load(SeqCst) == ONES_UNSYNCED));
         assert!(!table.bits.get(8), "words not written by fill");
         let mut out = vec![0u64; CHUNK_WORDS];
-        assert!(table.take_dirty_chunk_for(1, &mut out, 5));
-        assert!(out.iter().all(|w| *w == !0));
+        assert_eq!(table.take_dirty_chunk_for(1, &mut out, 5), Taken::Ones);
         assert!(!table.is_unsynced(CHUNK_TRACKS + 3));
         assert_eq!(table.taken_by(CHUNK_TRACKS + 3), 5);
         assert!(table.is_unsynced(3), "chunk 0 not committed yet");

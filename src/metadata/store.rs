@@ -34,7 +34,7 @@
 use super::device::{FileMeta, MetaDevice};
 use super::format::{decode_page, encode_page, Bad, Header, Layout, Superblock, BLOCK};
 use super::{Binding, DataFlush};
-use crate::core::table::CHUNK_WORDS;
+use crate::core::table::{Taken, CHUNK_WORDS};
 use crate::core::{CommitSeq, DevSet, Geometry, Operation, Volume, VolumeState};
 use crate::error::{Error, Result};
 use crate::hostpath::AlignedBuf;
@@ -61,8 +61,9 @@ pub struct CommitBatch {
     seq: CommitSeq,
     state: VolumeState,
     operation: Option<Operation>,
-    /// (table, chunk, words)
-    pages: Vec<(usize, usize, Vec<u64>)>,
+    /// (table, chunk, words); no words for a page with every bit set,
+    /// which only the header records.
+    pages: Vec<(usize, usize, Option<Vec<u64>>)>,
     flush: DevSet,
 }
 
@@ -222,8 +223,10 @@ impl<D: MetaDevice> MetadataStore<D> {
         let mut words = vec![0u64; CHUNK_WORDS];
         for t in TAKE_ORDER {
             for c in 0..tables[t].chunks() {
-                if tables[t].take_dirty_chunk_for(c, &mut words, seq) {
-                    pages.push((t, c, words.clone()));
+                match tables[t].take_dirty_chunk_for(c, &mut words, seq) {
+                    Taken::Clean => {}
+                    Taken::Ones => pages.push((t, c, None)),
+                    Taken::Words => pages.push((t, c, Some(words.clone()))),
                 }
             }
         }
@@ -288,9 +291,14 @@ impl<D: MetaDevice> MetadataStore<D> {
             state: batch.state,
             operation: batch.operation,
             selectors: self.current.selectors.clone(),
+            ones: self.current.ones.clone(),
         };
         for (t, c, words) in &batch.pages {
             let i = layout.page_index(*t, *c);
+            next.ones[i] = words.is_none();
+            let Some(words) = words else { continue };
+            // The copy the durable header does not read (with its "all
+            // ones" flag set it reads neither, and either copy is free).
             let slot = !self.current.selectors[i];
             self.dev
                 .write_at(&page_buf(words), layout.page_offset(i, slot))?;
@@ -362,6 +370,7 @@ fn write_fresh<D: MetaDevice>(dev: &mut D, sb: &Superblock, vol: &Volume) -> Res
         state: vol.state(),
         operation: vol.operation(),
         selectors: vec![false; layout.pages()],
+        ones: vec![false; layout.pages()],
     };
     dev.write_at(&zero, layout.header_offset(Header::slot(0)))?;
     dev.flush()?;
@@ -457,8 +466,14 @@ fn load_pages<D: MetaDevice>(
     for (t, table) in vol.tables.all().iter().enumerate() {
         for c in 0..table.chunks() {
             let i = layout.page_index(t, c);
-            dev.read_at(&mut b, layout.page_offset(i, header.selectors[i]))?;
-            decode_page(&b, &mut words);
+            if header.ones[i] {
+                for (j, w) in words.iter_mut().enumerate() {
+                    *w = layout.ones_word(c, j);
+                }
+            } else {
+                dev.read_at(&mut b, layout.page_offset(i, header.selectors[i]))?;
+                decode_page(&b, &mut words);
+            }
             table.load_chunk(c, &words);
         }
     }

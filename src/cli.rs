@@ -322,6 +322,15 @@ fn status_rows(st: &Status) -> Vec<(&'static str, String)> {
         None => rows.push(("Operation", "none".into())),
         Some(op) => {
             rows.push(("Operation", operation_line(op)));
+            if op.paused {
+                rows.push((
+                    "Copy",
+                    format!(
+                        "paused by a read error; retried every {} s (see Errors)",
+                        crate::server::PAUSE_RETRY.as_secs()
+                    ),
+                ));
+            }
             rows.push(("Rate", human_rate(op.bytes_per_sec)));
             rows.push(("ETA", op.eta_secs.map_or("-".into(), human_secs)));
         }
@@ -454,17 +463,22 @@ fn wait_loop(
 /// two copies (restore, then resync) the operation may be briefly absent.
 const PAUSED_POLLS: u32 = 8;
 
-/// A copy state without a running operation but with errors means the copy
-/// stopped on an error (`on_error: pause`): waiting longer would never end.
+/// The copy stopped on a read error (`on_error: pause`), or a copy state
+/// has no running operation but errors: waiting longer may never end.
 fn paused(st: &Status) -> bool {
-    st.operation.is_none() && !st.errors.is_empty()
+    match &st.operation {
+        Some(op) => op.paused,
+        None => !st.errors.is_empty(),
+    }
 }
 
 fn paused_error(st: &Status) -> Error {
     let last = st.errors.last().map_or("", String::as_str);
     Error::runtime(format!(
-        "the {} copy is paused by an error: {last}; see `splitmirror status` and the server log",
-        st.state
+        "the {} copy is paused by an error: {last}; the server retries every {}s, \
+         fix the device (or set restore.on_error: skip) and run `splitmirror wait` again",
+        st.state,
+        crate::server::PAUSE_RETRY.as_secs()
     ))
 }
 
@@ -624,6 +638,7 @@ mod tests {
                 percent: 45.17,
                 bytes_per_sec: 410 << 20,
                 eta_secs: Some(10.2),
+                paused: false,
             }),
             errors: vec![],
         }

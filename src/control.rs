@@ -70,6 +70,10 @@ pub struct OperationStatus {
     pub percent: f64,
     pub bytes_per_sec: u64,
     pub eta_secs: Option<f64>,
+    /// Copying stopped on a read error (`on_error: pause`); the server
+    /// retries now and then. An extension of the contract's fields.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// Result of `verify`: tracks the tables say are identical, compared.

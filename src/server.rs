@@ -32,7 +32,7 @@ const UBLK_CONTROL: &str = "/dev/ublk-control";
 const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a copy paused by a read error (`on_error: pause`) waits before
 /// it tries again.
-const PAUSE_RETRY: Duration = Duration::from_secs(30);
+pub const PAUSE_RETRY: Duration = Duration::from_secs(30);
 /// The window over which copy speed is measured for `status`.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 
@@ -359,6 +359,7 @@ impl ControlTarget for Server {
                 },
                 bytes_per_sec: bps,
                 eta_secs: (bps > 0).then(|| (left_bytes as f64 / bps as f64 * 10.0).round() / 10.0),
+                paused: self.paused.load(SeqCst),
             }
         });
         let mut errors = self.errors.lock().unwrap().clone();

@@ -294,6 +294,7 @@ impl Fake {
             percent: 0.0,
             bytes_per_sec: 410 << 20,
             eta_secs: Some(3.0),
+            paused: false,
         });
     }
 }
@@ -302,7 +303,7 @@ impl ControlTarget for Fake {
     fn status(&self) -> Status {
         let mut st = self.status.lock().unwrap();
         let snapshot = st.clone();
-        if let Some(op) = &mut st.operation {
+        if let Some(op) = st.operation.as_mut().filter(|op| !op.paused) {
             op.done = (op.done + 2048).min(op.total);
             op.percent = 100.0 * op.done as f64 / op.total as f64;
             if op.done == op.total {
@@ -602,4 +603,30 @@ fn wait_gives_up_on_a_paused_copy() {
     ]);
     assert_fails(&o, 1, "paused copy");
     assert!(stderr(&o).contains("track 12"), "{}", stderr(&o));
+}
+
+#[test]
+fn wait_gives_up_on_a_restore_paused_by_a_read_error() {
+    // The real server's case: the restore operation still exists, copying
+    // is paused and retried now and then.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vol0.sock");
+    let fake = Fake::new("restoring", vec![]);
+    fake.start_restore();
+    {
+        let mut st = fake.status.lock().unwrap();
+        st.operation.as_mut().unwrap().paused = true;
+        st.errors = vec!["copy paused: track 77: Input/output error".into()];
+    }
+    let _server = control::serve(&sock, fake).unwrap();
+    let o = splitmirror(&["wait", "--socket", sock.to_str().unwrap()]);
+    assert_fails(&o, 1, "paused restore");
+    let err = stderr(&o);
+    assert!(err.contains("track 77") && err.contains("retries"), "{err}");
+    let o = splitmirror(&["status", "--socket", sock.to_str().unwrap()]);
+    assert!(
+        stdout(&o).contains("paused by a read error"),
+        "{}",
+        stdout(&o)
+    );
 }

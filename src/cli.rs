@@ -441,14 +441,21 @@ fn wait_loop(
     timeout: Option<f64>,
     shown: &mut Progress,
 ) -> Result<Status> {
-    let mut paused_polls = 0;
+    let grace = paused_grace();
+    // Since when the copy looks paused without progress.
+    let mut paused_since: Option<(Instant, u64)> = None;
     loop {
         let st = client::status(socket)?;
         if !busy(&st) {
             return Ok(st);
         }
-        paused_polls = if paused(&st) { paused_polls + 1 } else { 0 };
-        if paused_polls >= PAUSED_POLLS {
+        let done = st.operation.as_ref().map_or(0, |op| op.done);
+        paused_since = match paused_since {
+            _ if !paused(&st) => None,
+            Some((t, d)) if d == done => Some((t, d)),
+            _ => Some((Instant::now(), done)),
+        };
+        if paused_since.is_some_and(|(t, _)| t.elapsed() >= grace) {
             return Err(paused_error(&st));
         }
         shown.update(&st);
@@ -459,9 +466,18 @@ fn wait_loop(
     }
 }
 
-/// Polls in a row that must look paused before `wait` gives up: between
-/// two copies (restore, then resync) the operation may be briefly absent.
-const PAUSED_POLLS: u32 = 8;
+/// How long `wait` watches a paused copy before it gives up: one retry of
+/// the server's (every `PAUSE_RETRY`) and a margin, so a device repaired
+/// while waiting resumes the copy and `wait` goes on.
+/// `SPLITMIRROR_WAIT_PAUSED_GRACE` (seconds) overrides it.
+fn paused_grace() -> Duration {
+    std::env::var("SPLITMIRROR_WAIT_PAUSED_GRACE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(crate::server::PAUSE_RETRY + Duration::from_secs(5))
+}
 
 /// The copy stopped on a read error (`on_error: pause`), or a copy state
 /// has no running operation but errors: waiting longer may never end.

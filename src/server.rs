@@ -285,7 +285,7 @@ impl Server {
             if self.paused.load(SeqCst) {
                 // on_error: pause. Try again now and then: a transient error
                 // (a cable, a path failover) must not need an operator.
-                thread::park_timeout(PAUSE_RETRY);
+                self.sleep_while_paused(PAUSE_RETRY);
                 self.paused.store(false, SeqCst);
                 continue;
             }
@@ -304,6 +304,22 @@ impl Server {
         }
     }
 
+    /// Sleeps up to `limit` while the copy stays paused. Only a command
+    /// (which clears `paused`) or a stop ends it early: the executor leaves
+    /// stale unpark tokens behind, so one `park_timeout` may return at once,
+    /// and a pause that ends at every wake retries a bad track thousands of
+    /// times a second (the VM fault scenario caught that).
+    fn sleep_while_paused(&self, limit: Duration) {
+        let until = Instant::now() + limit;
+        while self.paused.load(SeqCst) && !self.stop.load(SeqCst) {
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            thread::park_timeout(until - now);
+        }
+    }
+
     /// Records what a `run_copies` call did: errors for `status`, metrics,
     /// and one log line per operation that ended.
     fn after_copies(&self, kind: Option<crate::core::OperationKind>, r: &RunReport) {
@@ -314,7 +330,11 @@ impl Server {
             for e in &r.errors {
                 let what = if e.skipped { "skipped" } else { "copy paused" };
                 log::error!("copying track {}: {} ({what})", e.track, e.message);
-                errs.push(format!("track {}: {} ({what})", e.track, e.message));
+                let line = format!("track {}: {} ({what})", e.track, e.message);
+                // A paused copy retries the same track: one line for it.
+                if !errs.contains(&line) {
+                    errs.push(line);
+                }
             }
         }
         if r.paused {

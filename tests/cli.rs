@@ -31,6 +31,9 @@ fn splitmirror(args: &[&str]) -> Output {
         .args(args)
         .env_remove("RUST_BACKTRACE")
         .env_remove("RUST_LOG")
+        // `wait` watches a paused copy for one server retry (35 s) before
+        // it gives up; the fake server never retries.
+        .env("SPLITMIRROR_WAIT_PAUSED_GRACE", "2")
         .output()
         .expect("run the splitmirror binary")
 }

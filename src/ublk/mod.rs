@@ -3,7 +3,7 @@
 //! the host path over the queue's own io_uring.
 
 use crate::core::{Dev, Volume, VolumeState};
-use crate::hostpath::{self, Backend, HostLoad};
+use crate::hostpath::{self, AlignedBuf, Backend, BufCache, HostLoad};
 use crate::metadata::CommitHandle;
 use crate::metrics::{HostOp, Metrics};
 use io_uring::{opcode, types};
@@ -385,6 +385,7 @@ fn queue_thread(qid: u16, dev: &UblkDev, ctx: QueueCtx) {
         load: ctx.load.clone(),
         metrics: ctx.metrics.clone(),
         degraded_logged: std::cell::Cell::new(false),
+        merge_bufs: BufCache::new(ctx.vol.geometry().track_size() as usize, MERGE_BUFS_KEPT),
     });
     let mut tasks = Vec::new();
     for tag in q.tags() {
@@ -478,7 +479,12 @@ struct RingBackend {
     metrics: Arc<Metrics>,
     /// This queue has logged the switch to degraded (once per queue).
     degraded_logged: std::cell::Cell<bool>,
+    /// Track buffers for merges, reused.
+    merge_bufs: Arc<BufCache>,
 }
+
+/// Track buffers a queue keeps for merges (more in flight are allocated).
+const MERGE_BUFS_KEPT: usize = 16;
 
 impl RingBackend {
     fn fd(&self, dev: Dev) -> types::Fd {
@@ -564,6 +570,10 @@ impl Backend for RingBackend {
 
     fn request_commit(&self) {
         self.commit.request();
+    }
+
+    fn buffer(&self, len: usize) -> AlignedBuf {
+        self.merge_bufs.get(len)
     }
 
     fn commit_failed(&self) -> bool {

@@ -131,6 +131,8 @@ struct Committer {
     /// Microseconds the largest table snapshot took (the in-memory stand-in
     /// for writing the metadata).
     snapshot_us: Arc<std::sync::atomic::AtomicU64>,
+    /// How long each commit took, request to durable (flush included).
+    durations: Arc<std::sync::Mutex<Vec<Duration>>>,
     stop: Arc<AtomicBool>,
     wanted: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<u64>>,
@@ -141,7 +143,9 @@ impl Committer {
         let stop = Arc::new(AtomicBool::new(false));
         let wanted = Arc::new(AtomicBool::new(false));
         let snapshot_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let durations = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (s, w, snap) = (stop.clone(), wanted.clone(), snapshot_us.clone());
+        let durs = durations.clone();
         let thread = thread::spawn(move || {
             let mut commits = 0;
             while !s.load(Ordering::Acquire) {
@@ -155,6 +159,7 @@ impl Committer {
                         assert_eq!(unsafe { libc::fdatasync(fd) }, 0, "fdatasync");
                     }
                     vol.clock.finish(seq);
+                    durs.lock().unwrap().push(t.elapsed());
                     commits += 1;
                 } else {
                     thread::park_timeout(Duration::from_millis(20));
@@ -164,6 +169,7 @@ impl Committer {
         });
         Committer {
             snapshot_us,
+            durations,
             stop,
             wanted,
             thread: Some(thread),
@@ -326,8 +332,12 @@ fn copy_vs_restore(pair: &Pair) {
 
 // ---- host write latency during a restore ------------------------------
 
-/// QD1 4 KiB random writes through the host path until `stop`, or for
-/// `dur`; returns each write's latency.
+/// One host write: its latency, and whether it waited for a metadata
+/// commit (it asked the committer for one).
+type WriteSample = (Duration, bool);
+
+/// QD1 4 KiB random writes through the host path until `until` says so;
+/// returns each write's latency and whether it waited for a commit.
 fn host_writes(
     pair: &Pair,
     vol: &Volume,
@@ -335,8 +345,13 @@ fn host_writes(
     load: &HostLoad,
     span: u64,
     until: impl Fn(usize) -> bool,
-) -> Vec<Duration> {
-    let be = backend(pair.fds(), 4, commit);
+) -> Vec<WriteSample> {
+    let asked = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let a = asked.clone();
+    let be = backend(pair.fds(), 4, move || {
+        a.set(a.get() + 1);
+        commit()
+    });
     let mut rng = fastrand::Rng::with_seed(42);
     let mut buf = AlignedBuf::new(4096);
     let mut lat = Vec::new();
@@ -344,17 +359,52 @@ fn host_writes(
         let off = rng.u64(0..span / 4096) * 4096;
         buf.fill(lat.len() as u8);
         let t = Instant::now();
+        let asked_before = asked.get();
         let _busy = load.enter();
         be.block_on(hostpath::write(vol, &be, off, &buf, false))
             .expect("host write");
-        lat.push(t.elapsed());
+        lat.push((t.elapsed(), asked.get() != asked_before));
     }
     lat
 }
 
-fn p99(mut v: Vec<Duration>) -> Duration {
+fn percentile(mut v: Vec<Duration>, pct: usize) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
     v.sort();
-    v[(v.len() * 99 / 100).min(v.len() - 1)]
+    v[(v.len() * pct / 100).min(v.len() - 1)]
+}
+
+fn p99(v: &[WriteSample]) -> Duration {
+    percentile(v.iter().map(|s| s.0).collect(), 99)
+}
+
+/// Where the time of the writes during a restore went: the profile
+/// evidence for `restore_p99_ratio` (the host path is async and spends
+/// its waits off the CPU, so a CPU profile would not show them).
+fn report_commit_waits(name: &str, writes: &[WriteSample], commits: &[Duration]) {
+    let (waited, direct): (Vec<_>, Vec<_>) = writes.iter().partition(|s| s.1);
+    let lat = |v: &[&WriteSample], pct| percentile(v.iter().map(|s| s.0).collect(), pct);
+    println!(
+        "restore_writes_commit_wait_fraction{name}: {:.3}",
+        waited.len() as f64 / writes.len().max(1) as f64
+    );
+    println!(
+        "restore_write_p99_us_without_commit_wait{name}: {}",
+        lat(&direct, 99).as_micros()
+    );
+    println!(
+        "restore_write_p99_us_with_commit_wait{name}: {}",
+        lat(&waited, 99).as_micros()
+    );
+    let c = |pct| percentile(commits.to_vec(), pct).as_micros();
+    println!(
+        "restore_commit_us{name}: p50 {} p99 {} ({} commits)",
+        c(50),
+        c(99),
+        commits.len()
+    );
 }
 
 fn latency_under_restore(pair: &Pair) {
@@ -374,7 +424,7 @@ fn latency_under_restore(pair: &Pair) {
             Instant::now() > deadline
         });
         c.finish();
-        p99(lat)
+        p99(&lat)
     };
     // Under load: the same writes for as long as a default restore runs.
     let busy_once = |span: u64| {
@@ -390,8 +440,9 @@ fn latency_under_restore(pair: &Pair) {
         );
         let lat = host_writes(pair, &vol, c.requester(), &load, span, |_| h.is_finished());
         let (t, r) = h.join().unwrap();
+        let commits = c.durations.lock().unwrap().clone();
         c.finish();
-        (p99(lat), mib_s(r.bytes, t))
+        (p99(&lat), mib_s(r.bytes, t), lat, commits)
     };
     let unthrottled = UNTHROTTLED.get().copied();
     let report = |name: &str, idle: Duration, busy: Duration, rate: f64| {
@@ -410,21 +461,24 @@ fn latency_under_restore(pair: &Pair) {
     // Three interleaved (idle, restore) rounds; the round with the median
     // ratio is reported, so one disturbed run on the shared disk does not
     // decide the figure either way.
-    let mut rounds: Vec<(Duration, Duration, f64)> = (0..3)
+    type Round = (Duration, Duration, f64, Vec<WriteSample>, Vec<Duration>);
+    let mut rounds: Vec<Round> = (0..3)
         .map(|_| {
             let idle = idle_once();
-            let (busy, rate) = busy_once(span);
-            (idle, busy, rate)
+            let (busy, rate, lat, commits) = busy_once(span);
+            (idle, busy, rate, lat, commits)
         })
         .collect();
     rounds.sort_by(|a, b| {
-        let r = |x: &(Duration, Duration, f64)| x.1.as_secs_f64() / x.0.as_secs_f64();
+        let r = |x: &Round| x.1.as_secs_f64() / x.0.as_secs_f64();
         r(a).total_cmp(&r(b))
     });
-    let (idle, busy, rate) = rounds[1];
-    report("", idle, busy, rate);
-    let (busy, rate) = busy_once(pair.size);
-    report("_uniform", idle, busy, rate);
+    let (idle, busy, rate, lat, commits) = &rounds[1];
+    report("", *idle, *busy, *rate);
+    report_commit_waits("", lat, commits);
+    let (busy, rate, lat, commits) = busy_once(pair.size);
+    report("_uniform", *idle, busy, rate);
+    report_commit_waits("_uniform", &lat, &commits);
 }
 
 /// A split volume after warm-up: every track's "changed" bit set and

@@ -190,6 +190,9 @@ pub async fn run_copies<B: Backend>(
             cfg.max_inflight
         }
         .max(1);
+        // A host request waits for a commit (whose flush writes back every
+        // copy issued before it): issue nothing new until it is through.
+        let cap = if vol.clock.waiters() > 0 { 0 } else { cap };
         // Under load, two half-size batches keep the devices busy while one
         // of them is between its read and its write.
         let size = if busy { (cap / 2).max(1) } else { cfg.batch };

@@ -18,6 +18,19 @@ pub type CommitSeq = u64;
 pub struct CommitClock {
     started: AtomicU64,
     done: AtomicU64,
+    /// Host requests waiting for a commit now. The copy engine holds back
+    /// new copies meanwhile: a commit flushes the data devices, and every
+    /// copy issued before the flush is data the flush must write back.
+    waiters: AtomicU64,
+}
+
+/// A request waiting for a commit (see [`CommitClock::waiters`]).
+pub struct CommitWaiter<'a>(&'a CommitClock);
+
+impl Drop for CommitWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, SeqCst);
+    }
 }
 
 impl CommitClock {
@@ -35,6 +48,17 @@ impl CommitClock {
     pub fn reset(&self, seq: CommitSeq) {
         self.started.store(seq, SeqCst);
         self.done.store(seq, SeqCst);
+    }
+
+    /// Registers a host request that waits for a commit until dropped.
+    pub fn wait_guard(&self) -> CommitWaiter<'_> {
+        self.waiters.fetch_add(1, SeqCst);
+        CommitWaiter(self)
+    }
+
+    /// Host requests waiting for a commit now.
+    pub fn waiters(&self) -> u64 {
+        self.waiters.load(SeqCst)
     }
 
     pub fn done(&self) -> CommitSeq {

@@ -19,12 +19,28 @@
 # After each restoring job the server is restarted without a rate limit to
 # finish the restore and its resync quickly. Content is irrelevant here: raw and rublk write to the primary
 # behind splitmirror's back.
+#
+# PERF_PROFILE=1 (benches/vm-perf.sh's VM_PERF_PROFILE=1, which brings perf
+# into the guest) adds one more round after the measured ones: every target
+# with a server process (all but raw) runs the jobs in PERF_PROFILE_JOBS
+# under a system-wide `perf record -a -e cpu-clock -g` (TCG has no PMU),
+# and the reports (all CPU time by command, then the server process's own
+# samples: `perf report --pid`) are printed as "PROF target=T job=J KIND
+# ..." lines. That round's figures are printed as "PERF-PROF ..."
+# (perturbed by perf, kept out of the summary).
+# Not `perf record -p PID`: per-task events switch the perf_sched_events
+# static key on and off, and that live patching of __schedule under TCG
+# with 2 vCPUs killed the guest kernel (int3 oops in __schedule) at the end
+# of one such recording; system-wide cpu-clock events patch nothing.
 . "${VMLIB:?run me through benches/vm-perf.sh}"
 
 : "${PERF_ROUNDS:=3}" "${PERF_RUNTIME:=5}" "${PERF_RATE:=4MiB}"
 : "${PERF_JOBS:=randread-4k-qd32 randwrite-4k-qd32}"
 : "${PERF_TARGETS:=raw rublk established split restoring}"
+: "${PERF_PROFILE:=0}" "${PERF_PROFILE_JOBS:=randwrite-4k-qd32}" "${PERF_PROFILE_FREQ:=999}"
 RUBLK_ID=7
+# set during the profiled round
+PROFILING=
 
 for j in $PERF_JOBS; do
     [ -f "$SCRATCH/$j.fio" ] || fail "no $SCRATCH/$j.fio: run me through benches/vm-perf.sh"
@@ -32,6 +48,23 @@ done
 command -v rublk >/dev/null || fail "rublk not in the guest (benches/vm-perf.sh passes it with SPLITMIRROR_VM_EXTRA_BINS)"
 
 echo "PERF-INFO kernel=$(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo) rounds=$PERF_ROUNDS runtime=$PERF_RUNTIME rate=$PERF_RATE"
+
+if [ "$PERF_PROFILE" = 1 ]; then
+    for j in $PERF_PROFILE_JOBS; do
+        [ -f "$SCRATCH/$j.fio" ] || fail "PERF_PROFILE_JOBS: no $SCRATCH/$j.fio"
+    done
+    command -v perf >/dev/null || fail "PERF_PROFILE=1 but perf is not in the guest (benches/vm-perf.sh passes it with SPLITMIRROR_VM_EXTRA_BINS)"
+    # kernel symbols from /proc/kallsyms; any process, any event
+    echo 0 >/proc/sys/kernel/kptr_restrict || fail "cannot set kernel.kptr_restrict"
+    echo -1 >/proc/sys/kernel/perf_event_paranoid || fail "cannot set kernel.perf_event_paranoid"
+    # fail now, not after the measured rounds, if perf cannot sample here
+    perf record -q -N -a -e cpu-clock -o "$SCRATCH/perf.smoke" -- sleep 0.2 >"$SCRATCH/perf.smoke.err" 2>&1 \
+        || { cat "$SCRATCH/perf.smoke.err" >&2; fail "perf record does not work in the guest"; }
+    perf report -i "$SCRATCH/perf.smoke" --stdio >/dev/null 2>"$SCRATCH/perf.smoke.err" \
+        || { cat "$SCRATCH/perf.smoke.err" >&2; fail "perf report does not work in the guest"; }
+    rm -f "$SCRATCH/perf.smoke" "$SCRATCH/perf.smoke.err"
+    echo "PERF-INFO profile=$(perf --version | tr ' ' '_') freq=$PERF_PROFILE_FREQ jobs='$PERF_PROFILE_JOBS'"
+fi
 
 # cpu_ticks PID: user + system clock ticks of a process (all its threads);
 # 0 without one
@@ -43,12 +76,80 @@ cpu_ticks() {
 # idle_ticks: idle + iowait ticks of all guest CPUs
 idle_ticks() { awk '/^cpu / { print $5 + $6 }' /proc/stat; }
 
-# measure ROUND TARGET DEV [SERVER_PID]: every job once on DEV; one PERF line
-# per job. The fio jobs are time-based; terse field 8 = read IOPS, 49 =
-# write IOPS. server_ticks: CPU time (1/100 s) the ublk server used during
-# the job (ramp included); idle_ticks: the guest's idle CPU time meanwhile.
+# prof_start TARGET JOB PID: perf record of all CPUs in the background
+# until prof_stop, whose reports look at PID (the server); sets PROF_PID,
+# PROF_DATA, PROF_SERVER
+prof_start() {
+    [ -n "$3" ] || fail "no server process to profile for $1"
+    PROF_SERVER=$3
+    PROF_DATA=$SCRATCH/perf.$1.$2.data
+    # -N: no copy of every sampled binary into ~/.debug (tmpfs)
+    perf record -N -a -F "$PERF_PROFILE_FREQ" -e cpu-clock -g -o "$PROF_DATA" \
+        >"$SCRATCH/perf-record.out" 2>&1 &
+    PROF_PID=$!
+}
+
+# prof_stop TARGET JOB: stop perf record, print its reports as PROF lines
+prof_stop() {
+    kill -INT "$PROF_PID" 2>/dev/null
+    wait "$PROF_PID"
+    [ -s "$PROF_DATA" ] || { cat "$SCRATCH/perf-record.out" >&2; fail "perf record of $1 during $2 wrote no data"; }
+    _p="PROF target=$1 job=$2"
+    sed -n "s/^\[ perf record: \(Captured.*\) \]\$/$_p record: \1/p" "$SCRATCH/perf-record.out"
+    _r="$SCRATCH/perf-report.out"
+    # all CPU time (both vCPUs, idle = swapper) by command
+    prof_report all --no-children --sort comm >"$_r"
+    head -n 10 "$_r" | sed "s/^/$_p cpu: /"
+    # from here on only the server's samples, in % of them. Every sort
+    # starts with pid (= thread, tid:name): perf report --pid filters whole
+    # entries, so an entry merged across processes (e.g. vp_notify of fio
+    # and of the server) would be dropped or kept as a whole
+    # kernel vs user space: self time of [k] vs [.] symbols
+    prof_report server --no-children --sort pid,sym --percent-limit 0 >"$_r"
+    awk -v p="$_p" '{ for (i = 2; i <= NF; i++) if ($i == "[k]") k += $1; else if ($i == "[.]") u += $1 }
+        END { printf "%s share: kernel=%.1f%% user=%.1f%%\n", p, k, u }' "$_r"
+    # threads, then kernel vs user space per thread
+    prof_report server --no-children --sort pid >"$_r"
+    head -n 12 "$_r" | sed "s/^/$_p thread: /"
+    prof_report server --no-children --sort pid,dso >"$_r"
+    head -n 12 "$_r" | sed "s/^/$_p thread-dso: /"
+    # hottest symbols, self time
+    prof_report server --no-children --sort pid,dso,sym >"$_r"
+    head -n 30 "$_r" | sed "s/^/$_p self: /"
+    # where the kernel time comes from: system calls, then kernel functions
+    # with their callees (kernel call chains are complete; user ones are
+    # not: the binaries have no frame pointers, and what looks like a
+    # kernel address among them is such garbage)
+    prof_report server --children --sort pid,sym >"$_r"
+    grep -E '\[k\] __(x64|do)_sys_' "$_r" | head -n 15 | sed "s/^/$_p syscall: /"
+    grep -F '[k]' "$_r" | grep -vE '\[k\] (__(x64|do)_sys_|0x)' | head -n 25 | sed "s/^/$_p kernel-incl: /"
+    rm -f "$PROF_DATA" "$_r"
+}
+
+# prof_report all|server ARGS: the entries of a perf report of PROF_DATA:
+# of all samples, or of process PROF_SERVER's in % of them (its warnings go
+# to the console; a failure fails the scenario)
+prof_report() {
+    _scope=$1; shift
+    if [ "$_scope" = all ]; then set -- --percentage absolute "$@"
+    else set -- --pid "$PROF_SERVER" --percentage relative "$@"; fi
+    perf report -i "$PROF_DATA" --stdio -g none --percent-limit 0.1 "$@" \
+        >"$SCRATCH/perf-report.raw" 2>"$SCRATCH/perf-report.err" \
+        || { cat "$SCRATCH/perf-report.err" >&2; fail "perf report $* failed"; }
+    sed 's/^/perf report: /' "$SCRATCH/perf-report.err" >&2
+    grep -v -e '^#' -e '^[[:space:]]*$' "$SCRATCH/perf-report.raw"
+    rm -f "$SCRATCH/perf-report.raw"
+}
+
+# measure ROUND TARGET DEV [SERVER_PID [JOBS]]: every job once on DEV; one
+# PERF line per job (PERF-PROF, under perf record, in the profiled round,
+# with the profile of SERVER_PID). The fio jobs are time-based; terse field 8 = read IOPS,
+# 49 = write IOPS. server_ticks: CPU time (1/100 s) the ublk server used
+# during the job (ramp included); idle_ticks: the guest's idle CPU time
+# meanwhile.
 measure() {
     for j in ${5:-$PERF_JOBS}; do
+        [ -n "$PROFILING" ] && prof_start "$2" "$j" "${4:-}"
         _c0=$(cpu_ticks "${4:-}"); _i0=$(idle_ticks); _t0=$(cut -d' ' -f1 /proc/uptime)
         _out=$(DEV=$3 RUNTIME=$PERF_RUNTIME fio --minimal "$SCRATCH/$j.fio" 2>"$SCRATCH/fio.err") \
             || { cat "$SCRATCH/fio.err" >&2; fail "fio $j on $2 ($3) failed"; }
@@ -59,7 +160,8 @@ measure() {
         _c1=$(cpu_ticks "${4:-}"); _i1=$(idle_ticks); _t1=$(cut -d' ' -f1 /proc/uptime)
         _extra=
         [ "$2" = restoring ] && _extra=" state_end=$(state) restored=$(json_get "done")/$(json_get total)"
-        echo "PERF round=$1 target=$2 job=$j iops=$_iops server_ticks=$((_c1 - _c0)) idle_ticks=$((_i1 - _i0)) wall=$(echo "$_t0 $_t1" | awk '{ printf "%.1f", $2 - $1 }')$_extra"
+        echo "PERF${PROFILING:+-PROF} round=$1 target=$2 job=$j iops=$_iops server_ticks=$((_c1 - _c0)) idle_ticks=$((_i1 - _i0)) wall=$(echo "$_t0 $_t1" | awk '{ printf "%.1f", $2 - $1 }')$_extra"
+        [ -n "$PROFILING" ] && prof_stop "$2" "$j"
     done
 }
 
@@ -94,26 +196,26 @@ case " $PERF_TARGETS " in
     *" rublk-async "*) start_rublk $((RUBLK_ID + 1)) --async-await; RUBLK_ASYNC_PID=$RUBLK_PID ;;
 esac
 
-r=1
-while [ $r -le "$PERF_ROUNDS" ]; do
-    step "round $r"
-    for t in $PERF_TARGETS; do
+# round R JOBS TARGETS: every target in turn, each running every job
+round() {
+    step "round $1"
+    for t in $3; do
         case $t in
-            raw) measure $r raw "$PRIMARY" ;;
-            rublk) measure $r rublk "/dev/ublkb$RUBLK_ID" "$RUBLK_SYNC_PID" ;;
-            rublk-async) measure $r rublk-async "/dev/ublkb$((RUBLK_ID + 1))" "$RUBLK_ASYNC_PID" ;;
+            raw) measure "$1" raw "$PRIMARY" "" "$2" ;;
+            rublk) measure "$1" rublk "/dev/ublkb$RUBLK_ID" "$RUBLK_SYNC_PID" "$2" ;;
+            rublk-async) measure "$1" rublk-async "/dev/ublkb$((RUBLK_ID + 1))" "$RUBLK_ASYNC_PID" "$2" ;;
             established)
                 expect_state established
-                measure $r established "$DEVICE" "$SERVER_PID" ;;
+                measure "$1" established "$DEVICE" "$SERVER_PID" "$2" ;;
             split)
                 expect_state established
                 run sm split
-                measure $r split "$DEVICE" "$SERVER_PID" ;;
+                measure "$1" split "$DEVICE" "$SERVER_PID" "$2" ;;
             restoring)
                 # one fresh full restore per job: random writes restore the
                 # tracks they hit (merges), so one restore does not outlast
                 # a randwrite job (see docs/performance.md)
-                for j in $PERF_JOBS; do
+                for j in $2; do
                     _s=$(state)
                     [ "$_s" = split ] || run sm split
                     # the rate limit is read at `run`: restart with it
@@ -122,7 +224,7 @@ while [ $r -le "$PERF_ROUNDS" ]; do
                     start_server
                     run sm restore
                     expect_state restoring
-                    measure $r restoring "$DEVICE" "$SERVER_PID" "$j"
+                    measure "$1" restoring "$DEVICE" "$SERVER_PID" "$j"
                     # finish the restore and its resync without a rate limit
                     stop_server
                     set_restore_rate 0
@@ -135,8 +237,20 @@ while [ $r -le "$PERF_ROUNDS" ]; do
     done
     # a round without restoring leaves the volume split: back to established
     if [ "$(state)" = split ]; then run sm establish; wait_idle 600; fi
+}
+
+r=1
+while [ $r -le "$PERF_ROUNDS" ]; do
+    round $r "$PERF_JOBS" "$PERF_TARGETS"
     r=$((r + 1))
 done
+
+if [ "$PERF_PROFILE" = 1 ]; then
+    # the profiled round: every target with a server process
+    PROFILING=1
+    round profile "$PERF_PROFILE_JOBS" "$(echo " $PERF_TARGETS " | sed 's/ raw / /')"
+    PROFILING=
+fi
 
 step "done"
 for p in $RUBLK_SYNC_PID $RUBLK_ASYNC_PID; do kill -TERM "$p" 2>/dev/null; wait "$p" 2>/dev/null; done

@@ -83,7 +83,9 @@ else
   BIN="${CARGO_TARGET_DIR:-$REPO/target}/x86_64-unknown-linux-gnu/release/splitmirror"
   [ -x "$BIN" ] || setup_fail "build produced no $BIN"
   # the VM has no Rust runtime libraries: +crt-static must have worked
-  if ldd "$BIN" 2>/dev/null | grep -q '=>'; then setup_fail "$BIN is not statically linked (crt-static ignored?)"; fi
+  # (grep without -q: under pipefail, grep -q quitting early can kill ldd
+  # with SIGPIPE and turn a match into a failure)
+  if ldd "$BIN" 2>/dev/null | grep '=>' >/dev/null; then setup_fail "$BIN is not statically linked (crt-static ignored?)"; fi
   log "vm: built in $((SECONDS - t0))s"
 fi
 
@@ -351,7 +353,9 @@ if strip --strip-debug -o "$OV/usr/local/bin/splitmirror" "$BIN" 2>/dev/null; th
 chmod 755 "$OV/usr/local/bin/splitmirror"
 # a dynamically linked binary (e.g. SPLITMIRROR_BIN=/bin/true) still runs: bring its libraries
 overlay_libs() { # $1 = binary
-  if ldd "$1" 2>/dev/null | grep -q '=>'; then
+  # not grep -q: see the static check above (it made copying perf's
+  # libraries fail now and then)
+  if ldd "$1" 2>/dev/null | grep '=>' >/dev/null; then
     log "vm: note: $1 is dynamically linked; copying its libraries"
     for l in $(ldd "$1" | awk '/=> \//{print $3} /^[[:space:]]*\//{print $1}'); do
       [ -e "$OV$l" ] || { mkdir -p "$OV$(dirname "$l")"; cp -L "$l" "$OV$l"; }

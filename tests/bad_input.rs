@@ -473,3 +473,20 @@ fn run_after_a_device_size_changed() {
     let err = f.refuses(&["run", "-c", f.config().to_str().unwrap()], 2);
     assert!(err.contains("size"), "{err}");
 }
+
+#[test]
+fn run_with_metadata_of_an_older_format() {
+    let f = Fixture::formatted();
+    let mut meta = std::fs::read(f.path("vol.meta")).unwrap();
+    // Version 1 in an otherwise valid superblock (crc32c of bytes 0..4092
+    // at 4092, as the format keeps it).
+    meta[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let crc = crc32c::crc32c(&meta[..4092]);
+    meta[4092..4096].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(f.path("vol.meta"), meta).unwrap();
+    let err = f.refuses(&["run", "-c", f.config().to_str().unwrap()], 2);
+    assert!(
+        err.contains("format version 1") && err.contains("format --force"),
+        "{err}"
+    );
+}

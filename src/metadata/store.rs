@@ -399,7 +399,7 @@ fn read_superblock<D: MetaDevice>(dev: &mut D) -> Result<Superblock> {
         Ok(sb) => Ok(sb),
         Err(Bad::Magic) => Err(not_ours(dev)),
         Err(Bad::Version(v)) => Err(Error::config(format!(
-            "metadata {} has format version {v}, this splitmirror reads version {}; use a matching splitmirror",
+            "metadata {} has format version {v}, this splitmirror reads version {}; use a matching splitmirror, or `splitmirror format --force` (the next run then copies every track)",
             dev.describe(),
             super::format::VERSION
         ))),

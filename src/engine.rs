@@ -11,7 +11,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub use crate::config::OnError;
 
@@ -215,8 +215,13 @@ pub async fn run_copies<B: Backend>(
                     continue;
                 }
             }
-            // Out of tokens, or the tracks left are held by host writes.
-            b.pause().await;
+            if bucket.ready() {
+                // The tracks left are held by host writes, or a host write
+                // waits for a commit: both end soon.
+                b.pause().await;
+            } else {
+                b.sleep(bucket.time_to_ready()).await;
+            }
             continue;
         }
         let (n, r) = next_done(&mut running).await;
@@ -300,6 +305,12 @@ impl TokenBucket {
         self.tokens > 0.0
     }
 
+    /// About how long until `ready` (between 100 µs and 50 ms).
+    pub fn time_to_ready(&self) -> Duration {
+        let deficit = if self.rate == 0.0 { 0.0 } else { -self.tokens };
+        Duration::from_secs_f64((deficit / self.rate.max(1.0)).clamp(100e-6, 0.05))
+    }
+
     pub fn spend(&mut self, bytes: u64) {
         if self.rate != 0.0 {
             self.tokens -= bytes as f64;
@@ -313,7 +324,7 @@ impl TokenBucket {
             if stop.load(Ordering::Relaxed) {
                 return false;
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(5));
         }
         !stop.load(Ordering::Relaxed)
     }
@@ -457,6 +468,24 @@ mod bucket_tests {
         assert!(b.ready());
         b.spend(1 << 20);
         assert!(!b.ready(), "a debt of ~0.9 s is not paid at once");
+        let hint = b.time_to_ready();
+        assert_eq!(
+            hint,
+            std::time::Duration::from_millis(50),
+            "long debts: capped"
+        );
+        let mut small = TokenBucket::new(1 << 20, 4096);
+        small.spend((1 << 20) / 10 + 1024); // the burst and ~1 ms more
+        let hint = small.time_to_ready();
+        assert!(
+            hint >= std::time::Duration::from_micros(500)
+                && hint <= std::time::Duration::from_millis(2),
+            "{hint:?}"
+        );
+        assert_eq!(
+            unlimited.time_to_ready(),
+            std::time::Duration::from_micros(100)
+        );
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(!b.wait_blocking(&stop), "stop ends the wait");
     }

@@ -316,10 +316,14 @@ impl Backend for UringBackend {
     }
 
     async fn pause(&self) {
+        self.sleep(self.pause).await
+    }
+
+    async fn sleep(&self, d: Duration) {
         let ts = Box::new(
             types::Timespec::new()
-                .sec(self.pause.as_secs())
-                .nsec(self.pause.subsec_nanos()),
+                .sec(d.as_secs())
+                .nsec(d.subsec_nanos()),
         );
         let entry = opcode::Timeout::new(&*ts).build();
         // -ETIME is the normal outcome of a timeout.

@@ -9,28 +9,12 @@
 #   grep WARM target/vm-logs/commit-warmup-scenario.log
 # Prints "WARM NAME iops=N ticks=T" (T: server CPU, 1/100 s, over the job).
 . "${VMLIB:?run me through tests/vm/run.sh}"
-cat >"$SCRATCH/rw.fio" <<'X'
-[global]
-filename=${DEV}
-ioengine=io_uring
-direct=1
-time_based=1
-runtime=${RUNTIME}
-ramp_time=2
-group_reporting=1
-randrepeat=0
-norandommap=1
-[randwrite-4k-qd32]
-rw=randwrite
-bs=4k
-iodepth=32
-X
-ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
+randwrite_job "$SCRATCH/rw.fio"
 job() {
-    c0=$(ticks "$SERVER_PID")
+    c0=$(proc_ticks "$SERVER_PID")
     o=$(DEV=$DEVICE RUNTIME=5 fio --minimal "$SCRATCH/rw.fio") || fail fio
-    c1=$(ticks "$SERVER_PID")
-    echo "WARM $1 iops=$(printf '%s\n' "$o" | awk -F';' '{ printf "%d", $49 }') ticks=$((c1 - c0))"
+    c1=$(proc_ticks "$SERVER_PID")
+    echo "WARM $1 iops=$(printf '%s\n' "$o" | write_iops) ticks=$((c1 - c0))"
 }
 run splitmirror format -c "$CONFIG" --assume-clean
 start_server

@@ -7,23 +7,7 @@
 #   bash tests/vm/run.sh benches/vm/queues-scenario.sh
 #   grep QUEUES target/vm-logs/queues-scenario.log
 . "${VMLIB:?run me through tests/vm/run.sh}"
-cat >"$SCRATCH/rw.fio" <<'X'
-[global]
-filename=${DEV}
-ioengine=io_uring
-direct=1
-time_based=1
-runtime=5
-ramp_time=2
-group_reporting=1
-randrepeat=0
-norandommap=1
-[randwrite-4k-qd32]
-rw=randwrite
-bs=4k
-iodepth=32
-X
-ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
+randwrite_job "$SCRATCH/rw.fio"
 run splitmirror format -c "$CONFIG" --assume-clean
 cp "$CONFIG" "$SCRATCH/base.yaml"
 for _round in 1 2; do
@@ -32,11 +16,11 @@ for _round in 1 2; do
         printf 'ublk:\n  queues: %s\n' "$q" >>"$CONFIG"
         start_server
         # warm: every track's intent bit set and committed once
-        DEV=$DEVICE fio --minimal "$SCRATCH/rw.fio" >/dev/null || fail "fio warm-up"
-        c0=$(ticks "$SERVER_PID")
-        o=$(DEV=$DEVICE fio --minimal "$SCRATCH/rw.fio") || fail "fio q=$q"
-        c1=$(ticks "$SERVER_PID")
-        n=$(printf '%s\n' "$o" | awk -F';' '{ printf "%d", $49 }')
+        DEV=$DEVICE RUNTIME=5 fio --minimal "$SCRATCH/rw.fio" >/dev/null || fail "fio warm-up"
+        c0=$(proc_ticks "$SERVER_PID")
+        o=$(DEV=$DEVICE RUNTIME=5 fio --minimal "$SCRATCH/rw.fio") || fail "fio q=$q"
+        c1=$(proc_ticks "$SERVER_PID")
+        n=$(printf '%s\n' "$o" | write_iops)
         echo "QUEUES q=$q iops=$n server_us_per_io=$(( (c1 - c0) * 10000 / (n * 7) ))"
         stop_server
     done

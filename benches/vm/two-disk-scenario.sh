@@ -9,30 +9,14 @@
 #   grep TWO target/vm-logs/two-disk-scenario.log
 # Prints "TWO one=N" (IOPS, one disk) and "TWO both=A+B" (IOPS per disk).
 . "${VMLIB:?run me through tests/vm/run.sh}"
-cat >"$SCRATCH/rw.fio" <<'X'
-[global]
-filename=${DEV}
-ioengine=io_uring
-direct=1
-time_based=1
-runtime=5
-ramp_time=2
-group_reporting=1
-randrepeat=0
-norandommap=1
-[randwrite-4k-qd32]
-rw=randwrite
-bs=4k
-iodepth=32
-X
-iops() { awk -F';' '{ printf "%d", $49 }' "$1"; }
+randwrite_job "$SCRATCH/rw.fio"
 for _round in 1 2 3; do
-    DEV=$PRIMARY fio --minimal "$SCRATCH/rw.fio" >"$SCRATCH/one" || fail "fio on $PRIMARY"
-    echo "TWO one=$(iops "$SCRATCH/one")"
-    DEV=$PRIMARY fio --minimal "$SCRATCH/rw.fio" >"$SCRATCH/a" &
+    DEV=$PRIMARY RUNTIME=5 fio --minimal "$SCRATCH/rw.fio" >"$SCRATCH/one" || fail "fio on $PRIMARY"
+    echo "TWO one=$(write_iops "$SCRATCH/one")"
+    DEV=$PRIMARY RUNTIME=5 fio --minimal "$SCRATCH/rw.fio" >"$SCRATCH/a" &
     A=$!
-    DEV=$SECONDARY fio --minimal "$SCRATCH/rw.fio" >"$SCRATCH/b" || fail "fio on $SECONDARY"
+    DEV=$SECONDARY RUNTIME=5 fio --minimal "$SCRATCH/rw.fio" >"$SCRATCH/b" || fail "fio on $SECONDARY"
     wait $A || fail "fio on $PRIMARY (concurrent)"
-    echo "TWO both=$(iops "$SCRATCH/a")+$(iops "$SCRATCH/b")"
+    echo "TWO both=$(write_iops "$SCRATCH/a")+$(write_iops "$SCRATCH/b")"
 done
 echo "two-disk ok"

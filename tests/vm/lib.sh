@@ -408,3 +408,30 @@ dm_swap() {
     dmsetup resume "$1" || fail "dmsetup resume $1"
     info "dm $1 now: $(dmsetup table "$1")"
 }
+
+# randwrite_job FILE: the 4k random-write QD32 fio job of the VM bench
+# scenarios (benches/vm/*-scenario.sh); run it with DEV=... RUNTIME=...
+randwrite_job() {
+    cat >"$1" <<'X'
+[global]
+filename=${DEV}
+ioengine=io_uring
+direct=1
+time_based=1
+runtime=${RUNTIME}
+ramp_time=2
+group_reporting=1
+randrepeat=0
+norandommap=1
+[randwrite-4k-qd32]
+rw=randwrite
+bs=4k
+iodepth=32
+X
+}
+
+# write_iops [FILE]: write IOPS from fio --minimal output (terse field 49)
+write_iops() { awk -F';' '{ printf "%d", $49 }' ${1:+"$1"}; }
+
+# proc_ticks PID: user + system CPU ticks (1/100 s) of a process
+proc_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }

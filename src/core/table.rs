@@ -456,6 +456,14 @@ impl TrackTable {
         }
     }
 
+    /// Loads chunk `c` as committed "all ones" (a flagged metadata page):
+    /// lazy and synced, no words written.
+    pub fn load_chunk_ones(&self, c: usize) {
+        self.lazy_taken[c].store(0, SeqCst);
+        self.state[c].store(ONES_SYNCED, SeqCst);
+        self.dirty_chunks.clear(c as u64);
+    }
+
     /// Marks chunk `c` dirty again: a commit that took it failed, so the
     /// next one must write it (its bits are re-read then, so nothing is lost).
     pub fn mark_chunk_dirty(&self, c: usize) {

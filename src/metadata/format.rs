@@ -42,16 +42,6 @@ impl Layout {
         self.tables as usize * self.chunks as usize
     }
 
-    /// Word `i` of page `chunk` with every track's bit set.
-    pub fn ones_word(&self, chunk: usize, i: usize) -> u64 {
-        let first = (chunk * CHUNK_WORDS + i) as u64 * 64;
-        match self.tracks.saturating_sub(first) {
-            0 => 0,
-            n if n >= 64 => !0,
-            n => (1u64 << n) - 1,
-        }
-    }
-
     pub fn page_index(&self, table: usize, chunk: usize) -> usize {
         table * self.chunks as usize + chunk
     }
@@ -336,16 +326,4 @@ mod tests {
         let huge = Layout::new(1 << 32, 4);
         assert_eq!(huge.header_bytes, 4096 * 33);
     }
-
-    #[test]
-    fn ones_pages_stop_at_the_last_track() {
-        let layout = Layout::new(CHUNK_TRACKS_FOR_TEST + 70, 4);
-        assert_eq!(layout.ones_word(0, 0), !0);
-        assert_eq!(layout.ones_word(0, CHUNK_WORDS - 1), !0);
-        assert_eq!(layout.ones_word(1, 0), !0);
-        assert_eq!(layout.ones_word(1, 1), (1 << 6) - 1);
-        assert_eq!(layout.ones_word(1, 2), 0, "bits past the end");
-    }
-
-    const CHUNK_TRACKS_FOR_TEST: u64 = crate::core::table::CHUNK_TRACKS;
 }

@@ -467,13 +467,11 @@ fn load_pages<D: MetaDevice>(
         for c in 0..table.chunks() {
             let i = layout.page_index(t, c);
             if header.ones[i] {
-                for (j, w) in words.iter_mut().enumerate() {
-                    *w = layout.ones_word(c, j);
-                }
-            } else {
-                dev.read_at(&mut b, layout.page_offset(i, header.selectors[i]))?;
-                decode_page(&b, &mut words);
+                table.load_chunk_ones(c);
+                continue;
             }
+            dev.read_at(&mut b, layout.page_offset(i, header.selectors[i]))?;
+            decode_page(&b, &mut words);
             table.load_chunk(c, &words);
         }
     }

@@ -2,8 +2,10 @@
 //! binary's help, usage and config errors and exit codes, and the control
 //! socket against a fake server target run in this process.
 
-use splitmirror::control::{self, client, ControlTarget, OperationStatus, Status, VerifyReport};
 use splitmirror::core::Command;
+use splitmirror::edge::control::{
+    self, client, ControlTarget, OperationStatus, Status, VerifyReport,
+};
 use splitmirror::error::{Error, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;

@@ -1,9 +1,9 @@
 //! UringBackend against real files (O_DIRECT where the filesystem allows).
 
+use splitmirror::backend::uring::{UringBackend, UringOptions};
 use splitmirror::core::Dev;
-use splitmirror::engine::join_all;
-use splitmirror::hostpath::{AlignedBuf, Backend};
-use splitmirror::uring::{UringBackend, UringOptions};
+use splitmirror::exec::engine::join_all;
+use splitmirror::exec::host::{AlignedBuf, Backend};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;

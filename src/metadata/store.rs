@@ -37,7 +37,7 @@ use super::{Binding, DataFlush};
 use crate::core::table::{Taken, CHUNK_WORDS};
 use crate::core::{CommitSeq, DevSet, Geometry, Operation, Volume, VolumeState};
 use crate::error::{Error, Result};
-use crate::hostpath::AlignedBuf;
+use crate::exec::host::AlignedBuf;
 use std::io;
 use std::path::Path;
 

@@ -5,7 +5,7 @@
 //! real code with reproducible interleavings (a seed reproduces a run).
 
 use crate::core::{Dev, Volume};
-use crate::hostpath::Backend;
+use crate::exec::host::Backend;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;

@@ -7,18 +7,18 @@
 //! receives them); one thread per ublk queue; the copy engine; the metadata
 //! committer; the control listener.
 
-use crate::blocking::BlockingBackend;
-use crate::config::Config;
-use crate::control::{self, ControlTarget, OperationStatus, Status, VerifyReport};
+use crate::backend::blocking::BlockingBackend;
+use crate::backend::device::Devices;
+use crate::backend::uring::{UringBackend, UringOptions};
 use crate::core::{Command, Geometry, Volume};
-use crate::device::Devices;
-use crate::engine::{self, EngineConfig, RunReport, TokenBucket};
+use crate::edge::config::Config;
+use crate::edge::control::{self, ControlTarget, OperationStatus, Status, VerifyReport};
+use crate::edge::metrics::{self, Metrics};
 use crate::error::{Error, Result};
-use crate::hostpath::HostLoad;
+use crate::exec::engine::{self, EngineConfig, RunReport, TokenBucket};
+use crate::exec::host::HostLoad;
 use crate::metadata::{CommitHandle, Committer, MetadataStore};
-use crate::metrics::{self, Metrics};
 use crate::ublk::{self, DeviceParams, QueueCtx};
-use crate::uring::{UringBackend, UringOptions};
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::Path;
@@ -435,7 +435,7 @@ impl ControlTarget for Server {
 
     fn verify(&self) -> Result<VerifyReport> {
         use crate::core::VerifyLock;
-        use crate::hostpath::{AlignedBuf, Backend};
+        use crate::exec::host::{AlignedBuf, Backend};
         let vol = &*self.vol;
         let g = vol.geometry();
         let b = self.backend();

@@ -3,8 +3,8 @@
 //! byte is written (the same device twice, a secondary too small, metadata
 //! on a data device).
 
-use crate::config::Config;
 use crate::core::{Dev, DevSet};
+use crate::edge::config::Config;
 use crate::error::{Error, Result};
 use crate::metadata::Binding;
 use std::fs::{File, OpenOptions};

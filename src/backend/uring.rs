@@ -17,7 +17,7 @@
 //! Any other buffer (a host request's) goes through plain `READ`/`WRITE`.
 
 use crate::core::Dev;
-use crate::hostpath::{AlignedBuf, Backend, Lender};
+use crate::exec::host::{AlignedBuf, Backend, Lender};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::cell::{Cell, RefCell};
 use std::future::Future;

@@ -1,0 +1,9 @@
+//! Executors: they run the core's plans and report back what happened.
+//!
+//! Nothing here decides a rule. A host request asks [`crate::core`] for a
+//! plan and performs its steps ([`host`]); the copy engine asks which tracks
+//! to copy and copies them ([`engine`]). Both reach the devices only through
+//! a [`crate::backend`].
+
+pub mod engine;
+pub mod host;

@@ -9,12 +9,15 @@
 //! (`sim::mem_commit_begin`) but flush the copy destination first, as the
 //! real store does. Every figure is printed alone on a line `name: value`.
 
+use splitmirror::backend::buf::AlignedBuf;
 use splitmirror::backend::sim;
 use splitmirror::backend::uring::{UringBackend, UringOptions};
+use splitmirror::backend::Backend;
 use splitmirror::core::{Command, Dev, Geometry, Volume, VolumeState};
 use splitmirror::edge::config::{parse_size, RestoreConfig};
 use splitmirror::exec::engine::{self, join_all, EngineConfig, RunReport};
-use splitmirror::exec::host::{self, AlignedBuf, Backend, HostLoad};
+use splitmirror::exec::host;
+use splitmirror::exec::load::HostLoad;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};

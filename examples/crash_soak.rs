@@ -19,7 +19,8 @@
 use splitmirror::backend::uring::{UringBackend, UringOptions};
 use splitmirror::core::{Command, Geometry, Volume};
 use splitmirror::exec::engine::{self, EngineConfig};
-use splitmirror::exec::host::{self, HostLoad};
+use splitmirror::exec::host;
+use splitmirror::exec::load::HostLoad;
 use splitmirror::metadata::{Binding, Committer, DataFlush, MetadataStore};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -391,7 +392,7 @@ fn spawn_engine(
                         .await
                         .expect("copy engine");
                 }
-                host::Backend::pause(&b).await;
+                splitmirror::backend::Backend::pause(&b).await;
             }
         });
     })
@@ -434,7 +435,7 @@ fn writer(vol: &Volume, committer: &Committer, load: &HostLoad, seed: u64, pfd: 
                         let data: Vec<u8> = (off / BLOCK..(off + len) / BLOCK)
                             .flat_map(|blk| block_pattern(s, blk))
                             .collect();
-                        let mut buf = host::AlignedBuf::new(data.len());
+                        let mut buf = splitmirror::backend::buf::AlignedBuf::new(data.len());
                         buf.copy_from_slice(&data);
                         let _g = load.enter();
                         let r = host::write(vol, b, off, &buf, rng_fua(s)).await;

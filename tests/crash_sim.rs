@@ -219,7 +219,7 @@ async fn copier(vol: Rc<Volume>, b: Rc<SimBackend>) {
                 return;
             }
         }
-        host::Backend::pause(&*b).await;
+        splitmirror::backend::Backend::pause(&*b).await;
     }
 }
 
@@ -247,7 +247,7 @@ async fn committer(
                 return;
             }
         }
-        host::Backend::pause(&*b).await;
+        splitmirror::backend::Backend::pause(&*b).await;
     }
 }
 

@@ -2,9 +2,10 @@
 //! byte for byte, and follows `on_error`.
 
 use splitmirror::backend::sim::{self, Scheduler, SimBackend, SimDisks};
+use splitmirror::backend::Backend;
 use splitmirror::core::{Command, Dev, Geometry, Volume, VolumeState};
 use splitmirror::exec::engine::{self, EngineConfig, OnError, RunReport};
-use splitmirror::exec::host::{Backend, HostLoad};
+use splitmirror::exec::load::HostLoad;
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 

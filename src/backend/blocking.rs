@@ -5,8 +5,8 @@
 //! copy engine use io_uring.
 
 use crate::backend::device::Devices;
+use crate::backend::Backend;
 use crate::core::Dev;
-use crate::exec::host::Backend;
 use crate::metadata::CommitHandle;
 use std::io;
 use std::os::fd::RawFd;

@@ -3,9 +3,12 @@
 //! start and end them. It is async over a [`Backend`] like the host path,
 //! so the same code runs on an io_uring thread and in the simulation.
 
+use crate::backend::buf::AlignedBuf;
+use crate::backend::Backend;
 use crate::core::{CopyJob, TransitionError, Volume};
 use crate::edge::config::RestoreConfig;
-use crate::exec::host::{admit, wait_commit, AlignedBuf, Backend, HostLoad};
+use crate::exec::host::{admit, wait_commit};
+use crate::exec::load::HostLoad;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;

@@ -2,9 +2,12 @@
 //! per queue with one async task per tag, and serves each request through
 //! the host path over the queue's own io_uring.
 
+use crate::backend::buf::{AlignedBuf, BufCache};
+use crate::backend::Backend;
 use crate::core::{Dev, Volume, VolumeState};
 use crate::edge::metrics::{HostOp, Metrics};
-use crate::exec::host::{self, AlignedBuf, Backend, BufCache, HostLoad};
+use crate::exec::host;
+use crate::exec::load::HostLoad;
 use crate::metadata::CommitHandle;
 use io_uring::{opcode, types};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};

@@ -3,9 +3,10 @@
 #![allow(dead_code)]
 
 use splitmirror::backend::sim::{self, Scheduler, SimBackend, SimDisks};
+use splitmirror::backend::Backend;
 use splitmirror::core::{Command, Geometry, TransitionError, Volume, VolumeState};
 use splitmirror::exec::engine::{self, EngineConfig};
-use splitmirror::exec::host::{self, Backend};
+use splitmirror::exec::host;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 

@@ -1,4 +1,4 @@
-//! The user contract of `../shared/interface.md` from the outside: the
+//! The user contract of docs/interface.md from the outside: the
 //! binary's help, usage and config errors and exit codes, and the control
 //! socket against a fake server target run in this process.
 

@@ -1,4 +1,4 @@
-//! The command line (`../shared/interface.md`): parses arguments with clap,
+//! The command line (docs/interface.md): parses arguments with clap,
 //! runs the command and turns every failure into one stderr line and the
 //! exit code of its [`Error`] (1 runtime, 2 usage/config, 3 wrong state).
 

@@ -1,4 +1,4 @@
-//! The volume's config file (`../shared/interface.md`), parsed and checked.
+//! The volume's config file (docs/interface.md), parsed and checked.
 //!
 //! A typo in this file must never turn into data loss, so everything here is
 //! strict: unknown keys are errors, every value is range-checked, and every

@@ -1,5 +1,6 @@
 #!/bin/sh
 # timeout: 1200
+# (measured: 532 s with boot, three VMs on the 2-core host, 2026-11-30)
 # Power loss through the real kernel. One dm-log-writes device over the
 # primary disk records, in completion order, every write, FLUSH, FUA and
 # discard reaching the primary, the secondary and the metadata, which are

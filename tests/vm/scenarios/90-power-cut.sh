@@ -1,6 +1,6 @@
 #!/bin/sh
 # timeout: 1200
-# (measured: 532 s with boot, three VMs on the 2-core host, 2026-11-30)
+# (measured: 411-532 s with boot, 2-3 VMs on the 2-core host, 2026-11-30)
 # Power loss through the real kernel. One dm-log-writes device over the
 # primary disk records, in completion order, every write, FLUSH, FUA and
 # discard reaching the primary, the secondary and the metadata, which are
@@ -21,7 +21,9 @@
 # gone; ext4 mounts (journal replay) and `e2fsck -fn` is clean afterwards;
 # at every VERIFY_EVERY-th point the resumed operation also completes and
 # `verify` agrees. Between two marks only what both marks agree on is
-# checked (a flush point between them may be on either side of a change).
+# checked (a flush point between them may be on either side of a change),
+# and a raw block the next mark acknowledges must be wholly old or wholly
+# new there, never torn.
 #
 # One log means one disk cache: a FLUSH to any of the three segments makes
 # all three durable, so a flush missing on one device while another is
@@ -46,6 +48,7 @@ MNT=/mnt
 PC=$SCRATCH/pc           # bookkeeping (tmpfs)
 PAT=$PC/pat              # expected content of every file and raw block
 mkdir -p "$PC/lists" "$PAT"
+head -c "$BLK" /dev/zero >"$PAT/zero"
 EXP=$PC/expected         # what is acknowledged now (one item per line)
 : >"$EXP"
 : >"$PC/marks"           # MARK PHASE STATE, in order
@@ -269,6 +272,10 @@ check_items() {
         "x f") [ "$_fs" = mounted ] || continue
                [ ! -e "$MNT/$c" ] || problem "file $c, rolled back by the restore, is there"
                _nf=$((_nf + 1)) ;;
+        "p "*) dd if="$PC/raw.img" bs="$BLK" skip="$b" count=1 2>/dev/null >"$PC/blk"
+               cmp -s "$PC/blk" "$PAT/r$b" || cmp -s "$PC/blk" "$PAT/zero" \
+                   || problem "raw block $b, being written, is torn (neither old nor new)"
+               _nr=$((_nr + 1)) ;;
         "x r") if dd if="$PC/raw.img" bs="$BLK" skip="$c" count=1 2>/dev/null | cmp -s - "$PAT/r$c"; then
                    problem "raw block $c, rolled back by the restore, is back"
                fi
@@ -342,6 +349,8 @@ while read -r idx kind name prev next; do
     dmsetup mknodes pc-snap
     segments /dev/mapper/pc-snap
     expected_at "$prev" "$next" >"$PC/point.list"
+    # raw blocks written after PREV and acknowledged by NEXT: whole or absent
+    grep -Fxvf "$(list_of "$prev")" "$(list_of "$next")" | sed -n 's/^r /p /p' >>"$PC/point.list"
     check_point "$PC/point.list"
     remove_segments
     dmsetup remove pc-snap || fail "dmsetup remove pc-snap"

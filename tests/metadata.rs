@@ -21,6 +21,10 @@ fn binding() -> Binding {
         track_size: TRACK,
         primary_size: SIZE,
         secondary_size: SIZE + 4096,
+        primary_id: "wwid:naa.5000c500a1b2c3d4".into(),
+        secondary_id: "serial:S3Z9NB0K".into(),
+        primary_path: "/dev/disk/by-id/p".into(),
+        secondary_path: "/dev/disk/by-id/s".into(),
     }
 }
 

@@ -371,7 +371,11 @@ fn status_rows(st: &Status) -> Vec<(&'static str, String)> {
 
 /// An older server reports no identities.
 fn id_or_dash(id: &str) -> String {
-    if id.is_empty() { "-".into() } else { id.into() }
+    if id.is_empty() {
+        "-".into()
+    } else {
+        id.into()
+    }
 }
 
 /// `restore (full, protect) 14.5% (1191/8192 tracks)`.

@@ -87,16 +87,56 @@ struct Signature {
 /// Signatures found in a device's first MiB (offsets as documented by each
 /// format; the same ones blkid looks at first).
 const SIGNATURES: [Signature; 10] = [
-    Signature { offset: 1080, magic: &[0x53, 0xef], what: "an ext2/3/4 filesystem" },
-    Signature { offset: 0, magic: b"XFSB", what: "an XFS filesystem" },
-    Signature { offset: 65600, magic: b"_BHRfS_M", what: "a btrfs filesystem" },
-    Signature { offset: 512, magic: b"EFI PART", what: "a GPT partition table" },
-    Signature { offset: 4096, magic: b"EFI PART", what: "a GPT partition table" },
-    Signature { offset: 512, magic: b"LABELONE", what: "an LVM physical volume" },
-    Signature { offset: 0, magic: b"LUKS\xba\xbe", what: "a LUKS volume" },
-    Signature { offset: 4086, magic: b"SWAPSPACE2", what: "swap space" },
-    Signature { offset: 4096, magic: &[0xfc, 0x4e, 0x2b, 0xa9], what: "an md RAID member" },
-    Signature { offset: 3, magic: b"NTFS    ", what: "an NTFS filesystem" },
+    Signature {
+        offset: 1080,
+        magic: &[0x53, 0xef],
+        what: "an ext2/3/4 filesystem",
+    },
+    Signature {
+        offset: 0,
+        magic: b"XFSB",
+        what: "an XFS filesystem",
+    },
+    Signature {
+        offset: 65600,
+        magic: b"_BHRfS_M",
+        what: "a btrfs filesystem",
+    },
+    Signature {
+        offset: 512,
+        magic: b"EFI PART",
+        what: "a GPT partition table",
+    },
+    Signature {
+        offset: 4096,
+        magic: b"EFI PART",
+        what: "a GPT partition table",
+    },
+    Signature {
+        offset: 512,
+        magic: b"LABELONE",
+        what: "an LVM physical volume",
+    },
+    Signature {
+        offset: 0,
+        magic: b"LUKS\xba\xbe",
+        what: "a LUKS volume",
+    },
+    Signature {
+        offset: 4086,
+        magic: b"SWAPSPACE2",
+        what: "swap space",
+    },
+    Signature {
+        offset: 4096,
+        magic: &[0xfc, 0x4e, 0x2b, 0xa9],
+        what: "an md RAID member",
+    },
+    Signature {
+        offset: 3,
+        magic: b"NTFS    ",
+        what: "an NTFS filesystem",
+    },
 ];
 
 /// What `head` (a device's first bytes) says the device holds, if it looks

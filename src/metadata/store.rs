@@ -257,8 +257,7 @@ impl<D: MetaDevice> MetadataStore<D> {
             return Err(Error::state(format!(
                 "cannot replace the secondary while the volume is restoring: the old secondary \
                  holds the split image, which is not yet all on the primary ({} tracks to go); \
-                 let the restore finish (`splitmirror wait`), then replace it"
-                ,
+                 let the restore finish (`splitmirror wait`), then replace it",
                 old.tables.pending.count()
             )));
         }
@@ -416,8 +415,8 @@ impl<D: MetaDevice> MetadataStore<D> {
     /// After a failed header write: flush, then trust what is on the device.
     fn reload_header(&mut self) -> io::Result<()> {
         self.dev.flush()?;
-        self.current = newest_header(&mut self.dev, &self.sb)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        self.current =
+            newest_header(&mut self.dev, &self.sb).map_err(|e| io::Error::other(e.to_string()))?;
         self.uncertain = false;
         Ok(())
     }
@@ -471,8 +470,8 @@ fn check_format_target<D: MetaDevice>(
                 dev.describe()
             )));
         }
-        let restoring = newest_header(dev, &found.sb)
-            .is_ok_and(|h| h.state == VolumeState::Restoring);
+        let restoring =
+            newest_header(dev, &found.sb).is_ok_and(|h| h.state == VolumeState::Restoring);
         if restoring && !opts.discard_restore {
             return Err(Error::config(format!(
                 "metadata {} shows a restore in progress: the split image is not yet all on \
@@ -487,7 +486,9 @@ fn check_format_target<D: MetaDevice>(
     if opts.force {
         return Ok(());
     }
-    if let Some(at) = first_nonzero(dev, layout.total_bytes())? {
+    // The metadata area and at least the first MiB (where a filesystem or
+    // partition table would show), and the last block.
+    if let Some(at) = first_nonzero(dev, layout.total_bytes().max(1 << 20))? {
         return Err(Error::config(format!(
             "metadata {} holds data that is not splitmirror metadata (a non-zero byte at \
              offset {at}); check the `metadata:` path, or pass --force to overwrite it",
@@ -695,7 +696,12 @@ fn corrupt<D: MetaDevice>(dev: &D, what: &str) -> Error {
 /// renamed or replaced disk), then sizes.
 fn check_binding<D: MetaDevice>(dev: &D, found: &Binding, want: &Binding) -> Result<()> {
     let roles = [
-        ("primary", &found.primary_id, &want.primary_id, &want.primary_path),
+        (
+            "primary",
+            &found.primary_id,
+            &want.primary_id,
+            &want.primary_path,
+        ),
         (
             "secondary",
             &found.secondary_id,

@@ -43,17 +43,13 @@ use super::format::{
     decode_page, encode_page, page_crc, Bad, Header, Layout, Slot, Superblock, BLOCK,
 };
 use super::{Binding, DataFlush};
-use crate::core::table::{Taken, CHUNK_WORDS};
-use crate::core::{CommitSeq, DevSet, Geometry, Operation, Volume, VolumeState};
+use crate::core::commit::CommitTake;
+use crate::core::table::CHUNK_WORDS;
+use crate::core::{DevSet, Geometry, Volume, VolumeState};
 use crate::error::{Error, Result};
 use crate::hostpath::AlignedBuf;
 use std::io;
 use std::path::Path;
-
-/// Tables in the order a commit takes them: "pending" before "changed",
-/// because a track restored by a host write gets "changed" set before
-/// "pending" is cleared, and no commit may record it as neither.
-const TAKE_ORDER: [usize; 4] = [1, 0, 2, 3];
 
 pub struct MetadataStore<D: MetaDevice = FileMeta> {
     dev: D,
@@ -65,22 +61,8 @@ pub struct MetadataStore<D: MetaDevice = FileMeta> {
 }
 
 /// What one commit carries: taken from the volume by
-/// [`MetadataStore::begin_commit`], written by [`MetadataStore::write_commit`].
-pub struct CommitBatch {
-    seq: CommitSeq,
-    state: VolumeState,
-    operation: Option<Operation>,
-    /// (table, chunk, words); no words for a page with every bit set,
-    /// which only the header records.
-    pages: Vec<(usize, usize, Option<Vec<u64>>)>,
-    flush: DevSet,
-}
-
-impl CommitBatch {
-    pub fn seq(&self) -> CommitSeq {
-        self.seq
-    }
-}
+/// [`Volume::take_commit`], then written by [`MetadataStore::write_commit`].
+pub type CommitBatch = CommitTake;
 
 fn page_buf(words: &[u64]) -> AlignedBuf {
     let mut b = AlignedBuf::new(BLOCK as usize);
@@ -311,35 +293,11 @@ impl<D: MetaDevice> MetadataStore<D> {
         self.write_commit(vol, batch, flush_data)
     }
 
-    /// First half of a commit: numbers it and takes what it will write.
-    /// Nothing is written yet; the simulation runs other tasks here.
+    /// First half of a commit: numbers it and takes what it will write
+    /// (the core's [`Volume::take_commit`]). Nothing is written yet; the
+    /// simulation runs other tasks here.
     pub fn begin_commit(&mut self, vol: &Volume) -> CommitBatch {
-        let snapshot = vol.lock_snapshot();
-        let seq = vol.clock.begin();
-        vol.take_header_dirty();
-        let (state, operation) = (vol.state(), vol.operation());
-        let tables = vol.tables.all();
-        let mut pages = Vec::new();
-        let mut words = vec![0u64; CHUNK_WORDS];
-        for t in TAKE_ORDER {
-            for c in 0..tables[t].chunks() {
-                match tables[t].take_dirty_chunk_for(c, &mut words, seq) {
-                    Taken::Clean => {}
-                    Taken::Ones => pages.push((t, c, None)),
-                    Taken::Words => pages.push((t, c, Some(words.clone()))),
-                }
-            }
-        }
-        drop(snapshot);
-        // After the take (see `Volume::take_flush_set`).
-        let flush = vol.take_flush_set().union(vol.commit_flush_set());
-        CommitBatch {
-            seq,
-            state,
-            operation,
-            pages,
-            flush,
-        }
+        vol.take_commit()
     }
 
     /// Second half: the I/O, in the order the module header explains.
@@ -355,7 +313,7 @@ impl<D: MetaDevice> MetadataStore<D> {
                 Ok(())
             }
             Err(e) => {
-                requeue(vol, &batch);
+                vol.requeue_commit(&batch);
                 Err(e)
             }
         }
@@ -394,7 +352,7 @@ impl<D: MetaDevice> MetadataStore<D> {
             ones: self.current.ones.clone(),
             crcs: self.current.crcs.clone(),
         };
-        for (t, c, words) in &batch.pages {
+        for (t, c, words) in &batch.chunks {
             let i = layout.page_index(*t, *c);
             next.ones[i] = words.is_none();
             let Some(words) = words else {
@@ -420,16 +378,6 @@ impl<D: MetaDevice> MetadataStore<D> {
         self.uncertain = false;
         Ok(())
     }
-}
-
-/// A failed commit: what it took must be written by the next one.
-fn requeue(vol: &Volume, batch: &CommitBatch) {
-    let tables = vol.tables.all();
-    for (t, c, _) in &batch.pages {
-        tables[*t].mark_chunk_dirty(*c);
-    }
-    vol.mark_header_dirty();
-    vol.need_flush(batch.flush);
 }
 
 /// Reads the newest header and the pages it references into a volume.

@@ -649,3 +649,51 @@ fn a_full_restore_is_committed_as_header_flags_not_pages() {
     assert!(!again.tables.pending.get(70_000));
     assert!(again.tables.pending.get(69_999) && again.tables.pending.get(tracks - 1));
 }
+
+/// Metadata as a splitmirror of format version 2 wrote it: the same first
+/// 96 superblock bytes, and one crc32c-sealed 4 KiB header per slot.
+fn version2_image(state: VolumeState) -> Vec<u8> {
+    fn seal(b: &mut [u8]) {
+        let end = b.len() - 4;
+        let crc = crc32c::crc32c(&b[..end]);
+        b[end..].copy_from_slice(&crc.to_le_bytes());
+    }
+    let mut img = vec![0u8; 64 << 10];
+    img[0..8].copy_from_slice(b"SPLITMIR");
+    img[8..12].copy_from_slice(&2u32.to_le_bytes());
+    img[16..32].copy_from_slice(&[9; 16]);
+    img[80..88].copy_from_slice(&4096u64.to_le_bytes());
+    seal(&mut img[..4096]);
+    let slot1 = &mut img[8192..12288];
+    slot1[0..8].copy_from_slice(b"SMHEADER");
+    slot1[8..24].copy_from_slice(&[9; 16]);
+    slot1[24..32].copy_from_slice(&1u64.to_le_bytes());
+    slot1[32] = state.code();
+    seal(slot1);
+    img
+}
+
+#[test]
+fn format_over_an_older_version_wants_force_and_keeps_its_restore() {
+    use splitmirror::metadata::FormatOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    std::fs::write(&path, version2_image(VolumeState::Restoring)).unwrap();
+    let msg = config_message(MetadataStore::format(
+        &path,
+        &binding(),
+        &fresh(true),
+        false,
+    ));
+    assert!(msg.contains("another format version"), "{msg}");
+    let msg = config_message(MetadataStore::format(&path, &binding(), &fresh(true), true));
+    assert!(msg.contains("restore in progress"), "{msg}");
+    let opts = FormatOptions {
+        force: true,
+        discard_restore: true,
+    };
+    MetadataStore::format_with(&path, &binding(), &fresh(true), opts).unwrap();
+    std::fs::write(&path, version2_image(VolumeState::Split)).unwrap();
+    MetadataStore::format(&path, &binding(), &fresh(true), true).unwrap();
+    MetadataStore::open(&path, &binding()).unwrap();
+}

@@ -411,39 +411,90 @@ fn check_format_target<D: MetaDevice>(
     layout: &Layout,
     opts: FormatOptions,
 ) -> Result<()> {
-    if let Ok(found) = read_superblock(dev) {
-        if !opts.force {
-            return Err(Error::config(format!(
-                "metadata {} already holds a valid splitmirror volume; pass --force to overwrite",
-                dev.describe()
-            )));
+    let restoring = match read_superblock(dev) {
+        Ok(found) => {
+            if !opts.force {
+                return Err(Error::config(format!(
+                    "metadata {} already holds a valid splitmirror volume; pass --force to overwrite",
+                    dev.describe()
+                )));
+            }
+            // A header that cannot be read cannot tell: --force goes on.
+            newest_header(dev, &found.sb).is_ok_and(|h| h.state == VolumeState::Restoring)
         }
-        let restoring =
-            newest_header(dev, &found.sb).is_ok_and(|h| h.state == VolumeState::Restoring);
-        if restoring && !opts.discard_restore {
-            return Err(Error::config(format!(
-                "metadata {} shows a restore in progress: the split image is not yet all on \
-                 the primary, and formatting loses the record of which tracks still come from \
-                 the secondary; let it finish (`splitmirror run`, then `splitmirror wait`), or \
-                 pass --force --discard-restore to give it up",
-                dev.describe()
-            )));
+        Err(_) if dev.size()? >= BLOCK && starts_with_magic(dev)? => {
+            if !opts.force {
+                return Err(Error::config(format!(
+                    "metadata {} holds splitmirror metadata of another format version, or \
+                     damaged; pass --force to overwrite it",
+                    dev.describe()
+                )));
+            }
+            legacy_restoring(dev)?
         }
-        return Ok(());
-    }
-    if opts.force {
-        return Ok(());
-    }
-    // The metadata area and at least the first MiB (where a filesystem or
-    // partition table would show), and the last block.
-    if let Some(at) = first_nonzero(dev, layout.total_bytes().max(1 << 20))? {
+        Err(_) => {
+            // The metadata area and at least the first MiB (where a
+            // filesystem or partition table would show), and the last block.
+            let end = layout.total_bytes().max(1 << 20);
+            if let Some(at) = first_nonzero(dev, end)?.filter(|_| !opts.force) {
+                return Err(Error::config(format!(
+                    "metadata {} holds data that is not splitmirror metadata (a non-zero byte \
+                     at offset {at}); check the `metadata:` path, or pass --force to overwrite it",
+                    dev.describe()
+                )));
+            }
+            false
+        }
+    };
+    if restoring && !opts.discard_restore {
         return Err(Error::config(format!(
-            "metadata {} holds data that is not splitmirror metadata (a non-zero byte at \
-             offset {at}); check the `metadata:` path, or pass --force to overwrite it",
+            "metadata {} shows a restore in progress: the split image is not yet all on \
+             the primary, and formatting loses the record of which tracks still come from \
+             the secondary; let it finish (`splitmirror run`, then `splitmirror wait`), or \
+             pass --force --discard-restore to give it up",
             dev.describe()
         )));
     }
     Ok(())
+}
+
+fn starts_with_magic<D: MetaDevice>(dev: &mut D) -> io::Result<bool> {
+    let mut b = AlignedBuf::new(BLOCK as usize);
+    dev.read_at(&mut b, 0)?;
+    Ok(b[..8] == super::format::SUPER_MAGIC)
+}
+
+/// Whether metadata of format version 1 or 2 (an older splitmirror) shows
+/// a restore in progress. Those versions share the superblock's first 96
+/// bytes and its crc with this one; a header slot was one crc32c-sealed
+/// run of `H` bytes with the generation at 24 and the state at 32.
+fn legacy_restoring<D: MetaDevice>(dev: &mut D) -> Result<bool> {
+    let mut sb = AlignedBuf::new(BLOCK as usize);
+    dev.read_at(&mut sb, 0)?;
+    let crc = u32::from_le_bytes(sb[4092..4096].try_into().unwrap());
+    let version = u32::from_le_bytes(sb[8..12].try_into().unwrap());
+    if crc32c::crc32c(&sb[..4092]) != crc || !(1..=2).contains(&version) {
+        return Ok(false);
+    }
+    let h = u64::from_le_bytes(sb[80..88].try_into().unwrap());
+    if h == 0 || h % BLOCK != 0 || h > 64 << 20 || dev.size()? < BLOCK + 2 * h {
+        return Ok(false);
+    }
+    let mut newest: Option<(u64, u8)> = None;
+    let mut b = AlignedBuf::new(h as usize);
+    for slot in 0..2 {
+        dev.read_at(&mut b, BLOCK + slot * h)?;
+        let end = h as usize - 4;
+        let sealed = crc32c::crc32c(&b[..end]) == u32::from_le_bytes(b[end..].try_into().unwrap());
+        if b[..8] != super::format::HEADER_MAGIC || b[8..24] != sb[16..32] || !sealed {
+            continue;
+        }
+        let generation = u64::from_le_bytes(b[24..32].try_into().unwrap());
+        if newest.is_none_or(|(g, _)| g < generation) {
+            newest = Some((generation, b[32]));
+        }
+    }
+    Ok(newest.is_some_and(|(_, state)| state == VolumeState::Restoring.code()))
 }
 
 /// The offset of the first non-zero byte among the first `len` bytes and

@@ -555,6 +555,7 @@ fn restore_commit_on_disk(dir: &Path, label: &str, size: u64, pair: &Pair) -> u1
         track_size: TRACK,
         primary_size: size,
         secondary_size: size,
+        ..Binding::default()
     };
     let fresh = Volume::new(Geometry::new(size, TRACK).unwrap(), VolumeState::Split);
     MetadataStore::format(&path, &binding, &fresh, true).expect("format metadata");

@@ -278,6 +278,7 @@ fn binding() -> Binding {
         track_size: TRACK,
         primary_size: SIZE,
         secondary_size: SIZE,
+        ..Binding::default()
     }
 }
 

@@ -378,7 +378,11 @@ fn run_without_ublk_driver() {
 fn run_with_corrupt_metadata() {
     let f = Fixture::formatted();
     let mut meta = std::fs::read(f.path("vol.meta")).unwrap();
-    meta[20] ^= 0xff; // inside the superblock's checksummed bytes
+    // Inside the checksummed bytes of the superblock and of its backup
+    // (the last block).
+    let backup = meta.len() - 4096;
+    meta[20] ^= 0xff;
+    meta[backup + 20] ^= 0xff;
     std::fs::write(f.path("vol.meta"), meta).unwrap();
     let err = f.refuses(&["run", "-c", f.config().to_str().unwrap()], 2);
     assert!(err.contains("vol.meta"), "{err}");
@@ -489,4 +493,141 @@ fn run_with_metadata_of_an_older_format() {
         err.contains("format version 1") && err.contains("format --force"),
         "{err}"
     );
+}
+
+#[test]
+fn run_with_primary_and_secondary_swapped() {
+    let f = Fixture::formatted();
+    f.write_config_with("secondary.img", "primary.img", "vol.meta", "");
+    let err = f.refuses(&["run", "-c", f.config().to_str().unwrap()], 2);
+    assert!(
+        err.contains("primary ") && err.contains("secondary.img"),
+        "{err}"
+    );
+    assert!(
+        err.contains("expected file:") && err.contains("found file:") && err.contains("swapped"),
+        "{err}"
+    );
+}
+
+/// The secondary file replaced by another of the same size (and content).
+fn replace_secondary_file(f: &Fixture) {
+    let tmp = f.path("new-secondary.img");
+    std::fs::copy(f.path("secondary.img"), &tmp).unwrap();
+    std::fs::rename(&tmp, f.path("secondary.img")).unwrap();
+}
+
+#[test]
+fn run_with_a_replaced_secondary_of_the_same_size() {
+    let f = Fixture::formatted();
+    replace_secondary_file(&f);
+    let err = f.refuses(&["run", "-c", f.config().to_str().unwrap()], 2);
+    assert!(
+        err.contains("secondary ") && err.contains("replace-secondary"),
+        "{err}"
+    );
+}
+
+#[test]
+fn replace_secondary_wants_yes() {
+    let f = Fixture::formatted();
+    replace_secondary_file(&f);
+    let c = f.config();
+    let err = f.refuses(&["replace-secondary", "-c", c.to_str().unwrap()], 2);
+    assert!(err.contains("--yes"), "{err}");
+}
+
+#[test]
+fn replace_secondary_records_the_new_file() {
+    use splitmirror::backend::device::Devices;
+    use splitmirror::edge::config::Config;
+    use splitmirror::metadata::MetadataStore;
+    let f = Fixture::formatted();
+    replace_secondary_file(&f);
+    let c = f.config();
+    let o = f.run(&["replace-secondary", "-c", c.to_str().unwrap(), "--yes"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.contains("degraded") && out.contains("establish"),
+        "{out}"
+    );
+    // What `run` opens now passes the identity check, degraded with every
+    // track to copy.
+    let cfg = Config::load(&c).unwrap();
+    let devs = Devices::open(&cfg).unwrap();
+    let (_, vol) = MetadataStore::open(&cfg.metadata, &devs.binding(cfg.track_size)).unwrap();
+    assert_eq!(vol.state().name(), "degraded");
+    assert_eq!(vol.tables.changed.count(), vol.geometry().tracks());
+}
+
+#[test]
+fn format_over_a_metadata_path_holding_other_data() {
+    let f = Fixture::unformatted();
+    f.data_file("vol.meta", MIB);
+    let c = f.config();
+    let err = f.refuses(&["format", "-c", c.to_str().unwrap()], 2);
+    assert!(
+        err.contains("vol.meta") && err.contains("not splitmirror metadata"),
+        "{err}"
+    );
+}
+
+#[test]
+fn format_refuses_a_secondary_holding_a_filesystem() {
+    let f = Fixture::unformatted();
+    let sec = std::fs::OpenOptions::new()
+        .write(true)
+        .open(f.path("secondary.img"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sec, &[0x53, 0xef], 1080).unwrap();
+    let c = f.config();
+    let err = f.refuses(&["format", "-c", c.to_str().unwrap()], 2);
+    assert!(
+        err.contains("secondary.img") && err.contains("ext2/3/4") && err.contains("--force"),
+        "{err}"
+    );
+    let o = f.run(&["format", "-c", c.to_str().unwrap(), "--force"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn format_force_during_a_restore() {
+    use splitmirror::backend::device::Devices;
+    use splitmirror::core::Command as Cmd;
+    use splitmirror::edge::config::Config;
+    use splitmirror::metadata::MetadataStore;
+    let f = Fixture::formatted();
+    let c = f.config();
+    {
+        let cfg = Config::load(&c).unwrap();
+        let devs = Devices::open(&cfg).unwrap();
+        let (mut store, vol) =
+            MetadataStore::open(&cfg.metadata, &devs.binding(cfg.track_size)).unwrap();
+        for cmd in [
+            Cmd::Split,
+            Cmd::Restore {
+                incremental: false,
+                protect: false,
+            },
+        ] {
+            assert!(vol.close_gate() && vol.is_drained());
+            vol.apply(cmd).unwrap();
+            vol.open_gate();
+        }
+        store.commit_with(&vol, |_| Ok(())).unwrap();
+    }
+    let err = f.refuses(&["format", "-c", c.to_str().unwrap(), "--force"], 2);
+    assert!(
+        err.contains("restore in progress") && err.contains("--discard-restore"),
+        "{err}"
+    );
+    let o = f.run(&[
+        "format",
+        "-c",
+        c.to_str().unwrap(),
+        "--force",
+        "--discard-restore",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

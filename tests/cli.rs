@@ -272,6 +272,8 @@ impl Fake {
                 device: Some("/dev/ublkb7".into()),
                 primary: "/dev/a".into(),
                 secondary: "/dev/b".into(),
+                primary_id: "wwid:naa.5000c500a1b2c3d4".into(),
+                secondary_id: "serial:S3Z9NB0K".into(),
                 state: state.into(),
                 track_size: 128 << 10,
                 tracks: 8192,

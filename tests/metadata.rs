@@ -21,6 +21,10 @@ fn binding() -> Binding {
         track_size: TRACK,
         primary_size: SIZE,
         secondary_size: SIZE + 4096,
+        primary_id: "wwid:naa.5000c500a1b2c3d4".into(),
+        secondary_id: "serial:S3Z9NB0K".into(),
+        primary_path: "/dev/disk/by-id/p".into(),
+        secondary_path: "/dev/disk/by-id/s".into(),
     }
 }
 
@@ -165,25 +169,278 @@ fn a_second_opener_is_refused_while_the_first_holds_it() {
     MetadataStore::open(&path, &binding()).unwrap();
 }
 
+fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let f = std::fs::File::open(path).unwrap();
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b
+}
+
+fn write_at(path: &Path, offset: u64, data: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(data, offset).unwrap();
+}
+
+/// Format, then commits 2 (changed 5) and 3 (changed 6). Returns slot 1 as
+/// generation 1 left it, before commit 3 overwrote it.
+fn three_generations(path: &Path) -> Vec<u8> {
+    let vol = fresh(true);
+    let mut store = MetadataStore::format(path, &binding(), &vol, false).unwrap();
+    let hb = layout().header_bytes as usize;
+    let gen1 = read_at(path, layout().header_offset(1), hb);
+    vol.tables.changed.set(5);
+    store.commit(&vol, &mut no_flush()).unwrap(); // generation 2, slot 0
+    vol.tables.changed.set(6);
+    store.commit(&vol, &mut no_flush()).unwrap(); // generation 3, slot 1
+    gen1
+}
+
 #[test]
 fn a_torn_header_falls_back_to_the_previous_commit() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vol.meta");
-    let vol = fresh(true);
-    let mut store = MetadataStore::format(&path, &binding(), &vol, false).unwrap();
-    vol.tables.changed.set(5);
-    store.commit(&vol, &mut no_flush()).unwrap(); // generation 2
-    vol.tables.changed.set(6);
-    store.commit(&vol, &mut no_flush()).unwrap(); // generation 3
-    drop(store);
-    smash(&path, layout().header_offset(Header::slot(3)) + 40);
+    let gen1 = three_generations(&path);
+    // A crash while generation 3 was written: its first sector landed, the
+    // rest of the slot still holds generation 1.
+    write_at(&path, layout().header_offset(1) + 512, &gen1[512..]);
     let (store, vol) = MetadataStore::open(&path, &binding()).unwrap();
     assert_eq!(store.generation(), 2);
     assert!(vol.tables.changed.get(5) && !vol.tables.changed.get(6));
-    smash(&path, layout().header_offset(Header::slot(2)) + 40);
     drop(store);
+    smash(&path, layout().header_offset(Header::slot(2)) + 40);
     let msg = config_message(MetadataStore::open(&path, &binding()));
     assert!(msg.contains("both header slots"), "{msg}");
+}
+
+#[test]
+fn a_damaged_newest_header_is_reported_not_replaced_by_the_older() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    three_generations(&path);
+    // A flipped bit in the durable generation 3 (bit rot, a stray write).
+    smash(&path, layout().header_offset(Header::slot(3)) + 40);
+    let msg = config_message(MetadataStore::open(&path, &binding()));
+    assert!(
+        msg.contains("header slot 1 is damaged") && msg.contains("generation 2"),
+        "{msg}"
+    );
+    assert!(!msg.contains('\n'));
+}
+
+#[test]
+fn a_damaged_older_header_is_passed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    three_generations(&path);
+    // Generation 2's padding sector: its first sector still says 2 < 3.
+    smash(&path, layout().header_offset(Header::slot(2)) + 3 * 512 + 8);
+    let (store, vol) = MetadataStore::open(&path, &binding()).unwrap();
+    assert_eq!(store.generation(), 3);
+    assert!(vol.tables.changed.get(5) && vol.tables.changed.get(6));
+}
+
+#[test]
+fn a_page_that_fails_its_checksum_is_reported_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    let vol = fresh(true);
+    let mut store = MetadataStore::format(&path, &binding(), &vol, false).unwrap();
+    vol.tables.changed.set(40_000); // chunk 1 of table 0: page 1
+    store.commit(&vol, &mut no_flush()).unwrap(); // written to copy 1
+    drop(store);
+    let page = layout().page_offset(1, true);
+    let mut b = read_at(&path, page, 4096);
+    b[100] ^= 0x10;
+    write_at(&path, page, &b);
+    let msg = config_message(MetadataStore::open(&path, &binding()));
+    assert!(
+        msg.contains("page 1 (table changed, chunk 1, copy 1") && msg.contains("checksum"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_damaged_superblock_is_read_from_its_backup_and_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    MetadataStore::format(&path, &binding(), &fresh(true), false).unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(len, layout().total_bytes());
+    let primary = read_at(&path, 0, 4096);
+    assert_eq!(read_at(&path, len - 4096, 4096), primary, "the backup");
+    smash(&path, 20);
+    let (store, vol) = MetadataStore::open(&path, &binding()).unwrap();
+    assert_eq!(vol.state(), VolumeState::Established);
+    drop(store);
+    assert_eq!(read_at(&path, 0, 4096), primary, "repaired at open");
+    smash(&path, len - 4096 + 20);
+    MetadataStore::open(&path, &binding()).unwrap();
+    assert_eq!(read_at(&path, len - 4096, 4096), primary, "backup repaired");
+    smash(&path, 20);
+    smash(&path, len - 4096 + 20);
+    let msg = config_message(MetadataStore::open(&path, &binding()));
+    assert!(msg.contains("superblock and its backup"), "{msg}");
+}
+
+#[test]
+fn format_allocates_every_block_of_the_metadata() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    MetadataStore::format(&path, &binding(), &fresh(true), false).unwrap();
+    let m = std::fs::metadata(&path).unwrap();
+    assert_eq!(m.len(), layout().total_bytes());
+    assert!(
+        m.blocks() * 512 >= m.len(),
+        "{} of {} bytes allocated: a later commit could meet ENOSPC",
+        m.blocks() * 512,
+        m.len()
+    );
+}
+
+#[test]
+fn open_refuses_swapped_and_replaced_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    MetadataStore::format(&path, &binding(), &fresh(true), false).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let mut swapped = binding();
+    std::mem::swap(&mut swapped.primary_id, &mut swapped.secondary_id);
+    let msg = config_message(MetadataStore::open(&path, &swapped));
+    assert!(
+        msg.starts_with("primary /dev/disk/by-id/p is not the device")
+            && msg.contains("expected wwid:naa.5000c500a1b2c3d4, found serial:S3Z9NB0K")
+            && msg.contains("swapped"),
+        "{msg}"
+    );
+    let mut replaced = binding();
+    replaced.secondary_id = "serial:NEWDISK".into();
+    let msg = config_message(MetadataStore::open(&path, &replaced));
+    assert!(
+        msg.starts_with("secondary /dev/disk/by-id/s")
+            && msg.contains("found serial:NEWDISK")
+            && msg.contains("replace-secondary"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
+}
+
+#[test]
+fn format_refuses_a_target_holding_other_data_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    let mut junk = vec![0u8; 1 << 20];
+    junk[100_000] = 1; // inside the metadata area
+    std::fs::write(&path, &junk).unwrap();
+    let msg = config_message(MetadataStore::format(
+        &path,
+        &binding(),
+        &fresh(true),
+        false,
+    ));
+    assert!(
+        msg.contains("not splitmirror metadata") && msg.contains("offset 100000"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), junk, "nothing written");
+    // Zeros are fine, and so is anything with --force.
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    MetadataStore::format(&path, &binding(), &fresh(true), false).unwrap();
+    std::fs::write(&path, &junk).unwrap();
+    MetadataStore::format(&path, &binding(), &fresh(true), true).unwrap();
+    MetadataStore::open(&path, &binding()).unwrap();
+}
+
+fn apply(vol: &Volume, cmd: splitmirror::core::Command) {
+    assert!(vol.close_gate() && vol.is_drained());
+    vol.apply(cmd).unwrap();
+    vol.open_gate();
+}
+
+const RESTORE: splitmirror::core::Command = splitmirror::core::Command::Restore {
+    incremental: false,
+    protect: false,
+};
+
+/// Metadata left in the middle of a full restore.
+fn restoring(path: &Path) {
+    MetadataStore::format(path, &binding(), &fresh(true), false).unwrap();
+    let (mut store, vol) = MetadataStore::open(path, &binding()).unwrap();
+    apply(&vol, splitmirror::core::Command::Split);
+    apply(&vol, RESTORE);
+    store.commit(&vol, &mut no_flush()).unwrap();
+}
+
+#[test]
+fn format_force_refuses_to_discard_a_restore_unless_told() {
+    use splitmirror::metadata::FormatOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    restoring(&path);
+    let before = std::fs::read(&path).unwrap();
+    let msg = config_message(MetadataStore::format(&path, &binding(), &fresh(true), true));
+    assert!(
+        msg.contains("restore in progress") && msg.contains("--discard-restore"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
+    let opts = FormatOptions {
+        force: true,
+        discard_restore: true,
+    };
+    MetadataStore::format_with(&path, &binding(), &fresh(true), opts).unwrap();
+    let (_, vol) = MetadataStore::open(&path, &binding()).unwrap();
+    assert_eq!(vol.state(), VolumeState::Established);
+}
+
+fn new_secondary() -> Binding {
+    let mut b = binding();
+    b.secondary_id = "serial:NEWDISK".into();
+    b.secondary_size = SIZE + (1 << 20);
+    b
+}
+
+#[test]
+fn replace_secondary_records_the_new_disk_and_copies_every_track() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    MetadataStore::format(&path, &binding(), &fresh(true), false).unwrap();
+    {
+        // Split, a few changes: an incremental establish would copy 2 tracks.
+        let (mut store, vol) = MetadataStore::open(&path, &binding()).unwrap();
+        apply(&vol, splitmirror::core::Command::Split);
+        vol.tables.changed.set(3);
+        vol.tables.changed.set(99_000);
+        store.commit(&vol, &mut no_flush()).unwrap();
+    }
+    let r = MetadataStore::replace_secondary(&path, &new_secondary()).unwrap();
+    assert_eq!(r.old_id, "serial:S3Z9NB0K");
+    assert_eq!(r.old_state, VolumeState::Split);
+    let msg = config_message(MetadataStore::open(&path, &binding()));
+    assert!(msg.contains("expected serial:NEWDISK"), "{msg}");
+    let (_, vol) = MetadataStore::open(&path, &new_secondary()).unwrap();
+    assert_eq!(vol.state(), VolumeState::Degraded);
+    let tracks = vol.geometry().tracks();
+    apply(&vol, splitmirror::core::Command::Establish { full: false });
+    assert_eq!(vol.tables.stale.count(), tracks, "every track is copied");
+    assert_eq!(vol.operation().unwrap().total, tracks);
+}
+
+#[test]
+fn replace_secondary_refuses_a_restoring_volume_and_another_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    restoring(&path);
+    let before = std::fs::read(&path).unwrap();
+    match MetadataStore::replace_secondary(&path, &new_secondary()) {
+        Err(Error::State(m)) => assert!(m.contains("restoring"), "{m}"),
+        other => panic!("want a state error, got {:?}", other.err()),
+    }
+    let mut other = new_secondary();
+    other.primary_id = "wwid:someone-else".into();
+    let msg = config_message(MetadataStore::replace_secondary(&path, &other));
+    assert!(msg.starts_with("primary "), "{msg}");
+    assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
 }
 
 /// A file whose writes fail on demand: every write numbered `fail_at` or
@@ -391,4 +648,52 @@ fn a_full_restore_is_committed_as_header_flags_not_pages() {
     assert_eq!(again.tables.pending.count(), tracks - 1);
     assert!(!again.tables.pending.get(70_000));
     assert!(again.tables.pending.get(69_999) && again.tables.pending.get(tracks - 1));
+}
+
+/// Metadata as a splitmirror of format version 2 wrote it: the same first
+/// 96 superblock bytes, and one crc32c-sealed 4 KiB header per slot.
+fn version2_image(state: VolumeState) -> Vec<u8> {
+    fn seal(b: &mut [u8]) {
+        let end = b.len() - 4;
+        let crc = crc32c::crc32c(&b[..end]);
+        b[end..].copy_from_slice(&crc.to_le_bytes());
+    }
+    let mut img = vec![0u8; 64 << 10];
+    img[0..8].copy_from_slice(b"SPLITMIR");
+    img[8..12].copy_from_slice(&2u32.to_le_bytes());
+    img[16..32].copy_from_slice(&[9; 16]);
+    img[80..88].copy_from_slice(&4096u64.to_le_bytes());
+    seal(&mut img[..4096]);
+    let slot1 = &mut img[8192..12288];
+    slot1[0..8].copy_from_slice(b"SMHEADER");
+    slot1[8..24].copy_from_slice(&[9; 16]);
+    slot1[24..32].copy_from_slice(&1u64.to_le_bytes());
+    slot1[32] = state.code();
+    seal(slot1);
+    img
+}
+
+#[test]
+fn format_over_an_older_version_wants_force_and_keeps_its_restore() {
+    use splitmirror::metadata::FormatOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    std::fs::write(&path, version2_image(VolumeState::Restoring)).unwrap();
+    let msg = config_message(MetadataStore::format(
+        &path,
+        &binding(),
+        &fresh(true),
+        false,
+    ));
+    assert!(msg.contains("another format version"), "{msg}");
+    let msg = config_message(MetadataStore::format(&path, &binding(), &fresh(true), true));
+    assert!(msg.contains("restore in progress"), "{msg}");
+    let opts = FormatOptions {
+        force: true,
+        discard_restore: true,
+    };
+    MetadataStore::format_with(&path, &binding(), &fresh(true), opts).unwrap();
+    std::fs::write(&path, version2_image(VolumeState::Split)).unwrap();
+    MetadataStore::format(&path, &binding(), &fresh(true), true).unwrap();
+    MetadataStore::open(&path, &binding()).unwrap();
 }

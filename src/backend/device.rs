@@ -46,6 +46,9 @@ pub struct DataDev {
     pub size: u64,
     /// The device's logical block size: the smallest direct I/O it takes.
     pub logical_block: u32,
+    /// Who the device is, as the metadata records it
+    /// ([`crate::metadata::identity`]).
+    pub stable_id: String,
     identity: Identity,
 }
 
@@ -104,6 +107,7 @@ impl DataDev {
             file,
             size,
             logical_block,
+            stable_id: crate::metadata::identity::of(&meta),
             identity,
         })
     }
@@ -154,6 +158,10 @@ impl Devices {
             track_size,
             primary_size: self.primary.size,
             secondary_size: self.secondary.size,
+            primary_id: self.primary.stable_id.clone(),
+            secondary_id: self.secondary.stable_id.clone(),
+            primary_path: self.primary.path.display().to_string(),
+            secondary_path: self.secondary.path.display().to_string(),
         }
     }
 

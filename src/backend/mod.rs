@@ -14,7 +14,7 @@ use std::io;
 
 pub(crate) mod blocking;
 pub mod buf;
-pub(crate) mod device;
+pub mod device;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod uring;

@@ -226,15 +226,7 @@ impl Future for YieldNow {
 /// run while it is "in flight" (the crash tests use the real store over
 /// simulated devices instead).
 pub fn mem_commit_begin(vol: &Volume) -> crate::core::CommitSeq {
-    let seq = vol.clock.begin();
-    vol.take_header_dirty();
-    let mut buf = vec![0u64; crate::core::table::CHUNK_WORDS];
-    for table in vol.tables.all() {
-        for c in 0..table.chunks() {
-            table.take_dirty_chunk_for(c, &mut buf, seq);
-        }
-    }
-    seq
+    vol.take_commit().seq
 }
 
 type Task<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;

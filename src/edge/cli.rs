@@ -31,9 +31,20 @@ enum Cmd {
         /// The devices are known to be identical: start established, copy nothing
         #[arg(long)]
         assume_clean: bool,
-        /// Overwrite existing valid metadata
+        /// Overwrite existing metadata (or other data at the metadata path), and a secondary holding a filesystem
         #[arg(long)]
         force: bool,
+        /// With --force: overwrite metadata even in the middle of a restore (the split image is lost)
+        #[arg(long, requires = "force")]
+        discard_restore: bool,
+    },
+    /// Record a new secondary disk (server stopped); the next establish copies every track
+    ReplaceSecondary {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Go ahead: the old secondary's contents (a split image included) are given up
+        #[arg(long)]
+        yes: bool,
     },
     /// Serve the block device in the foreground until SIGINT/SIGTERM
     Run {
@@ -174,7 +185,7 @@ fn report_clap_error(e: &clap::Error) -> i32 {
     if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
         eprintln!(
             "splitmirror: no command given; use one of format, run, split, establish, \
-             restore, status, wait, verify (see `splitmirror --help`)"
+             restore, status, wait, verify, replace-secondary (see `splitmirror --help`)"
         );
         return e.exit_code();
     }
@@ -232,7 +243,19 @@ fn run(cli: Cli) -> Result<()> {
             config,
             assume_clean,
             force,
-        } => crate::edge::server::format(&Config::load(&config.config)?, assume_clean, force),
+            discard_restore,
+        } => {
+            let opts = crate::metadata::FormatOptions {
+                force,
+                discard_restore,
+            };
+            crate::edge::server::format(&Config::load(&config.config)?, assume_clean, opts)
+        }
+        Cmd::ReplaceSecondary { config, yes } => {
+            let done = crate::edge::server::replace_secondary(&Config::load(&config.config)?, yes)?;
+            println!("{done}");
+            Ok(())
+        }
         Cmd::Run { config } => crate::edge::server::run(&Config::load(&config.config)?),
         Cmd::Split { target, wait } => command(&target, Command::Split, &wait),
         Cmd::Establish { full, target, wait } => {
@@ -309,6 +332,8 @@ fn status_rows(st: &Status) -> Vec<(&'static str, String)> {
         ("State", st.state.clone()),
         ("Primary", st.primary.clone()),
         ("Secondary", st.secondary.clone()),
+        ("Primary Id", id_or_dash(&st.primary_id)),
+        ("Secondary Id", id_or_dash(&st.secondary_id)),
         ("Track Size", human_bytes(st.track_size)),
         (
             "Tracks",
@@ -342,6 +367,15 @@ fn status_rows(st: &Status) -> Vec<(&'static str, String)> {
     };
     rows.push(("Errors", errors));
     rows
+}
+
+/// An older server reports no identities.
+fn id_or_dash(id: &str) -> String {
+    if id.is_empty() {
+        "-".into()
+    } else {
+        id.into()
+    }
 }
 
 /// `restore (full, protect) 14.5% (1191/8192 tracks)`.
@@ -639,6 +673,8 @@ mod tests {
             device: Some("/dev/ublkb0".into()),
             primary: "/dev/a".into(),
             secondary: "/dev/b".into(),
+            primary_id: "wwid:naa.5000c500a1b2c3d4".into(),
+            secondary_id: "serial:S3Z9NB0K".into(),
             state: "restoring".into(),
             track_size: 128 << 10,
             tracks: 8192,
@@ -670,6 +706,7 @@ mod tests {
         );
         let text = render_status(&st);
         assert!(text.contains("Track Size : 128 KiB"), "{text}");
+        assert!(text.contains("Secondary Id : serial:S3Z9NB0K"), "{text}");
         assert!(
             text.contains("restore (full) 45.2% (3700/8192 tracks)"),
             "{text}"

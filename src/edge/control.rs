@@ -49,6 +49,12 @@ pub struct Status {
     pub primary: String,
     #[serde(default)]
     pub secondary: String,
+    /// Who each device is, as the metadata records it (see
+    /// `metadata::identity`): `wwid:…`, `serial:…`, `dm-uuid:…`, `file:…`.
+    #[serde(default)]
+    pub primary_id: String,
+    #[serde(default)]
+    pub secondary_id: String,
     pub state: String,
     pub track_size: u64,
     pub tracks: u64,

@@ -328,6 +328,8 @@ mod tests {
             device: None,
             primary: "/dev/a".into(),
             secondary: "/dev/b".into(),
+            primary_id: "wwid:naa.5000c500a1b2c3d4".into(),
+            secondary_id: "serial:S3Z9NB0K".into(),
             state: "restoring".into(),
             track_size: 131072,
             tracks: 10,

@@ -8,6 +8,7 @@
 //! committer; the control listener.
 
 use crate::backend::blocking::BlockingBackend;
+use crate::backend::device::DataDev;
 use crate::backend::device::Devices;
 use crate::backend::uring::{UringBackend, UringOptions};
 use crate::core::{Command, Geometry, Volume};
@@ -17,7 +18,7 @@ use crate::edge::metrics::{self, Metrics};
 use crate::error::{Error, Result};
 use crate::exec::engine::{self, EngineConfig, RunReport};
 use crate::exec::load::HostLoad;
-use crate::metadata::{CommitHandle, Committer, MetadataStore};
+use crate::metadata::{identity, CommitHandle, Committer, FormatOptions, MetadataStore};
 use crate::ublk::{self, DeviceParams, QueueCtx};
 use std::collections::VecDeque;
 use std::io::Write;
@@ -37,12 +38,88 @@ pub const PAUSE_RETRY: Duration = Duration::from_secs(30);
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 
 /// `splitmirror format`: writes fresh metadata for the configured devices.
-pub fn format(cfg: &Config, assume_clean: bool, force: bool) -> Result<()> {
+/// Unless `--assume-clean` (nothing is copied) or `--force`, it refuses a
+/// secondary that holds a filesystem, volume or partition table: the first
+/// sync would overwrite it.
+pub fn format(cfg: &Config, assume_clean: bool, opts: FormatOptions) -> Result<()> {
     let devs = Devices::open(cfg)?;
     let geometry = Geometry::new(devs.volume_size(), cfg.track_size)?;
+    if !assume_clean && !opts.force {
+        refuse_used_secondary(&devs.secondary)?;
+    }
     let vol = Volume::formatted(geometry, assume_clean);
-    MetadataStore::format(&cfg.metadata, &devs.binding(cfg.track_size), &vol, force)?;
+    MetadataStore::format_with(&cfg.metadata, &devs.binding(cfg.track_size), &vol, opts)?;
     Ok(())
+}
+
+/// How much of each end of the secondary `format` looks at.
+const PROBE_BYTES: u64 = 1 << 20;
+
+fn refuse_used_secondary(dev: &DataDev) -> Result<()> {
+    let head = read_region(dev, 0, PROBE_BYTES.min(dev.size))?;
+    let tail_at = dev.size.saturating_sub(PROBE_BYTES) / 4096 * 4096;
+    let tail = read_region(dev, tail_at, dev.size - tail_at)?;
+    let found = identity::signature(&head).or_else(|| identity::tail_signature(&tail));
+    match found {
+        None => Ok(()),
+        Some(what) => Err(Error::config(format!(
+            "secondary {} holds {what}: the first sync after `format` overwrites the whole \
+             secondary with the primary; check the `secondary:` path, or pass --force to \
+             overwrite it (or --assume-clean if the devices are already identical)",
+            dev.path.display()
+        ))),
+    }
+}
+
+/// Reads `len` bytes at `offset` (a multiple of 4 KiB) with direct I/O;
+/// a short file gives fewer.
+fn read_region(dev: &DataDev, offset: u64, len: u64) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = crate::backend::buf::AlignedBuf::new(len.next_multiple_of(4096) as usize);
+    let mut got = 0;
+    while got < buf.len() {
+        let n = dev
+            .file
+            .read_at(&mut buf[got..], offset + got as u64)
+            .map_err(|e| {
+                Error::runtime(format!("reading {} {}: {e}", dev.role, dev.path.display()))
+            })?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    Ok(buf[..got.min(len as usize)].to_vec())
+}
+
+/// `splitmirror replace-secondary`: records the configured secondary (a new
+/// disk) in place of the one the metadata names; every track is then
+/// copied by the next `establish`. Offline: the metadata lock refuses it
+/// while a server runs.
+pub fn replace_secondary(cfg: &Config, yes: bool) -> Result<String> {
+    let devs = Devices::open(cfg)?;
+    let binding = devs.binding(cfg.track_size);
+    if !yes {
+        return Err(Error::config(format!(
+            "replace-secondary records {} ({}) as the secondary and discards everything the \
+             old secondary held (a split image included); every track is copied to the new \
+             disk by the next `establish`; run it again with --yes to go ahead",
+            devs.secondary.path.display(),
+            devs.secondary.stable_id
+        )));
+    }
+    let r = MetadataStore::replace_secondary(&cfg.metadata, &binding)?;
+    Ok(format!(
+        "replace-secondary: done; secondary is now {} ({}, {} bytes), was {} ({} bytes); the \
+         volume is degraded (was {}) with every track to copy: start the server and run \
+         `splitmirror establish`",
+        devs.secondary.path.display(),
+        devs.secondary.stable_id,
+        devs.secondary.size,
+        r.old_id,
+        r.old_size,
+        r.old_state
+    ))
 }
 
 /// `splitmirror run`: serves the device until SIGINT/SIGTERM.
@@ -398,6 +475,8 @@ impl ControlTarget for Server {
             device: self.device.lock().unwrap().clone(),
             primary: self.cfg.primary.display().to_string(),
             secondary: self.cfg.secondary.display().to_string(),
+            primary_id: self.devs.primary.stable_id.clone(),
+            secondary_id: self.devs.secondary.stable_id.clone(),
             state: vol.state().name().to_string(),
             track_size: g.track_size(),
             tracks: g.tracks(),

@@ -6,7 +6,8 @@
 //! - [`store`]: format, open and the shadow-paged commit, with the ordering
 //!   rules that make it crash-consistent (explained there);
 //! - [`committer`]: the thread that runs group commits;
-//! - [`device`]: the metadata file or block device behind a [`MetaDevice`].
+//! - [`device`]: the metadata file or block device behind a [`MetaDevice`];
+//! - [`identity`]: who a data device is, and what is already on it.
 //!
 //! Use from the server:
 //!
@@ -23,6 +24,7 @@
 pub mod committer;
 pub mod device;
 pub mod format;
+pub mod identity;
 pub mod store;
 
 use crate::core::DevSet;
@@ -30,17 +32,24 @@ use std::io;
 
 pub use committer::{CommitHandle, Committer};
 pub use device::{FileMeta, MetaDevice};
-pub use store::{CommitBatch, MetadataStore};
+pub use store::{CommitBatch, FormatOptions, MetadataStore, Replaced};
 
 /// What the metadata is bound to; `open` refuses metadata made for other
 /// devices (exit 2).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Binding {
     /// Bytes the volume presents (the primary's size).
     pub volume_size: u64,
     pub track_size: u64,
     pub primary_size: u64,
     pub secondary_size: u64,
+    /// Who each device is ([`identity`]): recorded by `format`, checked
+    /// by `run`, so a swapped, renumbered or replaced disk is refused.
+    pub primary_id: String,
+    pub secondary_id: String,
+    /// The configured paths, for messages only (not recorded).
+    pub primary_path: String,
+    pub secondary_path: String,
 }
 
 /// Makes the data devices' copies durable before a commit records them.

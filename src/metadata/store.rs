@@ -20,8 +20,15 @@
 //!    is flushed between the two so that the new header can never be
 //!    durable while one of its pages is not.
 //! 3. *Header last, alternating slots.* Generation `n` goes to slot `n % 2`:
-//!    the header it replaces stays intact, and a torn header fails its
-//!    crc32c, so open falls back to the older generation.
+//!    the header it replaces stays intact. A header write cut short by a
+//!    crash leaves whole sectors of two generations (every sector intact,
+//!    see [`Slot::Torn`]): that commit was never acknowledged, and open
+//!    falls back to the older generation, whose pages the interrupted
+//!    commit did not touch. A header with a sector that fails its checksum
+//!    is damage, not a crash: if it may be the newest, open refuses, since
+//!    the older header's pages may have been overwritten after the newer
+//!    one became durable (the page crcs would catch most of that, but not
+//!    the acknowledged changes the older version lacks).
 //! 4. *Durable before acknowledged.* `clock.finish(seq)` runs only after
 //!    the header flush; host writes waiting for that commit are acked then.
 //!
@@ -32,19 +39,17 @@
 //! header slots, so it never overwrites the pages of a header that did.
 
 use super::device::{FileMeta, MetaDevice};
-use super::format::{decode_page, encode_page, Bad, Header, Layout, Superblock, BLOCK};
+use super::format::{
+    decode_page, encode_page, page_crc, Bad, Header, Layout, Slot, Superblock, BLOCK,
+};
 use super::{Binding, DataFlush};
 use crate::backend::buf::AlignedBuf;
-use crate::core::table::{Taken, CHUNK_WORDS};
-use crate::core::{CommitSeq, DevSet, Geometry, Operation, Volume, VolumeState};
+use crate::core::commit::CommitTake;
+use crate::core::table::CHUNK_WORDS;
+use crate::core::{DevSet, Geometry, Volume, VolumeState};
 use crate::error::{Error, Result};
 use std::io;
 use std::path::Path;
-
-/// Tables in the order a commit takes them: "pending" before "changed",
-/// because a track restored by a host write gets "changed" set before
-/// "pending" is cleared, and no commit may record it as neither.
-const TAKE_ORDER: [usize; 4] = [1, 0, 2, 3];
 
 pub struct MetadataStore<D: MetaDevice = FileMeta> {
     dev: D,
@@ -56,22 +61,8 @@ pub struct MetadataStore<D: MetaDevice = FileMeta> {
 }
 
 /// What one commit carries: taken from the volume by
-/// [`MetadataStore::begin_commit`], written by [`MetadataStore::write_commit`].
-pub struct CommitBatch {
-    seq: CommitSeq,
-    state: VolumeState,
-    operation: Option<Operation>,
-    /// (table, chunk, words); no words for a page with every bit set,
-    /// which only the header records.
-    pages: Vec<(usize, usize, Option<Vec<u64>>)>,
-    flush: DevSet,
-}
-
-impl CommitBatch {
-    pub fn seq(&self) -> CommitSeq {
-        self.seq
-    }
-}
+/// [`Volume::take_commit`], then written by [`MetadataStore::write_commit`].
+pub type CommitBatch = CommitTake;
 
 fn page_buf(words: &[u64]) -> AlignedBuf {
     let mut b = AlignedBuf::new(BLOCK as usize);
@@ -93,28 +84,72 @@ fn geometry_of(binding: &Binding) -> Result<Geometry> {
     Geometry::new(binding.volume_size, binding.track_size)
 }
 
+/// How `format` treats what is already on the metadata target.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FormatOptions {
+    /// Overwrite a valid volume, or a target holding other data.
+    pub force: bool,
+    /// With `force`: overwrite even a volume in the middle of a restore
+    /// (the split image not yet all on the primary).
+    pub discard_restore: bool,
+}
+
+/// What `replace-secondary` changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replaced {
+    pub old_id: String,
+    pub old_size: u64,
+    pub old_state: VolumeState,
+}
+
 impl MetadataStore<FileMeta> {
     /// Writes fresh metadata for `vol`. Refuses valid existing metadata
-    /// unless `force`.
+    /// unless `force`, and anything but zeros unless `force`.
     pub fn format(path: &Path, binding: &Binding, vol: &Volume, force: bool) -> Result<Self> {
+        let opts = FormatOptions {
+            force,
+            discard_restore: false,
+        };
+        Self::format_with(path, binding, vol, opts)
+    }
+
+    /// [`MetadataStore::format`] with every option.
+    pub fn format_with(
+        path: &Path,
+        binding: &Binding,
+        vol: &Volume,
+        opts: FormatOptions,
+    ) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| cannot_open(path, e))?;
         }
         let dev = FileMeta::open(path, true).map_err(|e| cannot_open(path, e))?;
-        Self::format_dev(dev, binding, vol, force)
+        Self::format_dev_with(dev, binding, vol, opts)
     }
 
     /// Loads the metadata and the volume it describes (tables, state, the
     /// running operation).
     pub fn open(path: &Path, binding: &Binding) -> Result<(Self, Volume)> {
+        let dev = Self::open_existing(path)?;
+        Self::open_dev(dev, binding)
+    }
+
+    /// Records a new secondary (`binding`'s) in place of the failed one and
+    /// marks every track to be copied to it: the volume becomes `degraded`
+    /// with every track changed, so the next `establish` copies them all.
+    pub fn replace_secondary(path: &Path, binding: &Binding) -> Result<Replaced> {
+        let dev = Self::open_existing(path)?;
+        Self::replace_secondary_dev(dev, binding)
+    }
+
+    fn open_existing(path: &Path) -> Result<FileMeta> {
         if !path.exists() {
             return Err(Error::config(format!(
                 "metadata {} does not exist; run `splitmirror format -c CFG` first",
                 path.display()
             )));
         }
-        let dev = FileMeta::open(path, false).map_err(|e| cannot_open(path, e))?;
-        Self::open_dev(dev, binding)
+        FileMeta::open(path, false).map_err(|e| cannot_open(path, e))
     }
 }
 
@@ -133,20 +168,29 @@ fn cannot_open(path: &Path, e: io::Error) -> Error {
 
 impl<D: MetaDevice> MetadataStore<D> {
     /// [`MetadataStore::format`] on any device.
-    pub fn format_dev(mut dev: D, binding: &Binding, vol: &Volume, force: bool) -> Result<Self> {
+    pub fn format_dev(dev: D, binding: &Binding, vol: &Volume, force: bool) -> Result<Self> {
+        let opts = FormatOptions {
+            force,
+            discard_restore: false,
+        };
+        Self::format_dev_with(dev, binding, vol, opts)
+    }
+
+    /// [`MetadataStore::format_with`] on any device.
+    pub fn format_dev_with(
+        mut dev: D,
+        binding: &Binding,
+        vol: &Volume,
+        opts: FormatOptions,
+    ) -> Result<Self> {
         let geometry = geometry_of(binding)?;
         if geometry != vol.geometry() {
             return Err(Error::config(
                 "internal: the volume to format does not match its binding",
             ));
         }
-        if !force && holds_volume(&mut dev) {
-            return Err(Error::config(format!(
-                "metadata {} already holds a valid splitmirror volume; pass --force to overwrite",
-                dev.describe()
-            )));
-        }
         let layout = Layout::new(geometry.tracks(), vol.tables.all().len() as u32);
+        check_format_target(&mut dev, &layout, opts)?;
         ensure_len(&mut dev, layout.total_bytes())?;
         let sb = Superblock {
             uuid: random_uuid(),
@@ -163,25 +207,16 @@ impl<D: MetaDevice> MetadataStore<D> {
         })
     }
 
-    /// [`MetadataStore::open`] on any device.
+    /// [`MetadataStore::open`] on any device. Nothing is written unless
+    /// every check passed (then only a damaged superblock copy is
+    /// rewritten from the good one).
     pub fn open_dev(mut dev: D, binding: &Binding) -> Result<(Self, Volume)> {
-        let sb = read_superblock(&mut dev)?;
+        let found = read_superblock(&mut dev)?;
+        let sb = found.sb.clone();
         check_binding(&dev, &sb.binding, binding)?;
-        let layout = sb.layout;
-        if dev.size()? < layout.total_bytes() {
-            return Err(corrupt(&dev, "it is truncated"));
-        }
-        let header = newest_header(&mut dev, &sb)?
-            .ok_or_else(|| corrupt(&dev, "both header slots are damaged"))?;
-        let geometry = geometry_of(binding)?;
-        if geometry.tracks() != layout.tracks {
-            return Err(corrupt(&dev, "its track count does not match its sizes"));
-        }
-        let vol = Volume::new(geometry, header.state);
-        load_pages(&mut dev, &layout, &header, &vol)?;
-        vol.load_header(header.state, header.operation);
-        vol.clock.reset(header.generation);
+        let (header, vol) = load_volume(&mut dev, &sb, binding)?;
         vol.recover_intents();
+        repair_superblock(&mut dev, &found)?;
         let store = MetadataStore {
             dev,
             sb,
@@ -189,6 +224,53 @@ impl<D: MetaDevice> MetadataStore<D> {
             uncertain: false,
         };
         Ok((store, vol))
+    }
+
+    /// [`MetadataStore::replace_secondary`] on any device.
+    pub fn replace_secondary_dev(mut dev: D, binding: &Binding) -> Result<Replaced> {
+        let found = read_superblock(&mut dev)?;
+        let mut sb = found.sb.clone();
+        let mut keep = binding.clone();
+        keep.secondary_id = sb.binding.secondary_id.clone();
+        keep.secondary_size = sb.binding.secondary_size;
+        check_binding(&dev, &sb.binding, &keep)?;
+        let (header, old) = load_volume(&mut dev, &sb, binding)?;
+        if old.state() == VolumeState::Restoring {
+            return Err(Error::state(format!(
+                "cannot replace the secondary while the volume is restoring: the old secondary \
+                 holds the split image, which is not yet all on the primary ({} tracks to go); \
+                 let the restore finish (`splitmirror wait`), then replace it",
+                old.tables.pending.count()
+            )));
+        }
+        let replaced = Replaced {
+            old_id: sb.binding.secondary_id.clone(),
+            old_size: sb.binding.secondary_size,
+            old_state: old.state(),
+        };
+        // The new disk's content is unknown: every track differs from it.
+        let vol = Volume::new(old.geometry(), VolumeState::Degraded);
+        vol.tables.changed.fill();
+        for table in vol.tables.all() {
+            for c in 0..table.chunks() {
+                table.mark_chunk_dirty(c);
+            }
+        }
+        vol.clock.reset(header.generation);
+        let mut store = MetadataStore {
+            dev,
+            sb: sb.clone(),
+            current: header,
+            uncertain: false,
+        };
+        // The data devices hold nothing this commit claims: no data flush.
+        store.commit_with(&vol, |_| Ok(()))?;
+        // Then the new identity. A crash in between leaves the old one
+        // recorded: `run` refuses the new disk and the command is run again.
+        sb.binding.secondary_id = binding.secondary_id.clone();
+        sb.binding.secondary_size = binding.secondary_size;
+        write_superblocks(&mut store.dev, &sb)?;
+        Ok(replaced)
     }
 
     /// The generation of the last durable header.
@@ -211,35 +293,11 @@ impl<D: MetaDevice> MetadataStore<D> {
         self.write_commit(vol, batch, flush_data)
     }
 
-    /// First half of a commit: numbers it and takes what it will write.
-    /// Nothing is written yet; the simulation runs other tasks here.
+    /// First half of a commit: numbers it and takes what it will write
+    /// (the core's [`Volume::take_commit`]). Nothing is written yet; the
+    /// simulation runs other tasks here.
     pub fn begin_commit(&mut self, vol: &Volume) -> CommitBatch {
-        let snapshot = vol.lock_snapshot();
-        let seq = vol.clock.begin();
-        vol.take_header_dirty();
-        let (state, operation) = (vol.state(), vol.operation());
-        let tables = vol.tables.all();
-        let mut pages = Vec::new();
-        let mut words = vec![0u64; CHUNK_WORDS];
-        for t in TAKE_ORDER {
-            for c in 0..tables[t].chunks() {
-                match tables[t].take_dirty_chunk_for(c, &mut words, seq) {
-                    Taken::Clean => {}
-                    Taken::Ones => pages.push((t, c, None)),
-                    Taken::Words => pages.push((t, c, Some(words.clone()))),
-                }
-            }
-        }
-        drop(snapshot);
-        // After the take (see `Volume::take_flush_set`).
-        let flush = vol.take_flush_set().union(vol.commit_flush_set());
-        CommitBatch {
-            seq,
-            state,
-            operation,
-            pages,
-            flush,
-        }
+        vol.take_commit()
     }
 
     /// Second half: the I/O, in the order the module header explains.
@@ -255,7 +313,7 @@ impl<D: MetaDevice> MetadataStore<D> {
                 Ok(())
             }
             Err(e) => {
-                requeue(vol, &batch);
+                vol.requeue_commit(&batch);
                 Err(e)
             }
         }
@@ -292,17 +350,22 @@ impl<D: MetaDevice> MetadataStore<D> {
             operation: batch.operation,
             selectors: self.current.selectors.clone(),
             ones: self.current.ones.clone(),
+            crcs: self.current.crcs.clone(),
         };
-        for (t, c, words) in &batch.pages {
+        for (t, c, words) in &batch.chunks {
             let i = layout.page_index(*t, *c);
             next.ones[i] = words.is_none();
-            let Some(words) = words else { continue };
+            let Some(words) = words else {
+                next.crcs[i] = 0;
+                continue;
+            };
             // The copy the durable header does not read (with its "all
             // ones" flag set it reads neither, and either copy is free).
             let slot = !self.current.selectors[i];
-            self.dev
-                .write_at(&page_buf(words), layout.page_offset(i, slot))?;
+            let page = page_buf(words);
+            self.dev.write_at(&page, layout.page_offset(i, slot))?;
             next.selectors[i] = slot;
+            next.crcs[i] = page_crc(&page);
         }
         Ok(next)
     }
@@ -310,28 +373,154 @@ impl<D: MetaDevice> MetadataStore<D> {
     /// After a failed header write: flush, then trust what is on the device.
     fn reload_header(&mut self) -> io::Result<()> {
         self.dev.flush()?;
-        let found = newest_header(&mut self.dev, &self.sb).map_err(io::Error::other)?;
-        self.current = found.ok_or_else(|| io::Error::other("both metadata headers damaged"))?;
+        self.current =
+            newest_header(&mut self.dev, &self.sb).map_err(|e| io::Error::other(e.to_string()))?;
         self.uncertain = false;
         Ok(())
     }
 }
 
-/// A failed commit: what it took must be written by the next one.
-fn requeue(vol: &Volume, batch: &CommitBatch) {
-    let tables = vol.tables.all();
-    for (t, c, _) in &batch.pages {
-        tables[*t].mark_chunk_dirty(*c);
+/// Reads the newest header and the pages it references into a volume.
+fn load_volume<D: MetaDevice>(
+    dev: &mut D,
+    sb: &Superblock,
+    binding: &Binding,
+) -> Result<(Header, Volume)> {
+    let layout = sb.layout;
+    if dev.size()? < layout.total_bytes() {
+        return Err(corrupt(dev, "it is truncated"));
     }
-    vol.mark_header_dirty();
-    vol.need_flush(batch.flush);
+    let header = newest_header(dev, sb)?;
+    let geometry = geometry_of(binding)?;
+    if geometry.tracks() != layout.tracks {
+        return Err(corrupt(dev, "its track count does not match its sizes"));
+    }
+    let vol = Volume::new(geometry, header.state);
+    load_pages(dev, &layout, &header, &vol)?;
+    vol.load_header(header.state, header.operation);
+    vol.clock.reset(header.generation);
+    Ok((header, vol))
 }
 
-fn holds_volume<D: MetaDevice>(dev: &mut D) -> bool {
+/// What `format` finds on its target decides whether it may go on: zeros
+/// (or nothing) always; a splitmirror volume or other data only with
+/// `--force`; a volume in the middle of a restore only with
+/// `--discard-restore` as well.
+fn check_format_target<D: MetaDevice>(
+    dev: &mut D,
+    layout: &Layout,
+    opts: FormatOptions,
+) -> Result<()> {
+    let restoring = match read_superblock(dev) {
+        Ok(found) => {
+            if !opts.force {
+                return Err(Error::config(format!(
+                    "metadata {} already holds a valid splitmirror volume; pass --force to overwrite",
+                    dev.describe()
+                )));
+            }
+            // A header that cannot be read cannot tell: --force goes on.
+            newest_header(dev, &found.sb).is_ok_and(|h| h.state == VolumeState::Restoring)
+        }
+        Err(_) if dev.size()? >= BLOCK && starts_with_magic(dev)? => {
+            if !opts.force {
+                return Err(Error::config(format!(
+                    "metadata {} holds splitmirror metadata of another format version, or \
+                     damaged; pass --force to overwrite it",
+                    dev.describe()
+                )));
+            }
+            legacy_restoring(dev)?
+        }
+        Err(_) => {
+            // The metadata area and at least the first MiB (where a
+            // filesystem or partition table would show), and the last block.
+            let end = layout.total_bytes().max(1 << 20);
+            if let Some(at) = first_nonzero(dev, end)?.filter(|_| !opts.force) {
+                return Err(Error::config(format!(
+                    "metadata {} holds data that is not splitmirror metadata (a non-zero byte \
+                     at offset {at}); check the `metadata:` path, or pass --force to overwrite it",
+                    dev.describe()
+                )));
+            }
+            false
+        }
+    };
+    if restoring && !opts.discard_restore {
+        return Err(Error::config(format!(
+            "metadata {} shows a restore in progress: the split image is not yet all on \
+             the primary, and formatting loses the record of which tracks still come from \
+             the secondary; let it finish (`splitmirror run`, then `splitmirror wait`), or \
+             pass --force --discard-restore to give it up",
+            dev.describe()
+        )));
+    }
+    Ok(())
+}
+
+fn starts_with_magic<D: MetaDevice>(dev: &mut D) -> io::Result<bool> {
     let mut b = AlignedBuf::new(BLOCK as usize);
-    dev.size().is_ok_and(|l| l >= BLOCK)
-        && dev.read_at(&mut b, 0).is_ok()
-        && Superblock::decode(&b).is_ok()
+    dev.read_at(&mut b, 0)?;
+    Ok(b[..8] == super::format::SUPER_MAGIC)
+}
+
+/// Whether metadata of format version 1 or 2 (an older splitmirror) shows
+/// a restore in progress. Those versions share the superblock's first 96
+/// bytes and its crc with this one; a header slot was one crc32c-sealed
+/// run of `H` bytes with the generation at 24 and the state at 32.
+fn legacy_restoring<D: MetaDevice>(dev: &mut D) -> Result<bool> {
+    let mut sb = AlignedBuf::new(BLOCK as usize);
+    dev.read_at(&mut sb, 0)?;
+    let crc = u32::from_le_bytes(sb[4092..4096].try_into().unwrap());
+    let version = u32::from_le_bytes(sb[8..12].try_into().unwrap());
+    if crc32c::crc32c(&sb[..4092]) != crc || !(1..=2).contains(&version) {
+        return Ok(false);
+    }
+    let h = u64::from_le_bytes(sb[80..88].try_into().unwrap());
+    if h == 0 || h % BLOCK != 0 || h > 64 << 20 || dev.size()? < BLOCK + 2 * h {
+        return Ok(false);
+    }
+    let mut newest: Option<(u64, u8)> = None;
+    let mut b = AlignedBuf::new(h as usize);
+    for slot in 0..2 {
+        dev.read_at(&mut b, BLOCK + slot * h)?;
+        let end = h as usize - 4;
+        let sealed = crc32c::crc32c(&b[..end]) == u32::from_le_bytes(b[end..].try_into().unwrap());
+        if b[..8] != super::format::HEADER_MAGIC || b[8..24] != sb[16..32] || !sealed {
+            continue;
+        }
+        let generation = u64::from_le_bytes(b[24..32].try_into().unwrap());
+        if newest.is_none_or(|(g, _)| g < generation) {
+            newest = Some((generation, b[32]));
+        }
+    }
+    Ok(newest.is_some_and(|(_, state)| state == VolumeState::Restoring.code()))
+}
+
+/// The offset of the first non-zero byte among the first `len` bytes and
+/// the last block (where the backup superblock goes), if any.
+fn first_nonzero<D: MetaDevice>(dev: &mut D, len: u64) -> Result<Option<u64>> {
+    const STEP: u64 = 1 << 20;
+    let size = dev.size()?;
+    let end = len.min(size) / BLOCK * BLOCK;
+    let mut b = AlignedBuf::new(STEP as usize);
+    let mut at = 0;
+    while at < end {
+        let n = STEP.min(end - at) as usize;
+        dev.read_at(&mut b[..n], at)?;
+        if let Some(i) = b[..n].iter().position(|&x| x != 0) {
+            return Ok(Some(at + i as u64));
+        }
+        at += n as u64;
+    }
+    if size >= BLOCK && size / BLOCK * BLOCK - BLOCK >= end {
+        let last = size / BLOCK * BLOCK - BLOCK;
+        dev.read_at(&mut b[..BLOCK as usize], last)?;
+        if let Some(i) = b[..BLOCK as usize].iter().position(|&x| x != 0) {
+            return Ok(Some(last + i as u64));
+        }
+    }
+    Ok(None)
 }
 
 fn ensure_len<D: MetaDevice>(dev: &mut D, need: u64) -> Result<()> {
@@ -347,21 +536,42 @@ fn ensure_len<D: MetaDevice>(dev: &mut D, need: u64) -> Result<()> {
     })
 }
 
-/// Format's writes. The old superblock is destroyed first and the new one
-/// written last, so an interrupted format leaves no valid-looking volume.
+/// Where the backup superblock lives: the last block of the file or
+/// device, found without knowing the layout.
+fn backup_offset<D: MetaDevice>(dev: &mut D) -> io::Result<Option<u64>> {
+    let size = dev.size()?;
+    Ok((size >= 2 * BLOCK).then(|| size / BLOCK * BLOCK - BLOCK))
+}
+
+/// Format's writes. Both superblocks are destroyed first and written last,
+/// so an interrupted format leaves no valid-looking volume. Every byte of
+/// the metadata area is written (zeros where nothing else goes), so a
+/// sparse file gets its blocks now and no later commit meets ENOSPC.
 fn write_fresh<D: MetaDevice>(dev: &mut D, sb: &Superblock, vol: &Volume) -> Result<Header> {
     let layout = sb.layout;
-    let zero = AlignedBuf::new(layout.header_bytes as usize);
+    let zero = AlignedBuf::new(1 << 20);
     dev.write_at(&zero[..BLOCK as usize], 0)?;
+    if let Some(at) = backup_offset(dev)? {
+        dev.write_at(&zero[..BLOCK as usize], at)?;
+    }
     dev.flush()?;
+    let mut at = BLOCK;
+    while at < layout.total_bytes() {
+        let n = (zero.len() as u64).min(layout.total_bytes() - at) as usize;
+        dev.write_at(&zero[..n], at)?;
+        at += n as u64;
+    }
     let mut words = vec![0u64; CHUNK_WORDS];
+    let mut crcs = vec![0u32; layout.pages()];
     for (t, table) in vol.tables.all().iter().enumerate() {
         for c in 0..table.chunks() {
             if !table.take_dirty_chunk(c, &mut words) {
                 table.snapshot_chunk(c, &mut words, true);
             }
             let i = layout.page_index(t, c);
-            dev.write_at(&page_buf(&words), layout.page_offset(i, false))?;
+            let page = page_buf(&words);
+            crcs[i] = page_crc(&page);
+            dev.write_at(&page, layout.page_offset(i, false))?;
         }
     }
     vol.take_header_dirty();
@@ -371,16 +581,26 @@ fn write_fresh<D: MetaDevice>(dev: &mut D, sb: &Superblock, vol: &Volume) -> Res
         operation: vol.operation(),
         selectors: vec![false; layout.pages()],
         ones: vec![false; layout.pages()],
+        crcs,
     };
-    dev.write_at(&zero, layout.header_offset(Header::slot(0)))?;
     dev.flush()?;
     write_header(dev, sb, &header)?;
     dev.flush()?;
+    write_superblocks(dev, sb)?;
+    Ok(header)
+}
+
+/// The backup first, then the primary copy, each flushed: a crash leaves
+/// at least one complete copy (or, in `format`, none).
+fn write_superblocks<D: MetaDevice>(dev: &mut D, sb: &Superblock) -> io::Result<()> {
     let mut b = AlignedBuf::new(BLOCK as usize);
     sb.encode(&mut b);
+    if let Some(at) = backup_offset(dev)? {
+        dev.write_at(&b, at)?;
+        dev.flush()?;
+    }
     dev.write_at(&b, 0)?;
-    dev.flush()?;
-    Ok(header)
+    dev.flush()
 }
 
 fn write_header<D: MetaDevice>(dev: &mut D, sb: &Superblock, h: &Header) -> io::Result<()> {
@@ -389,22 +609,72 @@ fn write_header<D: MetaDevice>(dev: &mut D, sb: &Superblock, h: &Header) -> io::
     dev.write_at(&b, sb.layout.header_offset(Header::slot(h.generation)))
 }
 
-fn read_superblock<D: MetaDevice>(dev: &mut D) -> Result<Superblock> {
+/// A superblock read from the device, and which copies were good.
+struct FoundSuper {
+    sb: Superblock,
+    primary_ok: bool,
+    backup_ok: bool,
+}
+
+fn decode_at<D: MetaDevice>(dev: &mut D, at: u64) -> io::Result<Result<Superblock, Bad>> {
     let mut b = AlignedBuf::new(BLOCK as usize);
+    dev.read_at(&mut b, at)?;
+    Ok(Superblock::decode(&b))
+}
+
+/// The superblock at offset 0, or its backup in the last block when the
+/// first is damaged (both are written together and never differ).
+fn read_superblock<D: MetaDevice>(dev: &mut D) -> Result<FoundSuper> {
     if dev.size()? < BLOCK {
         return Err(not_ours(dev));
     }
-    dev.read_at(&mut b, 0)?;
-    match Superblock::decode(&b) {
-        Ok(sb) => Ok(sb),
-        Err(Bad::Magic) => Err(not_ours(dev)),
-        Err(Bad::Version(v)) => Err(Error::config(format!(
+    let primary = decode_at(dev, 0)?;
+    let backup = match backup_offset(dev)? {
+        Some(at) => decode_at(dev, at)?,
+        None => Err(Bad::Magic),
+    };
+    match (primary, backup) {
+        (Ok(sb), b) => {
+            let backup_ok = b.as_ref().is_ok_and(|b| *b == sb);
+            Ok(FoundSuper {
+                sb,
+                primary_ok: true,
+                backup_ok,
+            })
+        }
+        (Err(Bad::Version(v)), _) => Err(Error::config(format!(
             "metadata {} has format version {v}, this splitmirror reads version {}; use a matching splitmirror, or `splitmirror format --force` (the next run then copies every track)",
             dev.describe(),
             super::format::VERSION
         ))),
-        Err(_) => Err(corrupt(dev, "its superblock is damaged")),
+        (Err(_), Ok(sb)) => {
+            log::warn!(
+                "metadata {}: the superblock is damaged; using its backup in the last block",
+                dev.describe()
+            );
+            Ok(FoundSuper {
+                sb,
+                primary_ok: false,
+                backup_ok: true,
+            })
+        }
+        (Err(Bad::Magic), Err(_)) => Err(not_ours(dev)),
+        (Err(_), Err(_)) => Err(corrupt(dev, "its superblock and its backup are damaged")),
     }
+}
+
+/// After a successful open: rewrites a damaged superblock copy from the
+/// good one.
+fn repair_superblock<D: MetaDevice>(dev: &mut D, found: &FoundSuper) -> Result<()> {
+    if found.primary_ok && found.backup_ok {
+        return Ok(());
+    }
+    log::warn!(
+        "metadata {}: rewriting the damaged superblock copy",
+        dev.describe()
+    );
+    write_superblocks(dev, &found.sb)?;
+    Ok(())
 }
 
 fn not_ours<D: MetaDevice>(dev: &D) -> Error {
@@ -421,7 +691,49 @@ fn corrupt<D: MetaDevice>(dev: &D, what: &str) -> Error {
     ))
 }
 
+/// Refuses metadata made for other devices: identities first (a swapped,
+/// renamed or replaced disk), then sizes.
 fn check_binding<D: MetaDevice>(dev: &D, found: &Binding, want: &Binding) -> Result<()> {
+    let roles = [
+        (
+            "primary",
+            &found.primary_id,
+            &want.primary_id,
+            &want.primary_path,
+        ),
+        (
+            "secondary",
+            &found.secondary_id,
+            &want.secondary_id,
+            &want.secondary_path,
+        ),
+    ];
+    for (role, recorded, given, path) in roles {
+        if super::format::fit_identity(given) == **recorded {
+            continue;
+        }
+        let other = if role == "primary" {
+            &found.secondary_id
+        } else {
+            &found.primary_id
+        };
+        let hint = if super::format::fit_identity(given) == **other {
+            "that is the volume's other device: are primary and secondary swapped in the config?"
+                .to_string()
+        } else if role == "secondary" {
+            "if the secondary was replaced, record the new disk with `splitmirror \
+             replace-secondary -c CFG` (then `establish` copies every track)"
+                .to_string()
+        } else {
+            "fix the config's `primary:` path (a renumbered disk? name it by /dev/disk/by-id)"
+                .to_string()
+        };
+        return Err(Error::config(format!(
+            "{role} {path} is not the device metadata {} was formatted with: expected \
+             {recorded}, found {given}; {hint}",
+            dev.describe()
+        )));
+    }
     let fields = [
         ("volume size", found.volume_size, want.volume_size),
         ("track_size", found.track_size, want.track_size),
@@ -437,23 +749,68 @@ fn check_binding<D: MetaDevice>(dev: &D, found: &Binding, want: &Binding) -> Res
     }
 }
 
-/// The valid header with the highest generation, if any.
-fn newest_header<D: MetaDevice>(dev: &mut D, sb: &Superblock) -> Result<Option<Header>> {
+/// The header to trust. The newest valid one, unless the other slot is
+/// damaged and may be newer: then there is no safe choice (see the module
+/// header) and this is an error. A torn slot (an interrupted, never
+/// acknowledged commit) and a damaged slot known to be older are passed
+/// over.
+fn newest_header<D: MetaDevice>(dev: &mut D, sb: &Superblock) -> Result<Header> {
     let layout = sb.layout;
-    let mut best: Option<Header> = None;
     let mut b = AlignedBuf::new(layout.header_bytes as usize);
+    let mut slots = Vec::with_capacity(2);
     for slot in 0..2 {
         dev.read_at(&mut b, layout.header_offset(slot))?;
-        if let Ok(h) = Header::decode(&b, &sb.uuid, layout.pages()) {
-            if Header::slot(h.generation) == slot
-                && best.as_ref().is_none_or(|x| x.generation < h.generation)
-            {
-                best = Some(h);
-            }
-        }
+        slots.push(match Header::decode(&b, &sb.uuid, layout.pages()) {
+            Slot::Valid(h) if Header::slot(h.generation) != slot => Slot::Damaged {
+                sector: 0,
+                generation: Some(h.generation),
+            },
+            s => s,
+        });
     }
-    Ok(best)
+    let best = (0..2)
+        .filter_map(|i| match &slots[i] {
+            Slot::Valid(h) => Some((i, h.clone())),
+            _ => None,
+        })
+        .max_by_key(|(_, h)| h.generation);
+    let Some((at, best)) = best else {
+        return Err(corrupt(dev, "both header slots are damaged"));
+    };
+    let other = 1 - at;
+    match &slots[other] {
+        Slot::Damaged {
+            sector,
+            generation: g,
+        } if g.is_none_or(|g| g > best.generation) => Err(corrupt(
+            dev,
+            &format!(
+                "header slot {other} is damaged (sector {sector} fails its checksum) and may hold \
+                 a newer version than generation {} in slot {at}; the older version is not used, \
+                 because pages it references may have been overwritten since",
+                best.generation
+            ),
+        )),
+        Slot::Damaged { .. } => {
+            log::warn!(
+                "metadata {}: header slot {other} (an older version) is damaged; the next commit rewrites it",
+                dev.describe()
+            );
+            Ok(best)
+        }
+        Slot::Torn => {
+            log::info!(
+                "metadata {}: header slot {other} holds a commit cut short by a crash (never acknowledged); using generation {}",
+                dev.describe(),
+                best.generation
+            );
+            Ok(best)
+        }
+        Slot::Valid(_) | Slot::Empty => Ok(best),
+    }
 }
+
+const TABLE_NAMES: [&str; 4] = ["changed", "pending", "stale", "intent"];
 
 fn load_pages<D: MetaDevice>(
     dev: &mut D,
@@ -470,7 +827,18 @@ fn load_pages<D: MetaDevice>(
                 table.load_chunk_ones(c);
                 continue;
             }
-            dev.read_at(&mut b, layout.page_offset(i, header.selectors[i]))?;
+            let at = layout.page_offset(i, header.selectors[i]);
+            dev.read_at(&mut b, at)?;
+            if page_crc(&b) != header.crcs[i] {
+                return Err(corrupt(
+                    dev,
+                    &format!(
+                        "page {i} (table {}, chunk {c}, copy {} at offset {at}) fails its checksum",
+                        TABLE_NAMES.get(t).unwrap_or(&"?"),
+                        header.selectors[i] as u8
+                    ),
+                ));
+            }
             decode_page(&b, &mut words);
             table.load_chunk(c, &words);
         }

@@ -657,6 +657,7 @@ mod tests {
                 paused: false,
             }),
             errors: vec![],
+            read_repairs: 0,
         }
     }
 

@@ -22,7 +22,7 @@
 use splitmirror::core::{Command, Geometry, TransitionError, Volume, VolumeState};
 use splitmirror::engine::{self, EngineConfig};
 use splitmirror::hostpath;
-use splitmirror::metadata::{Binding, MetadataStore};
+use splitmirror::metadata::{committer, Binding, MetadataStore};
 use splitmirror::sim::{self, Power, Scheduler, SimBackend, SimDisks, SimMetaDevice, SimRng};
 use std::cell::RefCell;
 use std::io;
@@ -238,11 +238,14 @@ async fn committer(
             let batch = store.borrow_mut().begin_commit(&vol);
             let n = rng.borrow_mut().u32(0..4);
             sim::YieldNow(n).await;
-            let r = store
-                .borrow_mut()
-                .write_commit(&vol, batch, |d| disks.flush_now(d));
-            if r.is_err() {
-                return;
+            let r = store.borrow_mut().write_commit(&vol, batch, |d| {
+                committer::flush_data_devices(&vol, d, |x| disks.flush_now(x))
+            });
+            match r {
+                Ok(()) => {}
+                // Degraded under this commit: the next one records it.
+                Err(e) if committer::is_secondary_dropped(&e) => {}
+                Err(_) => return,
             }
         }
         hostpath::Backend::pause(&*b).await;

@@ -177,6 +177,7 @@ pub async fn write<B: Backend>(
                     plan,
                     WriteOutcome {
                         primary_failed: true,
+                        not_issued: true,
                         ..Default::default()
                     },
                 );
@@ -298,10 +299,11 @@ pub async fn flush<B: Backend>(vol: &Volume, b: &B) -> io::Result<()> {
         },
     )
     .await;
-    drop(ticket);
+    // Still admitted: no state change runs between the flush and this.
     if let Err(e) = s {
         secondary_flush_failed(vol, &e);
     }
+    drop(ticket);
     p
 }
 

@@ -197,6 +197,17 @@ fn primary_write_error_while_mirroring_never_reappears_after_split_and_restore()
     );
 }
 
+/// A mirrored write refused because its write-intent bit could not be
+/// committed touched no device: nothing to copy, the mirror stays.
+#[test]
+fn a_write_refused_for_a_failed_commit_leaves_the_mirror_alone() {
+    let (mut h, _) = established(19);
+    h.b.commits_fail.set(true);
+    assert!(h.write(2 * TRACK, &[1u8; 4096]).is_err());
+    assert_eq!(h.vol.state(), VolumeState::Established);
+    assert!(!h.vol.tables.stale.get(2));
+}
+
 #[test]
 fn a_primary_out_of_space_reaches_the_host_as_enospc() {
     for mirrored in [true, false] {

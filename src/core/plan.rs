@@ -138,6 +138,9 @@ pub enum RepairLock {
 pub struct WriteOutcome {
     pub primary_failed: bool,
     pub secondary_failed: bool,
+    /// The write was abandoned before any data was issued (its bits could
+    /// not be made durable): no device was touched.
+    pub not_issued: bool,
 }
 
 /// How a host write ends: `ok` is the status for the host, and the

@@ -471,7 +471,9 @@ impl Volume {
             // copied over the partial data; a split-mode track had its
             // "changed" bit durable before the write was issued. Mirrored
             // tracks need more: see `primary_write_failed`.
-            self.primary_write_failed(&plan.mirrors);
+            if !outcome.not_issued {
+                self.primary_write_failed(&plan.mirrors);
+            }
             self.release(&plan.holds);
             return WriteDone {
                 ok: false,
@@ -802,8 +804,10 @@ impl Volume {
     /// Every change here is word-wise, so it takes microseconds at any size.
     pub fn apply(&self, cmd: Command) -> Result<(), TransitionError> {
         debug_assert!(self.is_drained());
-        check_command(self.state(), cmd)?;
+        // Checked under the snapshot lock: the committer may split the
+        // secondary off (`secondary_flush_failed`) at any time.
         let _snapshot = self.lock_snapshot();
+        check_command(self.state(), cmd)?;
         // Split clears write intent: the mirror writes under it must be
         // durable on both devices first.
         self.need_flush(DevSet::BOTH);

@@ -263,6 +263,56 @@ fn secondary_flush_failure_degrades_and_the_host_flush_succeeds() {
     }
 }
 
+/// The same two secondary faults while resyncing (after a restore).
+#[test]
+fn secondary_write_or_flush_failure_while_resyncing_degrades() {
+    for flush in [false, true] {
+        let (mut h, _) = established(20);
+        h.command(Command::Split).unwrap();
+        h.write(TRACK, &[1u8; 4096]).unwrap();
+        h.engine_paused.set(true);
+        h.command(Command::Restore {
+            incremental: true,
+            protect: false,
+        })
+        .unwrap();
+        // Written during the restore: to be resynced, more than one batch.
+        for t in 2..TRACKS {
+            h.write(t * TRACK, &[2u8; 512]).unwrap();
+        }
+        h.engine_paused.set(false);
+        let vol = h.vol.clone();
+        // Resyncing, and the state change into it done (gate open again).
+        h.sched.run_until(common::STEP_LIMIT, || {
+            vol.state() == VolumeState::Resyncing && vol.enter().is_ok()
+        });
+        h.engine_paused.set(true);
+        assert_eq!(h.vol.state(), VolumeState::Resyncing);
+        assert!(h.vol.tables.stale.count() > 0);
+        if flush {
+            h.disks.fail_secondary_flushes.set(true);
+            h.flush();
+        } else {
+            h.disks.fail_secondary_writes.set(true);
+            // Track 0 is not stale: a mirror write.
+            h.write(0, &[3u8; 4096]).expect("the host write succeeds");
+        }
+        assert_eq!(h.vol.state(), VolumeState::Degraded, "flush {flush}");
+        assert!(h.vol.tables.changed.get(0));
+        for t in 2..TRACKS {
+            assert!(
+                h.vol.tables.changed.get(t),
+                "flush {flush}: track {t} still to resync"
+            );
+        }
+        h.disks.fail_secondary_flushes.set(false);
+        h.disks.fail_secondary_writes.set(false);
+        h.command(Command::Establish { full: false }).unwrap();
+        h.settle();
+        assert!(h.secondary() == h.primary(), "flush {flush}");
+    }
+}
+
 /// A split whose flush of the secondary fails: the split image is not
 /// durable, so the volume ends degraded rather than split.
 #[test]

@@ -282,6 +282,7 @@ impl Fake {
                 secondary_stale: 0,
                 operation: None,
                 errors: vec![],
+                read_repairs: 0,
             }),
             commands: Mutex::new(vec![]),
             mismatches,

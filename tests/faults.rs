@@ -147,13 +147,439 @@ fn primary_write_error_fails_that_request_only() {
     h.disks.fail_primary_writes.set(true);
     assert!(h.write(2 * TRACK, &[5u8; 4096]).is_err());
     h.disks.fail_primary_writes.set(false);
-    assert_eq!(h.vol.state(), VolumeState::Established, "state intact");
     h.write(3 * TRACK, &[6u8; 4096]).unwrap();
     assert_eq!(&h.read(3 * TRACK, 4096)[..], &[6u8; 4096]);
     assert_eq!(
         h.read(4 * TRACK, TRACK),
         base[(4 * TRACK) as usize..(5 * TRACK) as usize]
     );
+    h.settle();
+    assert_eq!(h.vol.state(), VolumeState::Established, "back to mirroring");
+}
+
+/// A mirrored write that fails on the primary but lands on the secondary
+/// must not come back: the track is copied primary→secondary before the
+/// volume is established again, so a later split + restore brings back
+/// the primary's bytes, not the failed write.
+#[test]
+fn primary_write_error_while_mirroring_never_reappears_after_split_and_restore() {
+    let (mut h, base) = established(11);
+    let t2 = (2 * TRACK) as usize..(3 * TRACK) as usize;
+    h.disks.fail_primary_writes.set(true);
+    assert!(h.write(2 * TRACK, &[5u8; TRACK as usize]).is_err());
+    h.disks.fail_primary_writes.set(false);
+    assert_eq!(
+        h.secondary()[t2.clone()],
+        [5u8; TRACK as usize],
+        "the simulated secondary took the write (the case that matters)"
+    );
+    assert!(h.vol.tables.stale.get(2), "the track is recorded stale");
+    assert_eq!(h.vol.state(), VolumeState::Syncing);
+    assert!(
+        h.command(Command::Split).is_err(),
+        "no split while the secondary differs"
+    );
+    h.settle();
+    assert_eq!(h.vol.state(), VolumeState::Established);
+    assert_eq!(h.secondary()[t2.clone()], base[t2.clone()]);
+    h.command(Command::Split).unwrap();
+    h.write(2 * TRACK, &[7u8; 4096]).unwrap();
+    h.command(Command::Restore {
+        incremental: false,
+        protect: true,
+    })
+    .unwrap();
+    h.settle();
+    assert_eq!(
+        h.read(0, SIZE),
+        base,
+        "the split image, without the failed write"
+    );
+}
+
+/// A mirrored write refused because its write-intent bit could not be
+/// committed touched no device: nothing to copy, the mirror stays.
+#[test]
+fn a_write_refused_for_a_failed_commit_leaves_the_mirror_alone() {
+    let (mut h, _) = established(19);
+    h.b.commits_fail.set(true);
+    assert!(h.write(2 * TRACK, &[1u8; 4096]).is_err());
+    assert_eq!(h.vol.state(), VolumeState::Established);
+    assert!(!h.vol.tables.stale.get(2));
+}
+
+#[test]
+fn a_primary_out_of_space_reaches_the_host_as_enospc() {
+    for mirrored in [true, false] {
+        let (mut h, _) = established(12);
+        if !mirrored {
+            h.command(Command::Split).unwrap();
+        }
+        h.disks.primary_write_errno.set(libc::ENOSPC);
+        h.disks.fail_primary_writes.set(true);
+        let e = h.write(5 * TRACK, &[1u8; 4096]).unwrap_err();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::ENOSPC),
+            "mirrored {mirrored}: {e}"
+        );
+    }
+}
+
+/// The secondary fails its FLUSH (its writes still succeed) while
+/// mirroring or syncing: the host's flush succeeds, the volume is
+/// degraded with every track changed (the cache's content is unknown),
+/// and writes go on.
+#[test]
+fn secondary_flush_failure_degrades_and_the_host_flush_succeeds() {
+    for syncing in [false, true] {
+        let (mut h, base) = established(13);
+        if syncing {
+            h.command(Command::Split).unwrap();
+            h.engine_paused.set(true);
+            h.command(Command::Establish { full: true }).unwrap();
+            assert_eq!(h.vol.state(), VolumeState::Syncing);
+        }
+        h.write(TRACK, &[3u8; 4096]).unwrap();
+        h.disks.fail_secondary_flushes.set(true);
+        h.flush();
+        assert_eq!(h.vol.state(), VolumeState::Degraded, "syncing {syncing}");
+        assert_eq!(h.vol.tables.changed.count(), TRACKS, "every track changed");
+        assert_eq!(h.vol.tables.stale.count(), 0);
+        assert_eq!(h.vol.operation(), None);
+        h.write(9 * TRACK, &[4u8; 4096])
+            .expect("writes go on to the primary");
+        h.flush();
+        // Repaired: establish copies everything back.
+        h.disks.fail_secondary_flushes.set(false);
+        h.command(Command::Establish { full: false }).unwrap();
+        h.settle();
+        assert_eq!(h.vol.state(), VolumeState::Established);
+        assert!(h.secondary() == h.primary());
+        let mut expect = base.clone();
+        expect[TRACK as usize..][..4096].fill(3);
+        expect[(9 * TRACK) as usize..][..4096].fill(4);
+        assert!(h.read(0, SIZE) == expect);
+    }
+}
+
+/// The same two secondary faults while resyncing (after a restore).
+#[test]
+fn secondary_write_or_flush_failure_while_resyncing_degrades() {
+    for flush in [false, true] {
+        let (mut h, _) = established(20);
+        h.command(Command::Split).unwrap();
+        h.write(TRACK, &[1u8; 4096]).unwrap();
+        h.engine_paused.set(true);
+        h.command(Command::Restore {
+            incremental: true,
+            protect: false,
+        })
+        .unwrap();
+        // Written during the restore: to be resynced, more than one batch.
+        for t in 2..TRACKS {
+            h.write(t * TRACK, &[2u8; 512]).unwrap();
+        }
+        h.engine_paused.set(false);
+        let vol = h.vol.clone();
+        // Resyncing, and the state change into it done (gate open again).
+        h.sched.run_until(common::STEP_LIMIT, || {
+            vol.state() == VolumeState::Resyncing && vol.enter().is_ok()
+        });
+        h.engine_paused.set(true);
+        assert_eq!(h.vol.state(), VolumeState::Resyncing);
+        assert!(h.vol.tables.stale.count() > 0);
+        if flush {
+            h.disks.fail_secondary_flushes.set(true);
+            h.flush();
+        } else {
+            h.disks.fail_secondary_writes.set(true);
+            // Track 0 is not stale: a mirror write.
+            h.write(0, &[3u8; 4096]).expect("the host write succeeds");
+        }
+        assert_eq!(h.vol.state(), VolumeState::Degraded, "flush {flush}");
+        assert!(h.vol.tables.changed.get(0));
+        for t in 2..TRACKS {
+            assert!(
+                h.vol.tables.changed.get(t),
+                "flush {flush}: track {t} still to resync"
+            );
+        }
+        h.disks.fail_secondary_flushes.set(false);
+        h.disks.fail_secondary_writes.set(false);
+        h.command(Command::Establish { full: false }).unwrap();
+        h.settle();
+        assert!(h.secondary() == h.primary(), "flush {flush}");
+    }
+}
+
+/// A split whose flush of the secondary fails: the split image is not
+/// durable, so the volume ends degraded rather than split.
+#[test]
+fn secondary_flush_failure_at_split_degrades() {
+    let (mut h, _) = established(14);
+    h.disks.fail_secondary_flushes.set(true);
+    h.command(Command::Split).unwrap();
+    assert_eq!(h.vol.state(), VolumeState::Degraded);
+    assert!(
+        h.command(Command::Restore {
+            incremental: true,
+            protect: false
+        })
+        .is_err(),
+        "no restore from an untrusted image"
+    );
+}
+
+/// Commits with the real store: once the secondary fails its flush, a
+/// commit must not keep it in its flush set (every later commit would
+/// fail and every write needing one would fail with it).
+#[test]
+fn commits_go_on_without_a_secondary_that_fails_its_flush() {
+    use splitmirror::backend::sim::{Power, SimDisks, SimMetaDevice};
+    use splitmirror::core::{Geometry, Volume};
+    use splitmirror::metadata::{committer, Binding, MetadataStore};
+    let binding = Binding {
+        volume_size: SIZE,
+        track_size: TRACK,
+        primary_size: SIZE,
+        secondary_size: SIZE,
+        ..Binding::default()
+    };
+    let vol = Volume::new(
+        Geometry::new(SIZE, TRACK).unwrap(),
+        VolumeState::Established,
+    );
+    let meta = SimMetaDevice::new(Vec::new(), Power::new());
+    let mut store = MetadataStore::format_dev(meta, &binding, &vol, false).unwrap();
+    let disks = SimDisks::new(SIZE as usize);
+    let commit = |store: &mut MetadataStore<SimMetaDevice>| {
+        store.commit_with(&vol, |d| {
+            committer::flush_data_devices(&vol, d, |x| disks.flush_now(x))
+        })
+    };
+    // A mirror write's intent, committed, then cleared once idle: the
+    // clear needs both devices flushed.
+    vol.tables.intent.set(3);
+    commit(&mut store).unwrap();
+    assert_eq!(vol.clear_idle_intents(), 1);
+    disks.fail_secondary_flushes.set(true);
+    let e = commit(&mut store).unwrap_err();
+    assert!(committer::is_secondary_dropped(&e), "{e}");
+    assert_eq!(vol.state(), VolumeState::Degraded);
+    commit(&mut store).expect("the degraded state commits without the secondary");
+    vol.tables.intent.set(7);
+    commit(&mut store).expect("and so does every later commit");
+    let g = store.generation();
+    assert!(g >= 4, "generation {g}");
+}
+
+/// The committer thread retries a commit the secondary's flush abandoned
+/// at once, and reports no failure.
+#[test]
+fn the_committer_thread_commits_the_degraded_state() {
+    use splitmirror::core::{DevSet, Geometry, Volume};
+    use splitmirror::metadata::{Binding, Committer, MetadataStore};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let binding = Binding {
+        volume_size: SIZE,
+        track_size: TRACK,
+        primary_size: SIZE,
+        secondary_size: SIZE,
+        ..Binding::default()
+    };
+    let vol = Volume::new(
+        Geometry::new(SIZE, TRACK).unwrap(),
+        VolumeState::Established,
+    );
+    let store = MetadataStore::format(&dir.path().join("meta"), &binding, &vol, false).unwrap();
+    let vol = Arc::new(vol);
+    let failing = Arc::new(AtomicBool::new(false));
+    let f = failing.clone();
+    let flush = Box::new(move |d: DevSet| {
+        if d.secondary && f.load(Ordering::SeqCst) {
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            Ok(())
+        }
+    });
+    let c = Committer::start(
+        store,
+        vol.clone(),
+        flush,
+        std::time::Duration::from_secs(3600),
+    );
+    let h = c.handle();
+    let commit = || {
+        let want = vol.clock.next();
+        h.request();
+        let start = std::time::Instant::now();
+        while !vol.clock.is_durable(want) && h.failed().is_none() {
+            assert!(start.elapsed().as_secs() < 60, "no commit within a minute");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    };
+    vol.tables.intent.set(3);
+    commit();
+    assert_eq!(vol.clear_idle_intents(), 1);
+    failing.store(true, Ordering::SeqCst);
+    commit();
+    assert_eq!(h.failed(), None);
+    assert_eq!(vol.state(), VolumeState::Degraded);
+    vol.tables.intent.set(9);
+    commit();
+    assert_eq!(h.failed(), None);
+    assert!(!vol.needs_commit());
+    c.stop().unwrap();
+}
+
+/// `on_error: skip` is about unreadable sources: a restore whose writes to
+/// the primary fail pauses on them, and the tracks stay pending.
+#[test]
+fn skip_does_not_skip_a_primary_that_cannot_be_written() {
+    let (mut h, base) = with_on_error(15, OnError::Skip);
+    h.command(Command::Split).unwrap();
+    h.write(0, &pattern(97, SIZE as usize)).unwrap();
+    h.disks.fail_primary_writes.set(true);
+    h.command(Command::Restore {
+        incremental: false,
+        protect: false,
+    })
+    .unwrap();
+    let errors = h.engine_errors.clone();
+    h.sched
+        .run_until(common::STEP_LIMIT, || errors.borrow().len() >= 3);
+    let errs = h.engine_errors.borrow().clone();
+    assert!(errs.iter().all(|e| !e.skipped && !e.degraded), "{errs:?}");
+    assert!(
+        errs.iter()
+            .all(|e| e.message.contains("writing the primary")),
+        "{errs:?}"
+    );
+    assert_eq!(h.vol.tables.pending.count(), TRACKS, "nothing dropped");
+    assert_eq!(h.vol.state(), VolumeState::Restoring);
+    h.disks.fail_primary_writes.set(false);
+    h.settle();
+    assert_eq!(h.vol.state(), VolumeState::Established);
+    assert!(h.read(0, SIZE) == base);
+    assert!(h.secondary() == base);
+}
+
+/// A secondary that cannot be written during syncing degrades the volume
+/// (it is never skipped, whatever `on_error` says).
+#[test]
+fn a_secondary_write_error_while_syncing_degrades_instead_of_skipping() {
+    let (mut h, _) = with_on_error(16, OnError::Skip);
+    h.command(Command::Split).unwrap();
+    h.write(0, &pattern(96, SIZE as usize)).unwrap();
+    h.disks.fail_secondary_writes.set(true);
+    h.command(Command::Establish { full: false }).unwrap();
+    let vol = h.vol.clone();
+    h.sched
+        .run_until(common::STEP_LIMIT, || vol.state() != VolumeState::Syncing);
+    assert_eq!(h.vol.state(), VolumeState::Degraded);
+    let errs = h.engine_errors.borrow().clone();
+    assert!(
+        errs.iter()
+            .any(|e| e.degraded && !e.skipped && e.message.contains("writing the secondary")),
+        "{errs:?}"
+    );
+    assert_eq!(
+        h.vol.tables.changed.count(),
+        TRACKS,
+        "every track still to copy"
+    );
+    h.disks.fail_secondary_writes.set(false);
+    h.command(Command::Establish { full: false }).unwrap();
+    h.settle();
+    assert_eq!(h.vol.state(), VolumeState::Established);
+    assert!(h.secondary() == h.primary());
+}
+
+/// A state change whose commit fails is not in force: host I/O stays held
+/// (no write runs under a state the metadata does not record) until the
+/// commit succeeds, then everything proceeds.
+#[test]
+fn a_state_change_that_cannot_commit_holds_host_io_until_it_can() {
+    use splitmirror::exec::engine;
+    let (mut h, _) = established(17);
+    h.b.commits_fail.set(true);
+    let (vol, b) = (h.vol.clone(), h.b.clone());
+    let cmd = h.sched.spawn_with(async move {
+        engine::transition(&vol, &*b, |v| v.apply(Command::Split)).await
+    });
+    let v = h.vol.clone();
+    h.sched
+        .run_until(common::STEP_LIMIT, || v.state() == VolumeState::Split);
+    let write = h.start_write(6 * TRACK, vec![2u8; 4096]);
+    h.steps(50_000);
+    assert!(
+        cmd.borrow().is_none(),
+        "the split returned before it was durable"
+    );
+    assert!(
+        write.borrow().is_none(),
+        "a write ran before the split was durable"
+    );
+    assert!(
+        h.primary()[(6 * TRACK) as usize..][..4096] != [2u8; 4096],
+        "the write reached the primary"
+    );
+    h.b.commits_fail.set(false);
+    h.sched.run_until(common::STEP_LIMIT, || {
+        cmd.borrow().is_some() && write.borrow().is_some()
+    });
+    assert!(cmd.borrow_mut().take().unwrap().unwrap().is_ok());
+    write.borrow_mut().take().unwrap().unwrap();
+    assert_eq!(h.vol.state(), VolumeState::Split);
+    assert!(h.vol.tables.changed.get(6));
+}
+
+/// Read repair: a primary read error on a track the secondary holds
+/// identically is served from the secondary and the primary track is
+/// rewritten; counted. Where the secondary differs, the read fails.
+#[test]
+fn read_repair_serves_identical_tracks_from_the_secondary() {
+    let (mut h, base) = established(18);
+    let bad = (3 * TRACK + 4096, 3 * TRACK + 8192);
+    h.disks.fail_primary_reads.set(Some(bad));
+    let before = h.primary_writes_to(3 * TRACK, TRACK);
+    assert_eq!(
+        h.read(2 * TRACK, 2 * TRACK),
+        base[(2 * TRACK) as usize..(4 * TRACK) as usize]
+    );
+    assert_eq!(h.vol.read_repairs(), 1);
+    assert_eq!(
+        h.primary_writes_to(3 * TRACK, TRACK),
+        before + 1,
+        "the primary track rewritten"
+    );
+    assert_eq!(
+        h.disks.fail_primary_reads.get(),
+        None,
+        "the rewrite healed the sectors"
+    );
+    // Split, then the track is written: the secondary no longer matches.
+    h.command(Command::Split).unwrap();
+    h.write(5 * TRACK, &[1u8; 4096]).unwrap();
+    h.disks
+        .fail_primary_reads
+        .set(Some((5 * TRACK, 5 * TRACK + 512)));
+    let slot = h.start_read(5 * TRACK, 4096);
+    h.sched
+        .run_until(common::STEP_LIMIT, || slot.borrow().is_some());
+    assert!(
+        slot.borrow_mut().take().unwrap().is_err(),
+        "changed track: no repair"
+    );
+    // An unchanged track in split is still identical.
+    h.disks
+        .fail_primary_reads
+        .set(Some((8 * TRACK, 8 * TRACK + 512)));
+    assert_eq!(h.read(8 * TRACK, 512), base[(8 * TRACK) as usize..][..512]);
+    assert_eq!(h.vol.read_repairs(), 2);
 }
 
 #[test]

@@ -30,6 +30,16 @@ pub struct SimDisks {
     pub fail_secondary_reads: Cell<Option<(u64, u64)>>,
     pub fail_secondary_writes: Cell<bool>,
     pub fail_primary_writes: Cell<bool>,
+    /// The errno a failing primary write returns (EIO unless a test sets
+    /// e.g. ENOSPC).
+    pub primary_write_errno: Cell<i32>,
+    /// Fail reads of the primary in this byte range until a write covers
+    /// them, as a disk remaps a bad sector on rewrite (read repair tests).
+    pub fail_primary_reads: Cell<Option<(u64, u64)>>,
+    /// Fail FLUSHes of the primary / the secondary; writes still succeed
+    /// (their data stays in the volatile cache, if any).
+    pub fail_primary_flushes: Cell<bool>,
+    pub fail_secondary_flushes: Cell<bool>,
     /// Every completed write: (device, offset, length).
     pub write_log: RefCell<Vec<(Dev, u64, u64)>>,
     /// Crash tests: volatile write caches and the power they depend on.
@@ -58,6 +68,10 @@ impl SimDisks {
             fail_secondary_reads: Cell::new(None),
             fail_secondary_writes: Cell::new(false),
             fail_primary_writes: Cell::new(false),
+            primary_write_errno: Cell::new(libc::EIO),
+            fail_primary_reads: Cell::new(None),
+            fail_primary_flushes: Cell::new(false),
+            fail_secondary_flushes: Cell::new(false),
             write_log: RefCell::new(Vec::new()),
             volatile: None,
         })
@@ -80,6 +94,10 @@ impl SimDisks {
             fail_secondary_reads: Cell::new(None),
             fail_secondary_writes: Cell::new(false),
             fail_primary_writes: Cell::new(false),
+            primary_write_errno: Cell::new(libc::EIO),
+            fail_primary_reads: Cell::new(None),
+            fail_primary_flushes: Cell::new(false),
+            fail_secondary_flushes: Cell::new(false),
             write_log: RefCell::new(Vec::new()),
         })
     }
@@ -87,6 +105,13 @@ impl SimDisks {
     /// Flushes `devs` at once (for a metadata commit's data flush).
     pub fn flush_now(&self, devs: crate::core::DevSet) -> io::Result<()> {
         for dev in devs.devs() {
+            let failing = match dev {
+                Dev::Primary => self.fail_primary_flushes.get(),
+                Dev::Secondary => self.fail_secondary_flushes.get(),
+            };
+            if failing {
+                return Err(io_error());
+            }
             if let Some(v) = &self.volatile {
                 v.power.tick()?;
                 v.caches[dev_index(dev)].flush();
@@ -99,6 +124,16 @@ impl SimDisks {
     pub fn crash_images(&self, rng: &mut fastrand::Rng) -> (Vec<u8>, Vec<u8>) {
         let v = self.volatile.as_ref().expect("volatile disks");
         (v.caches[0].crash_image(rng), v.caches[1].crash_image(rng))
+    }
+
+    /// A write covering the whole failing read range of the primary heals
+    /// it (the disk remapped the bad sectors).
+    fn remap_primary(&self, offset: u64, len: u64) {
+        if let Some((start, end)) = self.fail_primary_reads.get() {
+            if offset <= start && offset + len >= end {
+                self.fail_primary_reads.set(None);
+            }
+        }
     }
 
     pub fn dev(&self, dev: Dev) -> &RefCell<Vec<u8>> {
@@ -148,11 +183,13 @@ fn io_error() -> io::Error {
 impl Backend for SimBackend {
     async fn read(&self, dev: Dev, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.jitter().await;
-        if dev == Dev::Secondary {
-            if let Some((start, end)) = self.disks.fail_secondary_reads.get() {
-                if offset < end && offset + buf.len() as u64 > start {
-                    return Err(io_error());
-                }
+        let failing = match dev {
+            Dev::Primary => self.disks.fail_primary_reads.get(),
+            Dev::Secondary => self.disks.fail_secondary_reads.get(),
+        };
+        if let Some((start, end)) = failing {
+            if offset < end && offset + buf.len() as u64 > start {
+                return Err(io_error());
             }
         }
         let d = self.disks.dev(dev).borrow();
@@ -167,7 +204,13 @@ impl Backend for SimBackend {
             Dev::Secondary => self.disks.fail_secondary_writes.get(),
         };
         if failing {
-            return Err(io_error());
+            return Err(match dev {
+                Dev::Primary => io::Error::from_raw_os_error(self.disks.primary_write_errno.get()),
+                Dev::Secondary => io_error(),
+            });
+        }
+        if dev == Dev::Primary {
+            self.disks.remap_primary(offset, buf.len() as u64);
         }
         if let Some(v) = &self.disks.volatile {
             v.power.tick()?;

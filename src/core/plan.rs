@@ -101,7 +101,9 @@ pub struct WritePlan {
     pub(crate) holds: Vec<(Track, Hold)>,
     /// Pending tracks this write makes restored once its data is on primary.
     pub(crate) restores: Vec<Track>,
-    pub(crate) mirrored: bool,
+    /// Tracks written to both devices (their secondary copy is meant to
+    /// stay identical).
+    pub(crate) mirrors: Vec<Track>,
 }
 
 impl WritePlan {
@@ -118,11 +120,27 @@ impl WritePlan {
     }
 }
 
+/// Whether a host read may be repaired from the secondary (see
+/// [`super::Volume::lock_for_repair`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairLock {
+    /// The secondary's copy of the track is not known identical: no repair.
+    NotIdentical,
+    /// A write or copy holds the track; try again shortly.
+    Busy,
+    /// Locked exclusive and known identical: read the secondary, rewrite
+    /// the primary, then [`super::Volume::unlock_repair`].
+    Locked,
+}
+
 /// What the executor reports back about a write's data I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct WriteOutcome {
     pub primary_failed: bool,
     pub secondary_failed: bool,
+    /// The write was abandoned before any data was issued (its bits could
+    /// not be made durable): no device was touched.
+    pub not_issued: bool,
 }
 
 /// How a host write ends: `ok` is the status for the host, and the

@@ -98,6 +98,11 @@ pub struct Volume {
     /// Held by state changes and by the store while it snapshots, so a
     /// commit never records a state change's tables without its header.
     snapshot_lock: Mutex<()>,
+    /// The secondary failed a flush: it is out until the next `establish`
+    /// (see `secondary_flush_failed`).
+    secondary_out: AtomicBool,
+    /// Primary read errors served from the secondary (read repair).
+    read_repairs: AtomicU64,
     gate: Gate,
     /// Bumped whenever a lock is released or the state changes, so waiters
     /// know when to look again.
@@ -121,6 +126,8 @@ impl Volume {
             header_dirty: AtomicBool::new(true),
             flush_needed: AtomicU8::new(0),
             snapshot_lock: Mutex::new(()),
+            secondary_out: AtomicBool::new(false),
+            read_repairs: AtomicU64::new(0),
             gate: Gate::default(),
             progress: AtomicU64::new(0),
         }
@@ -204,7 +211,9 @@ impl Volume {
         let bits = self.flush_needed.swap(0, SeqCst);
         DevSet {
             primary: bits & 1 != 0,
-            secondary: bits & 2 != 0,
+            // A secondary that failed a flush is out with every track
+            // changed: no commit claims anything about its data.
+            secondary: bits & 2 != 0 && !self.secondary_out(),
         }
     }
 
@@ -385,7 +394,7 @@ impl Volume {
             commit_before_issue: None,
             holds,
             restores: Vec::new(),
-            mirrored: false,
+            mirrors: Vec::new(),
         };
         for (span, action) in spans.iter().zip(actions) {
             let t = span.track;
@@ -404,7 +413,9 @@ impl Volume {
                 }
             };
             plan.commit_before_issue = later(plan.commit_before_issue, need);
-            plan.mirrored |= *action == Action::Mirror;
+            if *action == Action::Mirror {
+                plan.mirrors.push(t);
+            }
             self.push_step(&mut plan.steps, span, *action);
         }
         plan
@@ -451,9 +462,18 @@ impl Volume {
     /// and releases its tracks. The host is told `ok` once `ack_after` is
     /// durable.
     pub fn finish_write(&self, plan: WritePlan, outcome: WriteOutcome) -> WriteDone {
+        let mirrored = !plan.mirrors.is_empty();
+        if mirrored && outcome.secondary_failed {
+            self.degrade();
+        }
         if outcome.primary_failed {
-            // The request fails alone; its tracks keep their state (a pending
-            // track stays pending and will be copied over the partial data).
+            // The request fails. A pending track stays pending and will be
+            // copied over the partial data; a split-mode track had its
+            // "changed" bit durable before the write was issued. Mirrored
+            // tracks need more: see `primary_write_failed`.
+            if !outcome.not_issued {
+                self.primary_write_failed(&plan.mirrors);
+            }
             self.release(&plan.holds);
             return WriteDone {
                 ok: false,
@@ -461,10 +481,7 @@ impl Volume {
             };
         }
         let mut ack = None;
-        if plan.mirrored && outcome.secondary_failed {
-            self.degrade();
-        }
-        if plan.mirrored && self.state() == VolumeState::Degraded {
+        if mirrored && self.state() == VolumeState::Degraded {
             // The secondary may lack this write: record it like a split write.
             for &(t, _) in &plan.holds {
                 ack = later(ack, self.mark(&self.tables.changed, t));
@@ -487,6 +504,79 @@ impl Volume {
             ok: true,
             ack_after: ack,
         }
+    }
+
+    /// A mirrored write failed on the primary: the host is told so, but the
+    /// secondary may hold the new bytes while the primary holds the old or
+    /// torn ones. The track is marked stale (primary→secondary copy due),
+    /// so that the two are made equal *from the primary* before anything
+    /// relies on them being equal: an established volume goes `syncing` for
+    /// these tracks, and `split` (the point from which a restore copies
+    /// the secondary back) is refused until they are copied. The write
+    /// intent bit, durable since before the write, keeps them covered
+    /// across a crash until this is committed (it is cleared only with the
+    /// track idle, by a commit that carries the stale bit too).
+    fn primary_write_failed(&self, tracks: &[Track]) {
+        if tracks.is_empty() {
+            return;
+        }
+        let _snapshot = self.lock_snapshot();
+        match self.state() {
+            VolumeState::Established => {
+                for &t in tracks {
+                    self.tables.stale.set(t);
+                }
+                let total = self.tables.stale.count();
+                self.start(
+                    VolumeState::Syncing,
+                    OperationKind::Establish,
+                    true,
+                    false,
+                    total,
+                );
+            }
+            VolumeState::Syncing | VolumeState::Resyncing => {
+                for &t in tracks {
+                    self.tables.stale.set(t);
+                }
+            }
+            // Degraded since the write was planned: the secondary is out,
+            // and establish copies every changed track from the primary.
+            VolumeState::Degraded => {
+                for &t in tracks {
+                    self.tables.changed.set(t);
+                }
+            }
+            // Never mirrored (a state change drains writes first).
+            VolumeState::Split | VolumeState::Restoring => {}
+        }
+        self.bump();
+    }
+
+    /// A FLUSH of the secondary failed: whatever it had in its volatile
+    /// cache may be lost, and splitmirror does not know which tracks those
+    /// were (bits cleared since its last good flush claim data that may be
+    /// gone). So the secondary is split off with every track recorded as
+    /// changed: the next `establish` copies the whole volume. From then on
+    /// no commit waits for the secondary's flush. Returns whether the
+    /// volume changed (false while restoring: the secondary is not written
+    /// then, and the restore's start flushed it, so nothing depends on it).
+    pub fn secondary_flush_failed(&self) -> bool {
+        let _snapshot = self.lock_snapshot();
+        if self.state() == VolumeState::Restoring || self.secondary_out.swap(true, SeqCst) {
+            return false;
+        }
+        self.tables.changed.fill();
+        self.tables.stale.clear_all();
+        self.set_operation(None);
+        self.set_state(VolumeState::Degraded);
+        true
+    }
+
+    /// Whether the secondary was split off after a failed flush (until the
+    /// next `establish`).
+    pub fn secondary_out(&self) -> bool {
+        self.secondary_out.load(SeqCst)
     }
 
     /// The secondary failed while mirroring: split it off. No drain is
@@ -631,6 +721,51 @@ impl Volume {
         n
     }
 
+    // ---- read repair ----------------------------------------------------
+
+    /// For a host read the primary failed: locks track `t` exclusive if the
+    /// secondary's copy is known identical to what the primary should hold
+    /// (no table marks it: not changed since the split, not pending, not
+    /// stale; the secondary not split off after a failure), so that it can
+    /// be served from the secondary and rewritten on the primary, as md
+    /// raid1 does. A write-intent bit does not matter: under the exclusive
+    /// lock no mirror write is in flight, and a failed one marked the track
+    /// stale. Release with [`Self::unlock_repair`].
+    pub fn lock_for_repair(&self, _t: &Ticket, t: Track) -> RepairLock {
+        let identical = |v: &Self| {
+            v.state() != VolumeState::Degraded
+                && !v.tables.changed.get(t)
+                && !v.tables.pending.get(t)
+                && !v.tables.stale.get(t)
+        };
+        if !identical(self) {
+            return RepairLock::NotIdentical;
+        }
+        if !self.locks.try_exclusive(t) {
+            return RepairLock::Busy;
+        }
+        if !identical(self) {
+            self.unlock_repair(t);
+            return RepairLock::NotIdentical;
+        }
+        RepairLock::Locked
+    }
+
+    pub fn unlock_repair(&self, t: Track) {
+        self.locks.release_exclusive(t);
+        self.bump();
+    }
+
+    /// Counts a primary track rewritten from the secondary.
+    pub fn note_read_repair(&self) {
+        self.read_repairs.fetch_add(1, SeqCst);
+    }
+
+    /// Primary read errors repaired from the secondary since start.
+    pub fn read_repairs(&self) -> u64 {
+        self.read_repairs.load(SeqCst)
+    }
+
     // ---- verify ---------------------------------------------------------
 
     /// For `verify`: locks track `t` exclusive if no table says primary and
@@ -669,8 +804,10 @@ impl Volume {
     /// Every change here is word-wise, so it takes microseconds at any size.
     pub fn apply(&self, cmd: Command) -> Result<(), TransitionError> {
         debug_assert!(self.is_drained());
-        check_command(self.state(), cmd)?;
+        // Checked under the snapshot lock: the committer may split the
+        // secondary off (`secondary_flush_failed`) at any time.
         let _snapshot = self.lock_snapshot();
+        check_command(self.state(), cmd)?;
         // Split clears write intent: the mirror writes under it must be
         // durable on both devices first.
         self.need_flush(DevSet::BOTH);
@@ -683,6 +820,8 @@ impl Volume {
                 self.set_state(VolumeState::Split);
             }
             Command::Establish { full } => {
+                // A repaired or replaced secondary is back in.
+                self.secondary_out.store(false, SeqCst);
                 let total = if full {
                     tables.stale.fill()
                 } else {

@@ -693,6 +693,7 @@ mod tests {
                 paused: false,
             }),
             errors: vec![],
+            read_repairs: 0,
         }
     }
 

@@ -63,6 +63,11 @@ pub struct Status {
     pub secondary_stale: u64,
     pub operation: Option<OperationStatus>,
     pub errors: Vec<String>,
+    /// Primary read errors served from the secondary and rewritten on the
+    /// primary since the server started (read repair). An extension of the
+    /// contract's fields.
+    #[serde(default)]
+    pub read_repairs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -155,6 +155,13 @@ impl Metrics {
             "Tracks the running copy operation has finished",
         );
         let _ = writeln!(out, "splitmirror_operation_tracks_done {done}");
+        head(
+            out,
+            "splitmirror_read_repairs_total",
+            "counter",
+            "Primary read errors served from the secondary and rewritten on the primary",
+        );
+        let _ = writeln!(out, "splitmirror_read_repairs_total {}", s.read_repairs);
     }
 
     fn render_copies(&self, out: &mut String) {
@@ -338,6 +345,7 @@ mod tests {
             secondary_stale: 0,
             operation: None,
             errors: vec![],
+            read_repairs: 3,
         }
     }
 
@@ -361,6 +369,7 @@ mod tests {
         );
         assert!(text.contains("splitmirror_copied_tracks_total 3"));
         assert!(text.contains("splitmirror_tracks_restore_pending 7"));
+        assert!(text.contains("splitmirror_read_repairs_total 3"));
     }
 
     #[test]

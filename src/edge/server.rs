@@ -405,7 +405,13 @@ impl Server {
         if !r.errors.is_empty() {
             let mut errs = self.errors.lock().unwrap();
             for e in &r.errors {
-                let what = if e.skipped { "skipped" } else { "copy paused" };
+                let what = if e.skipped {
+                    "skipped"
+                } else if e.degraded {
+                    "volume degraded"
+                } else {
+                    "copy paused"
+                };
                 log::error!("copying track {}: {} ({what})", e.track, e.message);
                 let line = format!("track {}: {} ({what})", e.track, e.message);
                 // A paused copy retries the same track: one line for it.
@@ -485,6 +491,7 @@ impl ControlTarget for Server {
             secondary_stale: t.stale.count(),
             operation,
             errors,
+            read_repairs: vol.read_repairs(),
         }
     }
 

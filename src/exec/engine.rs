@@ -5,7 +5,7 @@
 
 use crate::backend::buf::AlignedBuf;
 use crate::backend::Backend;
-use crate::core::{CopyJob, TransitionError, Volume};
+use crate::core::{CopyJob, Dev, TransitionError, Volume};
 use crate::edge::config::RestoreConfig;
 use crate::exec::host::{admit, wait_commit};
 use crate::exec::load::HostLoad;
@@ -81,7 +81,10 @@ impl EngineConfig {
 pub struct CopyError {
     pub track: u64,
     pub message: String,
+    /// `on_error: skip` passed over this unreadable source track.
     pub skipped: bool,
+    /// Writing the secondary failed: the volume went degraded.
+    pub degraded: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -125,14 +128,33 @@ async fn copy_tracks<B: Backend>(
                     out.bytes += job.len;
                     true
                 }
-                Err(e) => {
+                Err(CopyFault::Read(e)) => {
+                    // `on_error` is about unreadable sources only.
                     let skipped = cfg.on_error == OnError::Skip;
                     out.errors.push(CopyError {
                         track: job.track,
-                        message: e.to_string(),
+                        message: format!("reading the {}: {e}", dev_name(job.from)),
                         skipped,
+                        degraded: false,
                     });
                     skipped
+                }
+                Err(CopyFault::Write(e)) => {
+                    // A destination that cannot be written is never
+                    // skipped: the primary (restoring) keeps the track
+                    // pending and the copy pauses; the secondary
+                    // (syncing, resyncing) is split off.
+                    let degraded = job.to == Dev::Secondary;
+                    if degraded {
+                        vol.degrade();
+                    }
+                    out.errors.push(CopyError {
+                        track: job.track,
+                        message: format!("writing the {}: {e}", dev_name(job.to)),
+                        skipped: false,
+                        degraded,
+                    });
+                    false
                 }
             };
             vol.finish_copy(*job, done);
@@ -242,7 +264,7 @@ pub async fn run_copies<B: Backend>(
         }
         report.tracks += r.tracks;
         report.bytes += r.bytes;
-        if r.errors.iter().any(|e| !e.skipped) {
+        if r.errors.iter().any(|e| !e.skipped && !e.degraded) {
             report.paused = true;
         }
         report.errors.extend(r.errors);
@@ -357,9 +379,25 @@ fn coalesce(jobs: &[CopyJob], max_io: u64) -> Vec<Vec<CopyJob>> {
     runs
 }
 
+/// Why a track could not be copied.
+#[derive(Debug)]
+enum CopyFault {
+    /// The source could not be read.
+    Read(io::Error),
+    /// The destination could not be written.
+    Write(io::Error),
+}
+
+fn dev_name(d: Dev) -> &'static str {
+    match d {
+        Dev::Primary => "primary",
+        Dev::Secondary => "secondary",
+    }
+}
+
 /// Copies a run of adjacent tracks in one I/O; if that fails, track by
 /// track, so that one bad track does not fail (or skip) its neighbours.
-async fn copy_run<B: Backend>(b: &B, run: &[CopyJob]) -> Vec<io::Result<()>> {
+async fn copy_run<B: Backend>(b: &B, run: &[CopyJob]) -> Vec<Result<(), CopyFault>> {
     match copy_span(b, run).await {
         Ok(()) => return run.iter().map(|_| Ok(())).collect(),
         Err(e) if run.len() == 1 => return vec![Err(e)],
@@ -372,17 +410,28 @@ async fn copy_run<B: Backend>(b: &B, run: &[CopyJob]) -> Vec<io::Result<()>> {
     out
 }
 
-async fn copy_span<B: Backend>(b: &B, run: &[CopyJob]) -> io::Result<()> {
+async fn copy_span<B: Backend>(b: &B, run: &[CopyJob]) -> Result<(), CopyFault> {
     let first = run[0];
     let len: u64 = run.iter().map(|j| j.len).sum();
     let mut buf: AlignedBuf = b.buffer(len as usize);
-    b.read(first.from, first.offset, &mut buf).await?;
-    b.write(first.to, first.offset, &buf, false).await
+    b.read(first.from, first.offset, &mut buf)
+        .await
+        .map_err(CopyFault::Read)?;
+    b.write(first.to, first.offset, &buf, false)
+        .await
+        .map_err(CopyFault::Write)
 }
 
 /// Runs a state change: closes the gate, waits for admitted requests to
 /// finish, applies `change`, makes it durable (both devices flushed first),
 /// and opens the gate again.
+///
+/// A state change is in force only once its flush and commit succeeded:
+/// until then host I/O stays held (the gate stays closed) and both are
+/// retried, with a log line, rather than resuming I/O in a state the
+/// metadata does not record. A secondary whose flush fails is split off
+/// instead (degraded); only the primary and the metadata are waited for.
+/// The `io::Result` is always `Ok`; it is kept for callers that report it.
 pub async fn transition<B: Backend, R>(
     vol: &Volume,
     b: &B,
@@ -395,16 +444,51 @@ pub async fn transition<B: Backend, R>(
         b.pause().await;
     }
     let result = change(vol);
-    let flushed = async {
-        // Both at once: this is on the path of `restore`'s instant return.
-        for r in join_all(crate::core::DevSet::BOTH.devs().map(|d| b.flush(d))).await {
-            r?;
-        }
-        wait_commit(vol, b, vol.clock.next()).await
-    }
-    .await;
+    make_durable(vol, b).await;
     vol.open_gate();
-    flushed.map(|()| result)
+    Ok(result)
+}
+
+/// Delay between attempts to make a state change durable.
+const DURABLE_RETRY: Duration = Duration::from_millis(500);
+
+/// Flushes both devices and commits, until the primary's flush and the
+/// commit succeed (see [`transition`]).
+async fn make_durable<B: Backend>(vol: &Volume, b: &B) {
+    let mut failures = 0u64;
+    loop {
+        // Both at once: this is on the path of `restore`'s instant return.
+        let (p, s) = smol::future::zip(b.flush(Dev::Primary), b.flush(Dev::Secondary)).await;
+        if let Err(e) = s {
+            crate::exec::host::secondary_flush_failed(vol, &e);
+        }
+        let r = match p {
+            Ok(()) => wait_commit(vol, b, vol.clock.next()).await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => {
+                if failures > 0 {
+                    log::info!(
+                        "state change to {} is durable after {failures} failed attempts; host I/O resumes",
+                        vol.state()
+                    );
+                }
+                return;
+            }
+            Err(e) => {
+                if failures == 0 {
+                    log::error!(
+                        "state change to {} is not durable ({e}); host I/O is held while it is retried every {} ms",
+                        vol.state(),
+                        DURABLE_RETRY.as_millis()
+                    );
+                }
+                failures += 1;
+                b.sleep(DURABLE_RETRY).await;
+            }
+        }
+    }
 }
 
 /// Ends the running copy operation if nothing is left to copy.

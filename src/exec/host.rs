@@ -6,7 +6,9 @@
 //! other requests of its executor.
 
 use crate::backend::Backend;
-use crate::core::{CommitSeq, Dev, ReadSeg, Volume, Wait, WriteOutcome, WritePlan, WriteStep};
+use crate::core::{
+    CommitSeq, Dev, ReadSeg, RepairLock, Ticket, Volume, Wait, WriteOutcome, WritePlan, WriteStep,
+};
 use std::io;
 
 /// Admits a request, waiting out any state change.
@@ -47,7 +49,76 @@ pub async fn read<B: Backend>(vol: &Volume, b: &B, offset: u64, buf: &mut [u8]) 
     } in segs
     {
         let range = buf_offset as usize..(buf_offset + len) as usize;
-        b.read(dev, offset, &mut buf[range]).await?;
+        match b.read(dev, offset, &mut buf[range.clone()]).await {
+            Ok(()) => {}
+            Err(e) if dev == Dev::Primary => {
+                read_repair(vol, b, &ticket, offset, &mut buf[range], e).await?
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A primary read failed: serves each track of the range whose secondary
+/// copy is known identical from the secondary and rewrites the whole track
+/// on the primary (a disk remaps bad sectors on write), as md raid1 does.
+/// A track that cannot be repaired fails the read with the primary's error.
+async fn read_repair<B: Backend>(
+    vol: &Volume,
+    b: &B,
+    ticket: &Ticket<'_>,
+    offset: u64,
+    out: &mut [u8],
+    error: io::Error,
+) -> io::Result<()> {
+    for span in vol.geometry().spans(offset, out.len() as u64) {
+        let part = &mut out[span.buf_offset as usize..(span.buf_offset + span.len) as usize];
+        // Only the tracks that still fail need the secondary.
+        if b.read(Dev::Primary, span.offset, part).await.is_ok() {
+            continue;
+        }
+        loop {
+            match vol.lock_for_repair(ticket, span.track) {
+                RepairLock::NotIdentical => return Err(error),
+                RepairLock::Busy => b.pause().await,
+                RepairLock::Locked => break,
+            }
+        }
+        let repaired = repair_track(vol, b, span.track, span.offset, part).await;
+        vol.unlock_repair(span.track);
+        if let Err(e) = repaired {
+            log::warn!(
+                "track {}: primary read failed ({error}) and the secondary could not serve it: {e}",
+                span.track
+            );
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+/// Under the track's exclusive lock: reads the secondary's track into
+/// `part` (the host's bytes at `offset`) and rewrites the primary's track.
+async fn repair_track<B: Backend>(
+    vol: &Volume,
+    b: &B,
+    track: crate::core::Track,
+    offset: u64,
+    part: &mut [u8],
+) -> io::Result<()> {
+    let (track_offset, track_len) = vol.geometry().track_extent(track);
+    let mut data = b.buffer(track_len as usize);
+    b.read(Dev::Secondary, track_offset, &mut data).await?;
+    let at = (offset - track_offset) as usize;
+    part.copy_from_slice(&data[at..at + part.len()]);
+    match b.write(Dev::Primary, track_offset, &data, false).await {
+        Ok(()) => {
+            vol.note_read_repair();
+            log::warn!("track {track}: primary read error repaired from the secondary");
+        }
+        // The host still gets the right bytes; the next read tries again.
+        Err(e) => log::error!("track {track}: rewriting the primary after a read error: {e}"),
     }
     Ok(())
 }
@@ -77,28 +148,38 @@ pub async fn write<B: Backend>(
                     plan,
                     WriteOutcome {
                         primary_failed: true,
+                        not_issued: true,
                         ..Default::default()
                     },
                 );
                 return Err(e);
             }
         }
-        let outcome = run_steps(b, &plan, buf, fua).await;
+        let (outcome, primary_error) = run_steps(b, &plan, buf, fua).await;
         let done = vol.finish_write(plan, outcome);
         if let Some(seq) = done.ack_after {
             wait_commit(vol, b, seq).await?;
         }
         drop(ticket);
-        return if done.ok {
-            Ok(())
-        } else {
-            Err(io::Error::from_raw_os_error(libc::EIO))
+        return match (done.ok, primary_error) {
+            (true, _) => Ok(()),
+            // The primary's own error (ENOSPC from a thin or file-backed
+            // primary must reach the host as ENOSPC, not as EIO).
+            (false, Some(e)) => Err(e),
+            (false, None) => Err(io::Error::from_raw_os_error(libc::EIO)),
         };
     }
 }
 
-async fn run_steps<B: Backend>(b: &B, plan: &WritePlan, buf: &[u8], fua: bool) -> WriteOutcome {
+/// Runs a write's data I/O; returns what failed and the primary's error.
+async fn run_steps<B: Backend>(
+    b: &B,
+    plan: &WritePlan,
+    buf: &[u8],
+    fua: bool,
+) -> (WriteOutcome, Option<io::Error>) {
     let mut out = WriteOutcome::default();
+    let mut primary_error = None;
     for step in &plan.steps {
         match *step {
             WriteStep::Direct {
@@ -110,14 +191,21 @@ async fn run_steps<B: Backend>(b: &B, plan: &WritePlan, buf: &[u8], fua: bool) -
                 let data = &buf[buf_offset as usize..(buf_offset + len) as usize];
                 let (p, s) = smol::future::zip(
                     async {
-                        !devs.primary || b.write(Dev::Primary, offset, data, fua).await.is_ok()
+                        if devs.primary {
+                            b.write(Dev::Primary, offset, data, fua).await
+                        } else {
+                            Ok(())
+                        }
                     },
                     async {
                         !devs.secondary || b.write(Dev::Secondary, offset, data, fua).await.is_ok()
                     },
                 )
                 .await;
-                out.primary_failed |= !p;
+                if let Err(e) = p {
+                    out.primary_failed = true;
+                    primary_error = Some(e);
+                }
                 out.secondary_failed |= !s;
             }
             WriteStep::Merge {
@@ -129,11 +217,9 @@ async fn run_steps<B: Backend>(b: &B, plan: &WritePlan, buf: &[u8], fua: bool) -
                 ..
             } => {
                 let host = &buf[buf_offset as usize..(buf_offset + len) as usize];
-                if merge(b, track_offset, track_len, offset, host, fua)
-                    .await
-                    .is_err()
-                {
+                if let Err(e) = merge(b, track_offset, track_len, offset, host, fua).await {
                     out.primary_failed = true;
+                    primary_error = Some(e);
                 }
             }
         }
@@ -141,7 +227,7 @@ async fn run_steps<B: Backend>(b: &B, plan: &WritePlan, buf: &[u8], fua: bool) -
             break;
         }
     }
-    out
+    (out, primary_error)
 }
 
 /// Claim 6: the secondary's track combined with the host's bytes lands on
@@ -161,12 +247,47 @@ async fn merge<B: Backend>(
     b.write(Dev::Primary, track_offset, &track, fua).await
 }
 
-/// Host flush: every device that holds acknowledged data.
+/// Host flush: every device that holds acknowledged data. Its result is
+/// the primary's: a secondary whose flush fails is split off (degraded,
+/// see `Volume::secondary_flush_failed`) and the host never hears of it.
 pub async fn flush<B: Backend>(vol: &Volume, b: &B) -> io::Result<()> {
     let ticket = admit(vol, b).await;
     let devs = vol.plan_flush(&ticket);
-    for dev in devs.devs() {
-        b.flush(dev).await?;
+    let (p, s) = smol::future::zip(
+        async {
+            if devs.primary {
+                b.flush(Dev::Primary).await
+            } else {
+                Ok(())
+            }
+        },
+        async {
+            if devs.secondary {
+                b.flush(Dev::Secondary).await
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    // Still admitted: no state change runs between the flush and this.
+    if let Err(e) = s {
+        secondary_flush_failed(vol, &e);
     }
-    Ok(())
+    drop(ticket);
+    p
+}
+
+/// A failed secondary flush anywhere (host flush, state change, commit):
+/// the secondary is split off, with one log line.
+pub fn secondary_flush_failed(vol: &Volume, e: &io::Error) -> bool {
+    let changed = vol.secondary_flush_failed();
+    if changed {
+        log::error!(
+            "secondary flush failed ({e}): its cache may have lost writes, so it is split off \
+             (volume degraded, every track marked changed); host I/O goes on to the primary; \
+             repair or replace the secondary, then `establish`"
+        );
+    }
+    changed
 }

@@ -4,7 +4,7 @@
 use super::device::MetaDevice;
 use super::store::MetadataStore;
 use super::DataFlush;
-use crate::core::{CommitSeq, Volume};
+use crate::core::{CommitSeq, DevSet, Volume, VolumeState};
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -124,7 +124,12 @@ fn run<D: MetaDevice>(
         let requested = shared.ctl().want > vol.clock.done();
         let failing = shared.failed().is_some();
         let result = if wake.stop || requested || failing || vol.needs_commit() {
-            let r = store.commit(vol, &mut flush_data);
+            let mut r = commit_once(&mut store, vol, &mut flush_data);
+            if r.as_ref().is_err_and(is_secondary_dropped) {
+                // The volume went degraded under this commit: commit the
+                // new state now, without the secondary.
+                r = commit_once(&mut store, vol, &mut flush_data);
+            }
             record(shared, &r);
             r
         } else {
@@ -134,6 +139,62 @@ fn run<D: MetaDevice>(
             return result;
         }
     }
+}
+
+fn commit_once<D: MetaDevice>(
+    store: &mut MetadataStore<D>,
+    vol: &Volume,
+    flush_data: &mut DataFlush,
+) -> io::Result<()> {
+    store.commit_with(vol, |devs| flush_data_devices(vol, devs, &mut *flush_data))
+}
+
+/// Why a commit stopped without writing: the secondary failed its flush
+/// and was split off, so what the commit took (tables and state from
+/// before) must not be written. The next commit takes the degraded state.
+#[derive(Debug)]
+pub struct SecondaryDropped;
+
+impl std::fmt::Display for SecondaryDropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the secondary failed its flush and was split off; commit again")
+    }
+}
+
+impl std::error::Error for SecondaryDropped {}
+
+/// Whether a commit failed only because the secondary was split off (it
+/// is then retried at once, not reported).
+pub fn is_secondary_dropped(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<SecondaryDropped>())
+}
+
+/// A commit's data flush, one device at a time. The primary's failure
+/// fails the commit (it is retried). The secondary's never does: the
+/// secondary is split off (degraded, every track changed, out of every
+/// later flush set) and the commit is abandoned with [`SecondaryDropped`]
+/// so that the next one records the degraded state instead of tables whose
+/// clears relied on the secondary's data. While restoring the secondary is
+/// not written, nothing a commit records depends on its cache, and the
+/// failure is only logged.
+pub fn flush_data_devices(
+    vol: &Volume,
+    devs: DevSet,
+    mut flush: impl FnMut(DevSet) -> io::Result<()>,
+) -> io::Result<()> {
+    if devs.primary {
+        flush(DevSet::PRIMARY)?;
+    }
+    if devs.secondary {
+        if let Err(e) = flush(DevSet::SECONDARY) {
+            let dropped = crate::exec::host::secondary_flush_failed(vol, &e);
+            if dropped || vol.state() != VolumeState::Restoring {
+                return Err(io::Error::other(SecondaryDropped));
+            }
+            log::warn!("secondary flush failed while restoring ({e}); it is not written now");
+        }
+    }
+    Ok(())
 }
 
 /// Sleeps until a new commit is wanted, a stop, or `interval` passes.

@@ -468,8 +468,19 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, vol: &Volume, b: &RingBackend, buf:
         Ok(()) => len as i32,
         Err(e) => {
             log::warn!("host request op {op} at {offset}+{len} failed: {e}");
-            -libc::EIO
+            -host_errno(&e)
         }
+    }
+}
+
+/// The errno a failed request reports to the kernel. ENOSPC (a thin or
+/// file-backed primary out of space; EDQUOT is the same to a block device)
+/// keeps its meaning, so a filesystem above can tell "full" from "broken";
+/// everything else is EIO, the one error every block layer user expects.
+fn host_errno(e: &io::Error) -> i32 {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => libc::ENOSPC,
+        _ => libc::EIO,
     }
 }
 
@@ -596,6 +607,19 @@ mod tests {
         assert_eq!(recovery_flags(0x1fe), rec | reissue); // 6.12
         assert_eq!(recovery_flags(rec), rec);
         assert_eq!(recovery_flags(reissue), 0);
+    }
+
+    #[test]
+    fn host_errno_keeps_enospc_and_maps_the_rest_to_eio() {
+        let errno = |n| host_errno(&io::Error::from_raw_os_error(n));
+        assert_eq!(errno(libc::ENOSPC), libc::ENOSPC);
+        assert_eq!(errno(libc::EDQUOT), libc::ENOSPC);
+        assert_eq!(errno(libc::EIO), libc::EIO);
+        assert_eq!(errno(libc::EBADF), libc::EIO);
+        assert_eq!(
+            host_errno(&io::Error::other("metadata commit failed")),
+            libc::EIO
+        );
     }
 
     #[test]

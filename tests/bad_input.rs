@@ -15,6 +15,13 @@ use std::process::{Command, Output};
 const BIN: &str = env!("CARGO_BIN_EXE_splitmirror");
 const MIB: u64 = 1 << 20;
 
+/// A test that opens a metadata store in this process holds it for
+/// writing; spawning the binary holds it for reading. Without it, a child
+/// forked by another test thread while a store is open inherits the
+/// store's descriptor until it execs, and with it the metadata lock: the
+/// command under test then sees "in use by another splitmirror process".
+static STORE_GUARD: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 struct Fixture {
     dir: tempfile::TempDir,
 }
@@ -75,6 +82,7 @@ impl Fixture {
     }
 
     fn run(&self, args: &[&str]) -> Output {
+        let _no_store_open_here = STORE_GUARD.read().unwrap_or_else(|e| e.into_inner());
         Command::new(BIN)
             .args(args)
             .env("RUST_BACKTRACE", "1")
@@ -556,6 +564,7 @@ fn replace_secondary_records_the_new_file() {
     // track to copy.
     let cfg = Config::load(&c).unwrap();
     let devs = Devices::open(&cfg).unwrap();
+    let _store_open = STORE_GUARD.write().unwrap_or_else(|e| e.into_inner());
     let (_, vol) = MetadataStore::open(&cfg.metadata, &devs.binding(cfg.track_size)).unwrap();
     assert_eq!(vol.state().name(), "degraded");
     assert_eq!(vol.tables.changed.count(), vol.geometry().tracks());
@@ -600,6 +609,7 @@ fn format_force_during_a_restore() {
     let f = Fixture::formatted();
     let c = f.config();
     {
+        let _store_open = STORE_GUARD.write().unwrap_or_else(|e| e.into_inner());
         let cfg = Config::load(&c).unwrap();
         let devs = Devices::open(&cfg).unwrap();
         let (mut store, vol) =

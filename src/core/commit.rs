@@ -8,7 +8,7 @@
 //! what keeps the common write free of metadata I/O.
 
 use super::geometry::Track;
-use super::table::{TrackTable, TAKEN_UNKNOWN};
+use super::table::{taken_seq, Durability, TrackTable};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
 /// Number of a metadata commit; commit `n` is durable once `done >= n`.
@@ -71,16 +71,17 @@ impl CommitClock {
 
     /// The commit after which `table[t]` is durable as it is now, if any.
     pub fn needed_for(&self, table: &TrackTable, t: Track) -> Option<CommitSeq> {
-        let unsynced = table.is_unsynced(t);
+        // The table's answer first, then the clock: a commit that took the
+        // word had begun before the take, so `started` covers it.
+        let durability = table.durability(t);
         let started = self.started.load(SeqCst);
-        if unsynced {
-            return Some(started + 1);
-        }
+        let taken = match durability {
+            Durability::Unsynced => return Some(started + 1),
+            Durability::TakenUnknown => started,
+            Durability::Taken(tag) => taken_seq(tag, started),
+        };
         // Synced: durable once the commit that took it is.
-        match table.taken_by(t) {
-            TAKEN_UNKNOWN => (started > self.done()).then_some(started),
-            seq => (seq > self.done()).then_some(seq),
-        }
+        (taken > self.done()).then_some(taken)
     }
 
     /// The commit that makes everything changed up to now durable.

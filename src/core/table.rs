@@ -29,8 +29,8 @@
 //!
 //! # One atomic step for a bit and its mark
 //!
-//! Each chunk has a reader-writer lock. Changing a bit (mark, then bit,
-//! then dirty) and reading a bit's durability hold it shared; a commit's
+//! Each chunk has a reader-writer lock. Changing a bit (dirty, mark, then
+//! bit) and reading a bit's durability hold it shared; a commit's
 //! take, and any change of a chunk's shape (page ↔ all ones / all clear),
 //! hold it exclusive. So a reader that sees a bit set also sees its word
 //! unsynced until a commit has taken it, and no commit can take a chunk
@@ -309,8 +309,12 @@ impl TrackTable {
                         if (p.words[w].load(SeqCst) & m != 0) == value {
                             return false;
                         }
-                        // Mark first, under the shared lock: whoever sees
-                        // the new bit sees the mark (see the module header).
+                        // Dirty, mark, then bit, under the shared lock:
+                        // whoever sees the new bit sees the mark, and a
+                        // commit that starts after it saw them finds the
+                        // chunk dirty (it clears the flag before it takes
+                        // the lock, so it cannot miss this change).
+                        self.dirty_chunks.set(c as u64);
                         chunk.mark(w);
                         let old = if value {
                             p.words[w].fetch_or(m, SeqCst)
@@ -319,7 +323,6 @@ impl TrackTable {
                         };
                         // Two writers racing for one bit both mark it; the
                         // loser's mark only costs the next commit a word.
-                        self.dirty_chunks.set(c as u64);
                         return (old & m != 0) != value;
                     }
                     _ => {}

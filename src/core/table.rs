@@ -424,12 +424,21 @@ impl TrackTable {
     /// `degrade`, only race with copies clearing bits, which the chunk
     /// locks order).
     ///
-    /// Returns the number of bits now set, counted in the same pass.
-    fn assign_chunks(&self, chunk_words: impl Fn(usize, &mut [u64; CHUNK_WORDS])) -> u64 {
+    /// `chunk_words` fills in a chunk's new words and says whether any may
+    /// be set. Returns the number of bits now set, counted in the same pass.
+    fn assign_chunks(&self, chunk_words: impl Fn(usize, &mut [u64; CHUNK_WORDS]) -> bool) -> u64 {
         let mut new = [0u64; CHUNK_WORDS];
         let mut ones = 0;
         for c in 0..self.chunks() {
-            chunk_words(c, &mut new);
+            if !chunk_words(c, &mut new) {
+                // All clear: nothing to count, nothing to do if already so
+                // (a clear table is neither read nor written word by word).
+                let mut chunk = self.write(c);
+                if !matches!(chunk.bits, Bits::Zeros) {
+                    self.assign_chunk(c, &mut chunk, &new);
+                }
+                continue;
+            }
             for (w, v) in new.iter_mut().enumerate() {
                 *v &= self.valid_mask(c, w);
                 ones += v.count_ones() as u64;
@@ -452,12 +461,19 @@ impl TrackTable {
     }
 
     pub fn clear_all(&self) {
-        self.assign_chunks(|_, out| out.fill(0));
+        self.assign_chunks(|_, out| {
+            out.fill(0);
+            false
+        });
     }
 
     /// `self = other`; returns the number of bits set.
     pub fn copy_from(&self, other: &TrackTable) -> u64 {
-        self.assign_chunks(|c, out| other.words_into(c, &other.read(c), out))
+        self.assign_chunks(|c, out| {
+            let theirs = other.read(c);
+            other.words_into(c, &theirs, out);
+            !matches!(theirs.bits, Bits::Zeros)
+        })
     }
 
     /// `self |= other`, chunk by chunk.

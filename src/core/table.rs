@@ -527,8 +527,6 @@ impl TrackTable {
         let mut guard = self.write(c);
         let chunk = &mut *guard;
         let tag = tag_of(seq.unwrap_or(0));
-        let mut words = [0u64; CHUNK_WORDS];
-        self.words_into(c, chunk, &mut words);
         // Conservative from now on: unmarked words may have been carried
         // by a commit in flight that did not say which.
         chunk.unknown |= seq.is_none();
@@ -544,6 +542,12 @@ impl TrackTable {
             }
             chunk.unsynced.iter().for_each(|m| m.store(0, SeqCst));
         }
+        // An all-ones chunk (a full restore's) costs O(1), not a page read.
+        if ones_flag && matches!(chunk.bits, Bits::Ones) {
+            return Taken::Ones;
+        }
+        let mut words = [0u64; CHUNK_WORDS];
+        self.words_into(c, chunk, &mut words);
         // Commit 0 (format's snapshot) is not later than the tags it would
         // stand for, so it keeps the page.
         if seq != Some(0) && matches!(chunk.bits, Bits::Page(_)) {

@@ -150,7 +150,7 @@ mod tests {
         use std::sync::{Barrier, Mutex};
 
         const TRACKS: u64 = 2 * CHUNK_TRACKS;
-        const WRITERS: usize = 3;
+        const WRITERS: usize = 4;
         const ROUNDS: usize = 1000;
         const PER_ROUND: usize = 200;
         let table = TrackTable::new(TRACKS);

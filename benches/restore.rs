@@ -4,17 +4,20 @@
 //!
 //! Files live in `$SPLITMIRROR_BENCH_DIR` (default `target/bench-tmp`),
 //! opened O_DIRECT; the size of the data files is `$SPLITMIRROR_BENCH_SIZE`
-//! (default 1GiB). Host I/O goes through `hostpath` over a `UringBackend`,
+//! (default 1GiB). Host I/O goes through `exec::host` over a `UringBackend`,
 //! the path a ublk queue runs. Metadata commits are in memory
 //! (`sim::mem_commit_begin`) but flush the copy destination first, as the
 //! real store does. Every figure is printed alone on a line `name: value`.
 
-use splitmirror::config::{parse_size, RestoreConfig};
+use splitmirror::backend::buf::AlignedBuf;
+use splitmirror::backend::sim;
+use splitmirror::backend::uring::{UringBackend, UringOptions};
+use splitmirror::backend::Backend;
 use splitmirror::core::{Command, Dev, Geometry, Volume, VolumeState};
-use splitmirror::engine::{self, join_all, EngineConfig, RunReport};
-use splitmirror::hostpath::{self, AlignedBuf, Backend, HostLoad};
-use splitmirror::sim;
-use splitmirror::uring::{UringBackend, UringOptions};
+use splitmirror::edge::config::{parse_size, RestoreConfig};
+use splitmirror::exec::engine::{self, join_all, EngineConfig, RunReport};
+use splitmirror::exec::host;
+use splitmirror::exec::load::HostLoad;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -361,7 +364,7 @@ fn host_writes(
         let t = Instant::now();
         let asked_before = asked.get();
         let _busy = load.enter();
-        be.block_on(hostpath::write(vol, &be, off, &buf, false))
+        be.block_on(host::write(vol, &be, off, &buf, false))
             .expect("host write");
         lat.push((t.elapsed(), asked.get() != asked_before));
     }
@@ -488,7 +491,7 @@ fn warm_split(pair: &Pair) -> (Arc<Volume>, Committer) {
     vol.tables.changed.fill();
     let c = Committer::start(vol.clone(), pair.fds());
     let be = backend(pair.fds(), 1, c.requester());
-    be.block_on(hostpath::wait_commit(&vol, &be, vol.clock.next()))
+    be.block_on(host::wait_commit(&vol, &be, vol.clock.next()))
         .unwrap();
     (vol, c)
 }
@@ -512,7 +515,7 @@ fn random_writes(pair: &Pair, vol: Option<&Volume>, dur: Duration) -> f64 {
             while Instant::now() < deadline {
                 let off = rng.u64(0..pair.size / 4096) * 4096;
                 match vol {
-                    Some(v) => hostpath::write(v, be, off, &buf, false).await,
+                    Some(v) => host::write(v, be, off, &buf, false).await,
                     None => be.write(Dev::Primary, off, &buf, false).await,
                 }
                 .expect("write");
@@ -613,7 +616,7 @@ fn first_io_after_restore(dir: &Path) {
                 .await
                 .expect("transition I/O")
                 .expect("restore valid");
-                hostpath::read(&vol, &be, at, &mut buf).await.expect("read");
+                host::read(&vol, &be, at, &mut buf).await.expect("read");
             });
             times.push(t.elapsed());
             snapshots.push(c.snapshot_us.load(Ordering::Relaxed));

@@ -3,7 +3,7 @@
 //! Each trial runs a child process that is the server without ublk: the real
 //! metadata store and committer thread, the real copy engine (`run_copies`
 //! on an io_uring thread), and a host writer that sends its writes through
-//! `hostpath::write` on an io_uring backend — the code a ublk queue calls.
+//! `host::write` on an io_uring backend — the code a ublk queue calls.
 //! The child loops through split → restore → establish while writing, and
 //! reports on stdout every write it is about to issue (`ISSUE`) and every
 //! write acknowledged (`ACK`). The parent kills it with SIGKILL at a random
@@ -16,11 +16,12 @@
 //! M is 0. `--seed S` picks the first trial's seed; `--dir D` the scratch
 //! directory (default: a temp dir under target/).
 
+use splitmirror::backend::uring::{UringBackend, UringOptions};
 use splitmirror::core::{Command, Geometry, Volume};
-use splitmirror::engine::{self, EngineConfig};
-use splitmirror::hostpath::{self, HostLoad};
+use splitmirror::exec::engine::{self, EngineConfig};
+use splitmirror::exec::host;
+use splitmirror::exec::load::HostLoad;
 use splitmirror::metadata::{Binding, Committer, DataFlush, MetadataStore};
-use splitmirror::uring::{UringBackend, UringOptions};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -391,7 +392,7 @@ fn spawn_engine(
                         .await
                         .expect("copy engine");
                 }
-                hostpath::Backend::pause(&b).await;
+                splitmirror::backend::Backend::pause(&b).await;
             }
         });
     })
@@ -434,10 +435,10 @@ fn writer(vol: &Volume, committer: &Committer, load: &HostLoad, seed: u64, pfd: 
                         let data: Vec<u8> = (off / BLOCK..(off + len) / BLOCK)
                             .flat_map(|blk| block_pattern(s, blk))
                             .collect();
-                        let mut buf = hostpath::AlignedBuf::new(data.len());
+                        let mut buf = splitmirror::backend::buf::AlignedBuf::new(data.len());
                         buf.copy_from_slice(&data);
                         let _g = load.enter();
-                        let r = hostpath::write(vol, b, off, &buf, rng_fua(s)).await;
+                        let r = host::write(vol, b, off, &buf, rng_fua(s)).await;
                         if r.is_ok() {
                             emit(format_args!("ACK {s}"));
                         }

@@ -1,5 +1,5 @@
 //! Errors that reach the user, and the exit code each one maps to
-//! (`../shared/interface.md`: 1 runtime, 2 usage/config, 3 wrong state).
+//! (docs/interface.md: 1 runtime, 2 usage/config, 3 wrong state).
 
 use thiserror::Error;
 

@@ -1,30 +1,23 @@
 //! splitmirror: a ublk server that presents a primary and a secondary device
 //! as one block device with mirror, split and instant restore.
 //!
-//! Architecture: [`core`] is a pure state machine (tracks, volume states and
-//! the restore rules) that performs no I/O. Everything else is a thin
-//! executor around it:
-//! - [`hostpath`] runs host requests (read/write/flush) through the core's
-//!   plans against any [`hostpath::Backend`] (a ublk queue's ring, or
-//!   [`uring::UringBackend`] for the engine, the crash soak and the benches);
-//! - [`engine`] copies tracks (restore, establish, resync);
-//! - [`metadata`] persists the track tables crash-consistently;
-//! - [`ublk`] creates the block device with libublk;
-//! - [`control`] is the Unix-socket control protocol (server and client);
-//! - [`config`], [`device`] and [`cli`] are the user-facing edges.
+//! The folders are the layers, from the inside out:
+//! - [`core`]: the pure state machine (tracks, volume states, the restore
+//!   rules). It performs no I/O; it answers *what to read, write, wait for*.
+//! - [`exec`]: the executors of the core's plans: host requests
+//!   ([`exec::host`]) and the copy engine ([`exec::engine`]).
+//! - [`backend`]: where the executors' reads, writes and flushes go: the
+//!   standalone io_uring ([`backend::uring`]), blocking I/O, the simulation,
+//!   and opening the devices. The ublk queue's own ring is in [`ublk`].
+//! - [`metadata`]: persists the track tables crash-consistently.
+//! - [`ublk`]: the block device (add, recover, delete) and its queue loop.
+//! - [`edge`]: what users touch: command line, config, control socket,
+//!   metrics, and the server that wires everything together.
 
-pub mod blocking;
-pub mod cli;
-pub mod config;
-pub mod control;
+pub mod backend;
 pub mod core;
-pub mod device;
-pub mod engine;
+pub mod edge;
 pub mod error;
-pub mod hostpath;
+pub mod exec;
 pub mod metadata;
-pub mod metrics;
-pub mod server;
-pub mod sim;
-pub mod ublk;
-pub mod uring;
+pub(crate) mod ublk;

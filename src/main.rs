@@ -1,3 +1,3 @@
 fn main() {
-    std::process::exit(splitmirror::cli::main());
+    std::process::exit(splitmirror::edge::cli::main());
 }

@@ -1,5 +1,5 @@
 //! Misuse is a clear, harmless error. Every case here checks:
-//! - the exit code of `../shared/interface.md` (2 usage/config, 3 wrong
+//! - the exit code of docs/interface.md (2 usage/config, 3 wrong
 //!   state, 1 runtime);
 //! - one to three lines on stderr, no panic, no backtrace;
 //! - no byte of any device or metadata file changed (hashes before/after).

@@ -1,4 +1,5 @@
-//! One test (at least) per claim of ../shared/patent-claims.md, by number.
+//! One test (at least) per claim, by number: the rules as docs/design.md
+//! states them ("The rules, by claim").
 //! Each asserts the plan, the bits and the resulting bytes.
 
 mod common;

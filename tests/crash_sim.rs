@@ -19,11 +19,13 @@
 //! `SPLITMIRROR_CRASH_VERBOSE=1` prints what each seed did (with
 //! `-- --nocapture`).
 
+use splitmirror::backend::sim::{
+    self, Power, Scheduler, SimBackend, SimDisks, SimMetaDevice, SimRng,
+};
 use splitmirror::core::{Command, Geometry, TransitionError, Volume, VolumeState};
-use splitmirror::engine::{self, EngineConfig};
-use splitmirror::hostpath;
+use splitmirror::exec::engine::{self, EngineConfig};
+use splitmirror::exec::host;
 use splitmirror::metadata::{Binding, MetadataStore};
-use splitmirror::sim::{self, Power, Scheduler, SimBackend, SimDisks, SimMetaDevice, SimRng};
 use std::cell::RefCell;
 use std::io;
 use std::rc::Rc;
@@ -217,7 +219,7 @@ async fn copier(vol: Rc<Volume>, b: Rc<SimBackend>) {
                 return;
             }
         }
-        hostpath::Backend::pause(&*b).await;
+        splitmirror::backend::Backend::pause(&*b).await;
     }
 }
 
@@ -245,7 +247,7 @@ async fn committer(
                 return;
             }
         }
-        hostpath::Backend::pause(&*b).await;
+        splitmirror::backend::Backend::pause(&*b).await;
     }
 }
 
@@ -378,7 +380,7 @@ impl Run {
         let (vol, b) = (self.vol.clone(), self.b.clone());
         let slot = self
             .sched
-            .spawn_with(async move { hostpath::write(&vol, &*b, first * BLOCK, &data, fua).await });
+            .spawn_with(async move { host::write(&vol, &*b, first * BLOCK, &data, fua).await });
         self.writes.push(Write {
             id,
             first,
@@ -396,7 +398,7 @@ impl Run {
         let (vol, b) = (self.vol.clone(), self.b.clone());
         let slot = self.sched.spawn_with(async move {
             let mut buf = vec![0u8; (n * BLOCK) as usize];
-            hostpath::read(&vol, &*b, first * BLOCK, &mut buf)
+            host::read(&vol, &*b, first * BLOCK, &mut buf)
                 .await
                 .map(|()| buf)
         });
@@ -412,7 +414,7 @@ impl Run {
         let (vol, b) = (self.vol.clone(), self.b.clone());
         let slot = self
             .sched
-            .spawn_with(async move { hostpath::flush(&vol, &*b).await });
+            .spawn_with(async move { host::flush(&vol, &*b).await });
         self.flushes.push(Flush { start, slot });
     }
 
@@ -654,7 +656,7 @@ impl Resumed {
         let (v, b) = (self.vol.clone(), self.b.clone());
         let slot = self.sched.spawn_with(async move {
             let mut buf = vec![0u8; SIZE as usize];
-            hostpath::read(&v, &*b, 0, &mut buf).await.map(|()| buf)
+            host::read(&v, &*b, 0, &mut buf).await.map(|()| buf)
         });
         self.sched
             .run_until(RECOVERY_STEPS, || slot.borrow().is_some());

@@ -1,10 +1,11 @@
 //! run_copies over the simulation: it copies exactly the pending tracks,
 //! byte for byte, and follows `on_error`.
 
+use splitmirror::backend::sim::{self, Scheduler, SimBackend, SimDisks};
+use splitmirror::backend::Backend;
 use splitmirror::core::{Command, Dev, Geometry, Volume, VolumeState};
-use splitmirror::engine::{self, EngineConfig, OnError, RunReport};
-use splitmirror::hostpath::{Backend, HostLoad};
-use splitmirror::sim::{self, Scheduler, SimBackend, SimDisks};
+use splitmirror::exec::engine::{self, EngineConfig, OnError, RunReport};
+use splitmirror::exec::load::HostLoad;
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 
@@ -254,7 +255,7 @@ fn stop_copies_nothing_more() {
 
 #[test]
 fn config_maps_in_one_place() {
-    let r = splitmirror::config::RestoreConfig {
+    let r = splitmirror::edge::config::RestoreConfig {
         batch: 16,
         max_inflight: 128,
         rate_limit: 200 << 20,

@@ -5,7 +5,7 @@ mod common;
 
 use common::{pattern, Harness};
 use splitmirror::core::{Command, VolumeState};
-use splitmirror::engine::{EngineConfig, OnError};
+use splitmirror::exec::engine::{EngineConfig, OnError};
 
 const TRACK: u64 = 16 * 1024;
 const TRACKS: u64 = 16;
@@ -180,7 +180,7 @@ fn metadata_commit_failure_refuses_to_ack_writes_that_need_it() {
 /// the state error (exit 3), and nothing is half-applied.
 #[test]
 fn concurrent_commands_one_wins_the_other_is_refused() {
-    use splitmirror::engine;
+    use splitmirror::exec::engine;
     for seed in 0..50 {
         let (mut h, _) = established(100 + seed);
         let mut slots = Vec::new();

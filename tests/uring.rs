@@ -1,9 +1,10 @@
 //! UringBackend against real files (O_DIRECT where the filesystem allows).
 
+use splitmirror::backend::buf::AlignedBuf;
+use splitmirror::backend::uring::{UringBackend, UringOptions};
+use splitmirror::backend::Backend;
 use splitmirror::core::Dev;
-use splitmirror::engine::join_all;
-use splitmirror::hostpath::{AlignedBuf, Backend};
-use splitmirror::uring::{UringBackend, UringOptions};
+use splitmirror::exec::engine::join_all;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -116,6 +117,10 @@ fn pool_buffers_are_reused_and_fixed() {
         ..Default::default()
     };
     let be = UringBackend::new(p.as_raw_fd(), s.as_raw_fd(), opts).unwrap();
+    assert!(
+        be.uses_fixed_buffers(),
+        "the pool was not registered with io_uring (RLIMIT_MEMLOCK too small? `ulimit -l`)"
+    );
     let a = be.buffer(64 << 10); // two adjacent slots
     let b = be.buffer(64 << 10);
     let c = be.buffer(32 << 10); // pool exhausted: heap
@@ -127,12 +132,22 @@ fn pool_buffers_are_reused_and_fixed() {
         "a freed run is handed out again"
     );
     a2.iter_mut().for_each(|x| *x = 0x5a);
+    let before = be.fixed_ops();
     be.block_on(async {
         be.write(Dev::Secondary, 0, &a2, false).await.unwrap();
         let mut back = be.buffer(64 << 10);
         be.read(Dev::Secondary, 0, &mut back).await.unwrap();
         assert!(back.iter().all(|&x| x == 0x5a));
     });
+    assert_eq!(
+        be.fixed_ops() - before,
+        2,
+        "pool buffers go through the fixed opcodes"
+    );
+    let heap = AlignedBuf::new(4096);
+    be.block_on(be.write(Dev::Secondary, 0, &heap, false))
+        .unwrap();
+    assert_eq!(be.fixed_ops() - before, 2, "a heap buffer does not");
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! Volume states, the commands that move between them, and the copy
-//! operation each state runs (names as in `../shared/interface.md`).
+//! operation each state runs (names as in docs/interface.md).
 
 use serde::{Deserialize, Serialize};
 

@@ -57,7 +57,7 @@ impl FileMeta {
 
     /// Some filesystems accept O_DIRECT at open and refuse the I/O.
     fn accepts_direct_io(&self) -> bool {
-        let mut probe = crate::hostpath::AlignedBuf::new(4096);
+        let mut probe = crate::backend::buf::AlignedBuf::new(4096);
         match self.file.read_at(&mut probe, 0) {
             Err(e) => e.raw_os_error() != Some(libc::EINVAL),
             Ok(_) => true,

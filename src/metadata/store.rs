@@ -34,10 +34,10 @@
 use super::device::{FileMeta, MetaDevice};
 use super::format::{decode_page, encode_page, Bad, Header, Layout, Superblock, BLOCK};
 use super::{Binding, DataFlush};
+use crate::backend::buf::AlignedBuf;
 use crate::core::table::{Taken, CHUNK_WORDS};
 use crate::core::{CommitSeq, DevSet, Geometry, Operation, Volume, VolumeState};
 use crate::error::{Error, Result};
-use crate::hostpath::AlignedBuf;
 use std::io;
 use std::path::Path;
 

@@ -2,10 +2,13 @@
 //! per queue with one async task per tag, and serves each request through
 //! the host path over the queue's own io_uring.
 
+use crate::backend::buf::{AlignedBuf, BufCache};
+use crate::backend::Backend;
 use crate::core::{Dev, Volume, VolumeState};
-use crate::hostpath::{self, AlignedBuf, Backend, BufCache, HostLoad};
+use crate::edge::metrics::{HostOp, Metrics};
+use crate::exec::host;
+use crate::exec::load::HostLoad;
 use crate::metadata::CommitHandle;
-use crate::metrics::{HostOp, Metrics};
 use io_uring::{opcode, types};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::helpers::IoBuf;
@@ -440,13 +443,13 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, vol: &Volume, b: &RingBackend, buf:
         _ => HostOp::Flush,
     };
     let res = match op {
-        sys::UBLK_IO_OP_READ if in_range => hostpath::read(vol, b, offset, &mut buf[..len]).await,
+        sys::UBLK_IO_OP_READ if in_range => host::read(vol, b, offset, &mut buf[..len]).await,
         sys::UBLK_IO_OP_WRITE if in_range => {
             let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
-            hostpath::write(vol, b, offset, &buf[..len], fua).await
+            host::write(vol, b, offset, &buf[..len], fua).await
         }
         sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => return -libc::EINVAL,
-        sys::UBLK_IO_OP_FLUSH => hostpath::flush(vol, b).await,
+        sys::UBLK_IO_OP_FLUSH => host::flush(vol, b).await,
         // Discard and write-zeroes are not advertised.
         _ => return -libc::EOPNOTSUPP,
     };

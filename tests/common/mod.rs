@@ -2,10 +2,11 @@
 //! copy engine and core, over in-memory devices and a seeded scheduler.
 #![allow(dead_code)]
 
+use splitmirror::backend::sim::{self, Scheduler, SimBackend, SimDisks};
+use splitmirror::backend::Backend;
 use splitmirror::core::{Command, Geometry, TransitionError, Volume, VolumeState};
-use splitmirror::engine::{self, EngineConfig};
-use splitmirror::hostpath::{self, Backend};
-use splitmirror::sim::{self, Scheduler, SimBackend, SimDisks};
+use splitmirror::exec::engine::{self, EngineConfig};
+use splitmirror::exec::host;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
@@ -82,7 +83,7 @@ impl Harness {
     ) -> Rc<RefCell<Option<std::io::Result<()>>>> {
         let (vol, b) = (self.vol.clone(), self.b.clone());
         self.sched
-            .spawn_with(async move { hostpath::write(&vol, &*b, offset, &data, false).await })
+            .spawn_with(async move { host::write(&vol, &*b, offset, &data, false).await })
     }
 
     pub fn start_read(
@@ -93,9 +94,7 @@ impl Harness {
         let (vol, b) = (self.vol.clone(), self.b.clone());
         self.sched.spawn_with(async move {
             let mut buf = vec![0u8; len as usize];
-            hostpath::read(&vol, &*b, offset, &mut buf)
-                .await
-                .map(|()| buf)
+            host::read(&vol, &*b, offset, &mut buf).await.map(|()| buf)
         })
     }
 
@@ -110,7 +109,7 @@ impl Harness {
         let (vol, b) = (self.vol.clone(), self.b.clone());
         let slot = self
             .sched
-            .spawn_with(async move { hostpath::flush(&vol, &*b).await });
+            .spawn_with(async move { host::flush(&vol, &*b).await });
         self.sched.run_until(STEP_LIMIT, || slot.borrow().is_some());
         slot.borrow_mut().take().unwrap().expect("flush");
     }

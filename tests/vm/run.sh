@@ -29,9 +29,11 @@ BASE_FORMAT=2
 # Modules loaded in this order (dependencies found in each .ko's modinfo are
 # loaded first); "?" = optional (absent or failing is fine). dm-mod and
 # dm-flakey are required: the fault scenarios put dm targets under the
-# secondary. The optional ones serve peer measurements (dm-mirror) only.
+# secondary; dm-log-writes and dm-snapshot the power-cut scenario (one
+# write log under all three devices, replays checked on snapshots). The
+# optional ones serve peer measurements (dm-mirror) only.
 MODULES=(ublk_drv virtio_blk crc16 mbcache jbd2 "?crc32c_generic" ext4
-         dm-mod dm-flakey "?dm-delay" "?dm-log" "?dm-region-hash" "?dm-mirror" "?loop")
+         dm-mod dm-flakey "?dm-delay" "?dm-log" "?dm-region-hash" "?dm-mirror" "?loop" dm-log-writes dm-snapshot)
 
 log() { printf '%s\n' "$*" >&2; }
 
@@ -78,14 +80,16 @@ else
   log "vm: building splitmirror (static, release)"
   t0=$SECONDS
   ( cd "$REPO" && RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static" \
-      cargo build --release --target x86_64-unknown-linux-gnu --bin splitmirror ) >"$LOGDIR/build.log" 2>&1 \
+      cargo build --release --target x86_64-unknown-linux-gnu --bin splitmirror --bin log-replay ) >"$LOGDIR/build.log" 2>&1 \
     || { tail -n 40 "$LOGDIR/build.log"; setup_fail "cargo build failed (full log: $LOGDIR/build.log)"; }
   BIN="${CARGO_TARGET_DIR:-$REPO/target}/x86_64-unknown-linux-gnu/release/splitmirror"
   [ -x "$BIN" ] || setup_fail "build produced no $BIN"
   # the VM has no Rust runtime libraries: +crt-static must have worked
   # (grep without -q: under pipefail, grep -q quitting early can kill ldd
   # with SIGPIPE and turn a match into a failure)
-  if ldd "$BIN" 2>/dev/null | grep '=>' >/dev/null; then setup_fail "$BIN is not statically linked (crt-static ignored?)"; fi
+  for b in "$BIN" "$(dirname "$BIN")/log-replay"; do
+    if ldd "$b" 2>/dev/null | grep '=>' >/dev/null; then setup_fail "$b is not statically linked (crt-static ignored?)"; fi
+  done
   log "vm: built in $((SECONDS - t0))s"
 fi
 
@@ -154,7 +158,8 @@ fetch_kernel() { # sets KVER, KDIR
   fi
   KVER=${pkg#linux-image-}; KVER=${KVER%-unsigned}
   KDIR=$CACHE/kernel/$KVER
-  [ -f "$KDIR/ok" ] && return 0
+  # the cached modules are the ones MODULES named when it was unpacked
+  [ -f "$KDIR/ok" ] && [ "$(cat "$KDIR/modules.want" 2>/dev/null)" = "${MODULES[*]}" ] && return 0
   log "vm: fetching $pkg"
   dl=$CACHE/dl.$$; rm -rf "$dl"; mkdir -p "$dl"
   ( cd "$dl" && apt-get download -qq "$pkg" ) 2> >(grep -v 'Download is performed unsandboxed' >&2) \
@@ -176,6 +181,7 @@ fetch_kernel() { # sets KVER, KDIR
   done <<<"$list"
   dpkg-deb -f "$dl"/*.deb Package Version >"$KDIR.tmp/package"
   rm -rf "$dl" "$KDIR"
+  echo "${MODULES[*]}" >"$KDIR.tmp/modules.want"
   mv "$KDIR.tmp" "$KDIR" && touch "$KDIR/ok" || return 1
   # a newer kernel replaces the cached one (the offline fallback needs one)
   find "$CACHE/kernel" -mindepth 1 -maxdepth 1 -type d ! -name "$KVER" -exec rm -rf {} +
@@ -351,6 +357,15 @@ write_init "$OV/init"
 cp "$SCRIPT_DIR/lib.sh" "$OV/vm/lib.sh"
 if strip --strip-debug -o "$OV/usr/local/bin/splitmirror" "$BIN" 2>/dev/null; then :; else cp "$BIN" "$OV/usr/local/bin/splitmirror"; fi
 chmod 755 "$OV/usr/local/bin/splitmirror"
+# log-replay (the dm-log-writes replay tool of the power-cut scenario) is
+# built with splitmirror; with SPLITMIRROR_BIN, the one next to it if any.
+LOG_REPLAY=$(dirname "$BIN")/log-replay
+if [ -x "$LOG_REPLAY" ]; then
+  strip --strip-debug -o "$OV/usr/local/bin/log-replay" "$LOG_REPLAY" 2>/dev/null || cp "$LOG_REPLAY" "$OV/usr/local/bin/log-replay"
+  chmod 755 "$OV/usr/local/bin/log-replay"
+else
+  log "vm: note: no $LOG_REPLAY; scenarios that replay a write log will fail"
+fi
 # a dynamically linked binary (e.g. SPLITMIRROR_BIN=/bin/true) still runs: bring its libraries
 overlay_libs() { # $1 = binary
   # not grep -q: see the static check above (it made copying perf's

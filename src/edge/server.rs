@@ -7,18 +7,18 @@
 //! receives them); one thread per ublk queue; the copy engine; the metadata
 //! committer; the control listener.
 
-use crate::blocking::BlockingBackend;
-use crate::config::Config;
-use crate::control::{self, ControlTarget, OperationStatus, Status, VerifyReport};
+use crate::backend::blocking::BlockingBackend;
+use crate::backend::device::Devices;
+use crate::backend::uring::{UringBackend, UringOptions};
 use crate::core::{Command, Geometry, Volume};
-use crate::device::Devices;
-use crate::engine::{self, EngineConfig, RunReport, TokenBucket};
+use crate::edge::config::Config;
+use crate::edge::control::{self, ControlTarget, OperationStatus, Status, VerifyReport};
+use crate::edge::metrics::{self, Metrics};
 use crate::error::{Error, Result};
-use crate::hostpath::HostLoad;
+use crate::exec::engine::{self, EngineConfig, RunReport};
+use crate::exec::load::HostLoad;
 use crate::metadata::{CommitHandle, Committer, MetadataStore};
-use crate::metrics::{self, Metrics};
 use crate::ublk::{self, DeviceParams, QueueCtx};
-use crate::uring::{UringBackend, UringOptions};
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::Path;
@@ -434,60 +434,12 @@ impl ControlTarget for Server {
     }
 
     fn verify(&self) -> Result<VerifyReport> {
-        use crate::core::VerifyLock;
-        use crate::hostpath::{AlignedBuf, Backend};
-        let vol = &*self.vol;
-        let g = vol.geometry();
-        let b = self.backend();
-        let mut p = AlignedBuf::new(g.track_size() as usize);
-        let mut s = AlignedBuf::new(g.track_size() as usize);
-        let mut bucket = TokenBucket::new(self.cfg.restore.rate_limit, g.track_size());
-        let mut report = VerifyReport {
-            compared: 0,
-            mismatches: Vec::new(),
-        };
-        for t in 0..g.tracks() {
-            let (offset, len) = g.track_extent(t);
-            let len = len as usize;
-            loop {
-                if self.stop.load(SeqCst) {
-                    return Err(Error::runtime("verify interrupted: the server is stopping"));
-                }
-                // Admitted, so that no state change happens mid-compare.
-                let Ok(ticket) = vol.enter() else {
-                    thread::sleep(Duration::from_millis(1));
-                    continue;
-                };
-                match vol.lock_identical(&ticket, t) {
-                    VerifyLock::NotIdentical => break,
-                    VerifyLock::Busy => {
-                        drop(ticket);
-                        thread::sleep(Duration::from_millis(1));
-                        continue;
-                    }
-                    VerifyLock::Locked => {}
-                }
-                let r = smol::block_on(async {
-                    b.read(crate::core::Dev::Primary, offset, &mut p[..len])
-                        .await?;
-                    b.read(crate::core::Dev::Secondary, offset, &mut s[..len])
-                        .await
-                });
-                vol.unlock_identical(t);
-                drop(ticket);
-                r.map_err(|e| Error::runtime(format!("verify: reading track {t}: {e}")))?;
-                report.compared += 1;
-                if p[..len] != s[..len] {
-                    report.mismatches.push(t);
-                }
-                bucket.spend(2 * len as u64);
-                if !bucket.wait_blocking(&self.stop) {
-                    return Err(Error::runtime("verify interrupted: the server is stopping"));
-                }
-                break;
-            }
-        }
-        Ok(report)
+        crate::exec::verify::compare(
+            &self.vol,
+            &self.backend(),
+            self.cfg.restore.rate_limit,
+            &self.stop,
+        )
     }
 }
 

@@ -4,9 +4,9 @@
 //! where a blocked thread holds up nothing else; the ublk queues and the
 //! copy engine use io_uring.
 
+use crate::backend::device::Devices;
+use crate::backend::Backend;
 use crate::core::Dev;
-use crate::device::Devices;
-use crate::hostpath::Backend;
 use crate::metadata::CommitHandle;
 use std::io;
 use std::os::fd::RawFd;

@@ -2,7 +2,7 @@
 //! lock on the I/O path), rendered in the text exposition format on
 //! `GET /metrics` when `metrics.listen` is set.
 
-use crate::control::Status;
+use crate::edge::control::Status;
 use crate::error::{Error, Result};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -234,10 +234,12 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
+    #[cfg(test)]
     pub fn local_addr(&self) -> std::net::SocketAddr {
         self.addr
     }
 
+    #[cfg(test)]
     pub fn stop(mut self) {
         self.shutdown();
     }

@@ -3,9 +3,12 @@
 //! start and end them. It is async over a [`Backend`] like the host path,
 //! so the same code runs on an io_uring thread and in the simulation.
 
-use crate::config::RestoreConfig;
+use crate::backend::buf::AlignedBuf;
+use crate::backend::Backend;
 use crate::core::{CopyJob, TransitionError, Volume};
-use crate::hostpath::{admit, wait_commit, AlignedBuf, Backend, HostLoad};
+use crate::edge::config::RestoreConfig;
+use crate::exec::host::{admit, wait_commit};
+use crate::exec::load::HostLoad;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -13,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-pub use crate::config::OnError;
+pub use crate::edge::config::OnError;
 
 /// How the copy engine runs. Built from `restore.*` in exactly one place,
 /// [`EngineConfig::from_restore`].

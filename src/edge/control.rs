@@ -38,7 +38,7 @@ const MAX_CONNECTIONS: usize = 32;
 /// How often the accept loop looks at the stop flag.
 const ACCEPT_POLL_MS: i32 = 100;
 
-/// `status --json`, field for field as `../shared/interface.md` gives it.
+/// `status --json`, field for field as docs/interface.md gives it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub name: String,

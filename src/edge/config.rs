@@ -1,4 +1,4 @@
-//! The volume's config file (`../shared/interface.md`), parsed and checked.
+//! The volume's config file (docs/interface.md), parsed and checked.
 //!
 //! A typo in this file must never turn into data loss, so everything here is
 //! strict: unknown keys are errors, every value is range-checked, and every
@@ -7,7 +7,7 @@
 //! Checks that concern one value run while the YAML is parsed, so their
 //! errors carry the line and column; [`Config::validate`] runs all of them
 //! again (plus the checks that relate two values) for configs built in code.
-//! Nothing here touches a device: [`crate::device::check_layout`] does that.
+//! Nothing here touches a device: [`crate::backend::device::check_layout`] does that.
 //!
 //! # Sizes
 //!
@@ -286,7 +286,7 @@ impl Config {
     }
 
     /// Catches the same path written twice before any device is looked at;
-    /// [`crate::device::check_layout`] catches the subtler aliases (symlinks,
+    /// [`crate::backend::device::check_layout`] catches the subtler aliases (symlinks,
     /// two nodes of one device) by identity.
     fn check_paths_distinct(&self) -> Result<(), Error> {
         let named = [

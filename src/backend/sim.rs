@@ -4,8 +4,8 @@
 //! as they run on a ublk queue, so the model and crash tests exercise the
 //! real code with reproducible interleavings (a seed reproduces a run).
 
+use crate::backend::Backend;
 use crate::core::{Dev, Volume};
-use crate::hostpath::Backend;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;

@@ -1,10 +1,10 @@
-//! The command line (`../shared/interface.md`): parses arguments with clap,
+//! The command line (docs/interface.md): parses arguments with clap,
 //! runs the command and turns every failure into one stderr line and the
 //! exit code of its [`Error`] (1 runtime, 2 usage/config, 3 wrong state).
 
-use crate::config::Config;
-use crate::control::{client, OperationStatus, Status, VerifyReport};
 use crate::core::Command;
+use crate::edge::config::Config;
+use crate::edge::control::{client, OperationStatus, Status, VerifyReport};
 use crate::error::{Error, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
@@ -232,8 +232,8 @@ fn run(cli: Cli) -> Result<()> {
             config,
             assume_clean,
             force,
-        } => crate::server::format(&Config::load(&config.config)?, assume_clean, force),
-        Cmd::Run { config } => crate::server::run(&Config::load(&config.config)?),
+        } => crate::edge::server::format(&Config::load(&config.config)?, assume_clean, force),
+        Cmd::Run { config } => crate::edge::server::run(&Config::load(&config.config)?),
         Cmd::Split { target, wait } => command(&target, Command::Split, &wait),
         Cmd::Establish { full, target, wait } => {
             command(&target, Command::Establish { full }, &wait)
@@ -327,7 +327,7 @@ fn status_rows(st: &Status) -> Vec<(&'static str, String)> {
                     "Copy",
                     format!(
                         "paused by a read error; retried every {} s (see Errors)",
-                        crate::server::PAUSE_RETRY.as_secs()
+                        crate::edge::server::PAUSE_RETRY.as_secs()
                     ),
                 ));
             }
@@ -476,7 +476,7 @@ fn paused_grace() -> Duration {
         .and_then(|v| v.parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s >= 0.0)
         .map(Duration::from_secs_f64)
-        .unwrap_or(crate::server::PAUSE_RETRY + Duration::from_secs(5))
+        .unwrap_or(crate::edge::server::PAUSE_RETRY + Duration::from_secs(5))
 }
 
 /// The copy stopped on a read error (`on_error: pause`), or a copy state
@@ -494,7 +494,7 @@ fn paused_error(st: &Status) -> Error {
         "the {} copy is paused by an error: {last}; the server retries every {}s, \
          fix the device (or set restore.on_error: skip) and run `splitmirror wait` again",
         st.state,
-        crate::server::PAUSE_RETRY.as_secs()
+        crate::edge::server::PAUSE_RETRY.as_secs()
     ))
 }
 

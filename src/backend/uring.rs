@@ -16,8 +16,9 @@
 //! `READ_FIXED`/`WRITE_FIXED` and the kernel skips pinning pages per I/O.
 //! Any other buffer (a host request's) goes through plain `READ`/`WRITE`.
 
+use crate::backend::buf::{AlignedBuf, Lender};
+use crate::backend::Backend;
 use crate::core::Dev;
-use crate::hostpath::{AlignedBuf, Backend, Lender};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -77,6 +78,9 @@ pub struct UringBackend {
     /// Whether the pool is registered (registration can fail, e.g. under a
     /// small RLIMIT_MEMLOCK; the pool then still serves plain I/O).
     fixed: bool,
+    /// Transfers issued as READ_FIXED/WRITE_FIXED (tests check the pool
+    /// really is registered and used).
+    fixed_ops: Cell<u64>,
     pause: Duration,
     on_commit: CommitHook,
     on_commit_failed: FailedHook,
@@ -112,6 +116,7 @@ impl UringBackend {
             inflight: Cell::new(0),
             pool,
             fixed,
+            fixed_ops: Cell::new(0),
             pause: opts.pause,
             on_commit: Box::new(|| {}),
             on_commit_failed: Box::new(|| false),
@@ -133,6 +138,11 @@ impl UringBackend {
     /// Whether pool buffers go through READ_FIXED/WRITE_FIXED.
     pub fn uses_fixed_buffers(&self) -> bool {
         self.fixed
+    }
+
+    /// How many transfers went through READ_FIXED/WRITE_FIXED so far.
+    pub fn fixed_ops(&self) -> u64 {
+        self.fixed_ops.get()
     }
 
     fn fd(&self, dev: Dev) -> types::Fd {
@@ -264,7 +274,11 @@ impl UringBackend {
             let n = (len - done).min(1 << 30) as u32;
             let off = offset + done as u64;
             let flags = if fua { libc::RWF_DSYNC } else { 0 };
-            let entry = match (self.pool_index(p, n as usize), write) {
+            let idx = self.pool_index(p, n as usize);
+            if idx.is_some() {
+                self.fixed_ops.set(self.fixed_ops.get() + 1);
+            }
+            let entry = match (idx, write) {
                 (Some(idx), false) => opcode::ReadFixed::new(fd, p, n, idx).offset(off).build(),
                 (Some(idx), true) => opcode::WriteFixed::new(fd, p, n, idx)
                     .offset(off)

@@ -1,0 +1,50 @@
+//! Backends: where the executors' reads, writes and flushes go.
+//!
+//! Every backend implements [`Backend`]: the standalone io_uring ([`uring`]) for the copy
+//! engine, the crash soak and the benches; plain blocking I/O
+//! ([`blocking`]) for `format` and `verify`; the deterministic simulation
+//! ([`sim`], built only for tests and with the `sim` feature). The ublk
+//! queue's own ring lives with the queue loop in [`crate::ublk`].
+//! [`device`] opens the primary and secondary and checks their layout;
+//! [`buf`] has the aligned buffers direct I/O needs.
+
+use crate::core::Dev;
+use buf::AlignedBuf;
+use std::io;
+
+pub(crate) mod blocking;
+pub mod buf;
+pub(crate) mod device;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
+pub mod uring;
+
+/// What an executor offers the host path: device I/O, a way to wait, and
+/// the metadata committer.
+#[allow(async_fn_in_trait)]
+pub trait Backend {
+    async fn read(&self, dev: Dev, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    async fn write(&self, dev: Dev, offset: u64, buf: &[u8], fua: bool) -> io::Result<()>;
+    async fn flush(&self, dev: Dev) -> io::Result<()>;
+    /// Yields for a short while: something the caller waits for (a track
+    /// lock, a commit, a state change) is being done elsewhere.
+    async fn pause(&self);
+    /// Sleeps about `d`: the caller knows when it has work again (the copy
+    /// engine waiting for rate-limit tokens). Waking every `pause` instead
+    /// costs 10 000 wake-ups a second for nothing.
+    async fn sleep(&self, _d: std::time::Duration) {
+        self.pause().await
+    }
+    /// Asks the metadata committer for a commit soon.
+    fn request_commit(&self);
+    /// Whether metadata commits are failing: a write that needs one must
+    /// not be acknowledged.
+    fn commit_failed(&self) -> bool {
+        false
+    }
+    /// A buffer suitable for direct I/O (merges and copies). Its contents
+    /// are unspecified: every user reads into it before writing it out.
+    fn buffer(&self, len: usize) -> AlignedBuf {
+        AlignedBuf::new(len)
+    }
+}

@@ -4,11 +4,12 @@
 //!
 //! Each size is measured in a fresh process (this binary run again with
 //! `--one`), so that no allocation of one size is reused by the next. The
-//! parent formats the metadata (`server::format`, as `splitmirror format
-//! --assume-clean`); the child then opens the devices and the metadata with
-//! the calls `splitmirror run` makes, and drives the core as the queue
-//! threads and the copy engine do, committing through the real metadata
-//! store (data devices synced as a commit requires), in three states:
+//! parent formats the metadata with `splitmirror format --assume-clean`
+//! (the built binary); the child then opens the metadata with the store
+//! `splitmirror run` opens (`MetadataStore::open`, which builds the
+//! `Volume` and loads its tables), and drives the core as the queue threads
+//! and the copy engine do, committing through the real metadata store (the
+//! data files synced as a commit requires), in three states:
 //!
 //! - `established`: random 4 KiB writes (each marks write intent);
 //! - `split`: split, then random 4 KiB writes (each marks "changed");
@@ -27,11 +28,9 @@
 //! `SPLITMIRROR_BENCH_DIR` sets where the files go (default
 //! `target/bench-tmp`).
 
-use splitmirror::config::Config;
 use splitmirror::core::{Command, Volume, WriteOutcome};
-use splitmirror::device::Devices;
-use splitmirror::metadata::MetadataStore;
-use std::fs::OpenOptions;
+use splitmirror::metadata::{Binding, MetadataStore};
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -73,7 +72,12 @@ fn main() {
         create_sparse(&cfg.primary, size);
         create_sparse(&cfg.secondary, size);
         let _ = std::fs::remove_file(&cfg.metadata);
-        splitmirror::server::format(&cfg, true, false).expect("format");
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_splitmirror"))
+            .args(["format", "--assume-clean", "-c"])
+            .arg(&cfg.config)
+            .status()
+            .expect("run splitmirror format");
+        assert!(status.success(), "splitmirror format: {status}");
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--one", label, &size.to_string()])
             .output()
@@ -89,7 +93,7 @@ fn main() {
             let bytes = field(&text, &format!("resident_bytes: {label} {state} "));
             resident.push((size, state, bytes));
         }
-        for p in [&cfg.primary, &cfg.secondary, &cfg.metadata] {
+        for p in [&cfg.primary, &cfg.secondary, &cfg.metadata, &cfg.config] {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -110,13 +114,31 @@ fn main() {
     }
 }
 
-fn config(dir: &Path, label: &str) -> Config {
-    Config::new(
-        format!("mem{label}"),
-        dir.join(format!("mem-{label}-primary")),
-        dir.join(format!("mem-{label}-secondary")),
-        dir.join(format!("mem-{label}.meta")),
-    )
+/// The files of one volume.
+struct Files {
+    primary: PathBuf,
+    secondary: PathBuf,
+    metadata: PathBuf,
+    config: PathBuf,
+}
+
+fn config(dir: &Path, label: &str) -> Files {
+    let f = Files {
+        primary: dir.join(format!("mem-{label}-primary")),
+        secondary: dir.join(format!("mem-{label}-secondary")),
+        metadata: dir.join(format!("mem-{label}.meta")),
+        config: dir.join(format!("mem-{label}.yaml")),
+    };
+    let yaml = format!(
+        "name: mem{}\nprimary: {}\nsecondary: {}\nmetadata: {}\ncontrol:\n  socket: {}\n",
+        label.to_lowercase(),
+        f.primary.display(),
+        f.secondary.display(),
+        f.metadata.display(),
+        dir.join(format!("mem-{label}.sock")).display(),
+    );
+    std::fs::write(&f.config, yaml).expect("config file");
+    f
 }
 
 fn create_sparse(path: &Path, size: u64) {
@@ -143,17 +165,24 @@ fn rss() -> u64 {
 }
 
 /// The measuring child: one volume, three states.
-fn one(cfg: &Config, label: &str, size: u64) {
+fn one(cfg: &Files, label: &str, size: u64) {
     let before = rss();
     let t = Instant::now();
-    let devs = Devices::open(cfg).expect("devices");
-    let (mut store, vol) =
-        MetadataStore::open(&cfg.metadata, &devs.binding(cfg.track_size)).expect("metadata");
+    let open = |p: &Path| OpenOptions::new().read(true).write(true).open(p);
+    let data = [open(&cfg.primary).unwrap(), open(&cfg.secondary).unwrap()];
+    // What `run` binds the metadata to: the devices' sizes, default tracks.
+    let binding = Binding {
+        volume_size: size,
+        track_size: TRACK,
+        primary_size: size,
+        secondary_size: size,
+    };
+    let (mut store, vol) = MetadataStore::open(&cfg.metadata, &binding).expect("metadata");
     println!("open_ms: {label} {:.1}", t.elapsed().as_secs_f64() * 1e3);
     let after_open = rss();
     let mut commit = |vol: &Volume| {
         store
-            .commit_with(vol, |set| devs.sync(set))
+            .commit_with(vol, |set| sync(&data, set))
             .expect("commit")
     };
     random_writes(&vol, size, 1, &mut commit);
@@ -196,6 +225,17 @@ fn one(cfg: &Config, label: &str, size: u64) {
     random_reads(&vol, size, WRITES, &mut rng);
     copy(&vol, COPIES, &mut commit);
     report("restoring");
+}
+
+/// The data flush a commit asks for.
+fn sync(data: &[File; 2], set: splitmirror::core::DevSet) -> std::io::Result<()> {
+    if set.primary {
+        data[0].sync_data()?;
+    }
+    if set.secondary {
+        data[1].sync_data()?;
+    }
+    Ok(())
 }
 
 fn apply(vol: &Volume, cmd: Command) {

@@ -336,6 +336,9 @@ mod tests {
             secondary_stale: 0,
             operation: None,
             errors: vec![],
+            schema_version: 1,
+            split_time: None,
+            split_age_secs: None,
         }
     }
 

@@ -32,8 +32,10 @@ if echo "$out" | grep -q 'splitmirror'; then fail "systemd-analyze verify compla
 
 echo "== unit properties"
 # the properties the design depends on (see comments in the unit)
+# shellcheck disable=SC2016  # $MAINPID is systemd's, not the shell's
 for want in 'Type=notify' 'Restart=on-failure' 'DefaultDependencies=no' 'Before=local-fs-pre.target' \
-            'LimitMEMLOCK=infinity' 'ProtectSystem=strict' 'RestrictAddressFamilies=AF_UNIX' \
+            'LimitMEMLOCK=infinity' 'ProtectSystem=strict' 'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6' \
+            'SuccessExitStatus=75' 'RestartForceExitStatus=75' 'ExecReload=/bin/kill -HUP $MAINPID' \
             'NoNewPrivileges=yes' 'ProtectHome=yes' 'PrivateTmp=yes' 'RuntimeDirectory=splitmirror'; do
   grep -qx "$want" "$UNIT" || fail "unit lacks '$want'"
 done
@@ -58,7 +60,7 @@ echo "ok"
 echo "== example.yaml keys"
 # only keys of the config contract (unknown keys are an error at run time)
 bad=$(sed -n 's/^\([a-z_]*\):.*/\1/p' "$REPO/deploy/example.yaml" \
-      | grep -vxE 'name|primary|secondary|metadata|track_size|ublk|restore|control|metrics' || true)
+      | grep -vxE 'name|primary|secondary|metadata|track_size|ublk|restore|control|metrics|events' || true)
 [ -z "$bad" ] || fail "example.yaml has unknown top-level keys: $bad"
 echo "ok"
 echo "deploy: all checks passed"

@@ -133,6 +133,10 @@ pub fn run(cfg: &Config) -> Result<()> {
             .map_err(|e| Error::runtime(format!("cannot start the copy engine: {e}")))?
     };
     *server.engine.lock().unwrap() = Some(engine.thread().clone());
+    // Shared with the signal wait, which ends them itself on a planned
+    // restart (the process exits from there, leaving the device).
+    let engine = Arc::new(Mutex::new(Some(engine)));
+    let committer = Arc::new(Mutex::new(Some(committer)));
     let watcher = {
         let s = server.clone();
         thread::Builder::new()
@@ -158,13 +162,25 @@ pub fn run(cfg: &Config) -> Result<()> {
             metrics: server.metrics.clone(),
         };
         let s = server.clone();
+        let (eng, com) = (engine.clone(), committer.clone());
         let r = ublk::serve(params, ctx, &cfg.ublk_id_path(), move |ctrl, _origin| {
             let path = ctrl.get_bdev_path();
             *s.device.lock().unwrap() = Some(path.clone());
             link_device(&s.cfg.name, &path);
             announce(&path);
-            while wait_for_signal(&signals) == Signal::SIGHUP {
+            let mut sig = wait_for_signal(&signals);
+            while sig == Signal::SIGHUP {
                 s.reload();
+                sig = wait_for_signal(&signals);
+            }
+            if sig == Signal::SIGUSR1 {
+                if ctrl.dev_info().flags & u64::from(libublk::sys::UBLK_F_USER_RECOVERY) != 0 {
+                    planned_restart(&s, &eng, &com, &path);
+                }
+                log::warn!(
+                    "SIGUSR1: {path} was created without user recovery, so it cannot be kept \
+                     for the next run; stopping as for SIGTERM"
+                );
             }
             log::info!("shutting down: stopping {path}");
             unlink_device(&s.cfg.name, &path);
@@ -181,16 +197,62 @@ pub fn run(cfg: &Config) -> Result<()> {
     });
 
     // Whatever happened above: stop copying, then the final commit.
-    server.stop.store(true, SeqCst);
-    server.halt.store(true, SeqCst);
-    engine.thread().unpark();
-    let _ = engine.join();
+    let committed = wind_down(&server, &engine, &committer);
     let _ = watcher.join();
-    let committed = committer
-        .stop()
-        .map_err(|e| Error::runtime(format!("final metadata commit failed: {e}")));
     served?;
     committed
+}
+
+/// Stops the copy engine, then makes the final metadata commit. Once only:
+/// a second call finds both gone and returns Ok.
+fn wind_down(
+    server: &Server,
+    engine: &Mutex<Option<thread::JoinHandle<()>>>,
+    committer: &Mutex<Option<Committer>>,
+) -> Result<()> {
+    server.stop.store(true, SeqCst);
+    server.halt.store(true, SeqCst);
+    if let Some(engine) = engine.lock().unwrap().take() {
+        engine.thread().unpark();
+        let _ = engine.join();
+    }
+    match committer.lock().unwrap().take() {
+        Some(c) => c
+            .stop()
+            .map_err(|e| Error::runtime(format!("final metadata commit failed: {e}"))),
+        None => Ok(()),
+    }
+}
+
+/// The exit status of a planned restart (EX_TEMPFAIL): the unit's
+/// `RestartForceExitStatus=` starts the server again at once.
+pub const EXIT_RESTART: i32 = 75;
+
+/// SIGUSR1: exit for a restart and leave the device in the kernel, so the
+/// next `run` (the same binary or a new one) takes it over and the
+/// filesystem on it stays mounted. This is the crash path, entered on
+/// purpose after the copy engine has stopped and the metadata is
+/// committed: host requests in flight are not acknowledged and the kernel
+/// sends them again to the next server; until then host I/O waits.
+fn planned_restart(
+    server: &Server,
+    engine: &Mutex<Option<thread::JoinHandle<()>>>,
+    committer: &Mutex<Option<Committer>>,
+    path: &str,
+) -> ! {
+    log::info!("SIGUSR1: planned restart; {path} stays, host I/O waits for the next `run`");
+    let code = match wind_down(server, engine, committer) {
+        Ok(()) => EXIT_RESTART,
+        Err(e) => {
+            // Still exit without deleting the device: the next run recovers
+            // from the last good commit exactly as after a crash.
+            log::error!("{e}");
+            1
+        }
+    };
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    log::info!("exiting with status {code}; start the server again to take over {path}");
+    std::process::exit(code)
 }
 
 /// SIGINT/SIGTERM stop the server; SIGHUP re-reads the config.
@@ -199,6 +261,7 @@ fn shutdown_signals() -> nix::sys::signal::SigSet {
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGHUP);
+    set.add(Signal::SIGUSR1);
     set
 }
 

@@ -21,7 +21,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_splitmirror");
 const CLIENT_COMMANDS: [&str; 6] = ["split", "establish", "restore", "status", "wait", "verify"];
 /// Client commands that also take KEY=VALUE arguments.
 const SET: &str = "set";
-const ALL_COMMANDS: [&str; 8] = [
+const ALL_COMMANDS: [&str; 11] = [
     "format",
     "run",
     "split",
@@ -30,7 +30,13 @@ const ALL_COMMANDS: [&str; 8] = [
     "status",
     "wait",
     "verify",
+    "list",
+    "set",
+    "completions",
 ];
+/// The commands that read a volume's config (`-c`); `set` also needs a
+/// setting, given in the test.
+const CONFIG_COMMANDS: &[&str] = ALL_COMMANDS.split_at(8).0;
 
 fn splitmirror(args: &[&str]) -> Output {
     std::process::Command::new(BIN)
@@ -71,7 +77,7 @@ fn assert_fails(o: &Output, code: i32, what: &str) {
 
 #[test]
 fn help_exits_0_and_lists_options() {
-    let expect: [(&str, &[&str]); 8] = [
+    let expect: [(&str, &[&str]); 11] = [
         ("format", &["--config", "--assume-clean", "--force"]),
         ("run", &["--config"]),
         ("split", &["--config", "--socket", "--wait", "--timeout"]),
@@ -90,9 +96,18 @@ fn help_exits_0_and_lists_options() {
                 "--timeout",
             ],
         ),
-        ("status", &["--config", "--socket", "--json"]),
+        (
+            "status",
+            &["--config", "--socket", "--json", "--all", "--config-dir"],
+        ),
         ("wait", &["--config", "--socket", "--timeout"]),
-        ("verify", &["--config", "--socket"]),
+        ("verify", &["--config", "--socket", "--json"]),
+        ("list", &["--json", "--config-dir"]),
+        (
+            "set",
+            &["--config", "--socket", "KEY=VALUE", "restore.rate_limit"],
+        ),
+        ("completions", &["SHELL"]),
     ];
     for (cmd, opts) in expect {
         let o = splitmirror(&[cmd, "--help"]);
@@ -245,8 +260,12 @@ fn bad_configs(dir: &Path) -> Vec<(String, PathBuf, &'static str)> {
 fn bad_configs_exit_2_for_every_command() {
     let dir = tempfile::tempdir().unwrap();
     for (what, path, word) in bad_configs(dir.path()) {
-        for cmd in ALL_COMMANDS {
-            let o = splitmirror(&[cmd, "-c", path.to_str().unwrap()]);
+        for cmd in CONFIG_COMMANDS.iter().chain(&[SET]) {
+            let mut args = vec![*cmd, "-c", path.to_str().unwrap()];
+            if *cmd == SET {
+                args.push("rate_limit=1MiB");
+            }
+            let o = splitmirror(&args);
             assert_fails(&o, 2, &format!("{cmd} with {what}"));
             assert!(
                 stderr(&o).contains(word),

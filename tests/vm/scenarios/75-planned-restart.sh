@@ -8,7 +8,7 @@
 # once with a copy of it elsewhere (an upgrade). The mount stays, W
 # finishes, every acknowledged file is intact, e2fsck is clean after the
 # unmount. Also checked on the real server: the events program, `set`,
-# `list`, /dev/splitmirror/NAME and the split time across restarts.
+# SIGHUP, `list`, /dev/splitmirror/NAME and the split time across restarts.
 . "${VMLIB:?run me through tests/vm/run.sh}"
 
 MNT=/mnt
@@ -82,6 +82,21 @@ step "set restore.rate_limit live"
 out=$(sm set restore.rate_limit=8MiB) || fail "set failed: $out"
 [ "$out" = "set restore.rate_limit=8MiB" ] || fail "set printed: $out"
 expect_rc 2 sm set ublk.depth=4
+
+step "SIGHUP: the config file read again"
+cp "$CONFIG" "$SCRATCH/config.orig"
+printf 'restore:\n  rate_limit: 16MiB\nublk:\n  depth: 64\n' >>"$CONFIG"
+kill -HUP "$SERVER_PID" || fail "cannot signal $SERVER_PID"
+i=0
+until grep -q "SIGHUP: applied" "$SERVER_ERR"; do
+    i=$((i + 1)); [ $i -le 100 ] || { show_log "SIGHUP"; fail "no 'SIGHUP: applied' in the log"; }
+    sleep 0.1
+done
+grep -q "not applied (they need a restart): ublk" "$SERVER_ERR" \
+    || { show_log "SIGHUP"; fail "SIGHUP did not name ublk as needing a restart"; }
+_alive "$SERVER_PID" || fail "the server died on SIGHUP"
+# the device's shape must stay as it was for the recovery below
+cp "$SCRATCH/config.orig" "$CONFIG"
 
 step "writer W ($W_FILES files) on the mounted device"
 rm -f "$ACKED"

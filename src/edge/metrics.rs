@@ -439,6 +439,22 @@ mod tests {
     }
 
     #[test]
+    fn a_taken_port_is_one_clear_error() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let e = serve(&addr, Arc::new(Metrics::default()), Arc::new(status))
+            .err()
+            .expect("binding a taken port must fail");
+        let msg = e.to_string();
+        assert_eq!(e.exit_code(), 1);
+        assert!(!msg.contains('\n'), "{msg}");
+        assert!(
+            msg.starts_with(&format!("metrics.listen {addr}: cannot listen")),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn serves_metrics_over_http() {
         let m = Arc::new(Metrics::default());
         m.host(HostOp::Read, 512, Duration::from_micros(10), true);

@@ -36,6 +36,7 @@ echo "== unit properties"
 for want in 'Type=notify' 'Restart=on-failure' 'DefaultDependencies=no' 'Before=local-fs-pre.target' \
             'LimitMEMLOCK=infinity' 'ProtectSystem=strict' 'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6' \
             'SuccessExitStatus=75' 'RestartForceExitStatus=75' 'ExecReload=/bin/kill -HUP $MAINPID' \
+            'Environment=SPLITMIRROR_KEEP_DEVICE_IN_USE=1' \
             'NoNewPrivileges=yes' 'ProtectHome=yes' 'PrivateTmp=yes' 'RuntimeDirectory=splitmirror'; do
   grep -qx "$want" "$UNIT" || fail "unit lacks '$want'"
 done

@@ -173,7 +173,14 @@ pub fn run(cfg: &Config) -> Result<()> {
                 s.reload();
                 sig = wait_for_signal(&signals);
             }
-            if sig == Signal::SIGUSR1 {
+            let keep_busy = sig != Signal::SIGUSR1 && keep_device_in_use() && device_in_use(&path);
+            if keep_busy {
+                log::info!(
+                    "{path} is in use (mounted?) and {KEEP_DEVICE_IN_USE} is set: keeping it \
+                     for the next run, as for SIGUSR1"
+                );
+            }
+            if sig == Signal::SIGUSR1 || keep_busy {
                 if ctrl.dev_info().flags & u64::from(libublk::sys::UBLK_F_USER_RECOVERY) != 0 {
                     planned_restart(&s, &eng, &com, &path);
                 }
@@ -224,6 +231,31 @@ fn wind_down(
     }
 }
 
+/// Set (to anything but empty or 0) in the unit's environment: a SIGTERM
+/// while the device is in use is a planned restart too, so that
+/// `systemctl restart` keeps a mounted filesystem. (systemd tells a service
+/// nothing about whether a stop is followed by a start.)
+const KEEP_DEVICE_IN_USE: &str = "SPLITMIRROR_KEEP_DEVICE_IN_USE";
+
+fn keep_device_in_use() -> bool {
+    std::env::var(KEEP_DEVICE_IN_USE).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Whether something holds the block device exclusively: a mounted
+/// filesystem, device-mapper, md, or an O_EXCL opener. The kernel answers
+/// EBUSY to an exclusive open then; the server itself holds no such open.
+fn device_in_use(path: &str) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(path)
+    {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
+    }
+}
+
 /// The exit status of a planned restart (EX_TEMPFAIL): the unit's
 /// `RestartForceExitStatus=` starts the server again at once.
 pub const EXIT_RESTART: i32 = 75;
@@ -240,7 +272,7 @@ fn planned_restart(
     committer: &Mutex<Option<Committer>>,
     path: &str,
 ) -> ! {
-    log::info!("SIGUSR1: planned restart; {path} stays, host I/O waits for the next `run`");
+    log::info!("planned restart: {path} stays, host I/O waits for the next `run`");
     let code = match wind_down(server, engine, committer) {
         Ok(()) => EXIT_RESTART,
         Err(e) => {

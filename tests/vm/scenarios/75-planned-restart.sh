@@ -4,8 +4,10 @@
 # writer W running (each file synced, then its name appended to an
 # "acknowledged" list on tmpfs); the volume is split (a split time to keep).
 # SIGUSR1 makes the server commit and exit 75 leaving the device; a new
-# server takes it over ("recovered"). Twice: once with the same binary,
-# once with a copy of it elsewhere (an upgrade). The mount stays, W
+# server takes it over ("recovered"). Three times: with the same binary,
+# with a copy of it elsewhere (an upgrade), and by SIGTERM with the unit's
+# SPLITMIRROR_KEEP_DEVICE_IN_USE=1 while mounted (systemctl restart); the
+# final SIGTERM after the unmount removes the device. The mount stays, W
 # finishes, every acknowledged file is intact, e2fsck is clean after the
 # unmount. Also checked on the real server: the events program, `set`,
 # SIGHUP, `list`, /dev/splitmirror/NAME and the split time across restarts.
@@ -31,11 +33,12 @@ writer() {
 acked() { if [ -f "$ACKED" ]; then wc -l <"$ACKED" | tr -d ' '; else echo 0; fi; }
 show_log() { echo "--- server log ($1):"; cat "$SERVER_ERR"; echo "---"; }
 
-# planned_restart LABEL: SIGUSR1, exit 75, device and mount stay, a new
-# server (whatever `splitmirror` is first in PATH) recovers the device.
+# planned_restart LABEL [SIGNAL]: SIGUSR1 (or SIGNAL), exit 75, device and
+# mount stay, a new server (whatever `splitmirror` is first in PATH)
+# recovers the device.
 planned_restart() {
     OLD_DEVICE=$DEVICE
-    kill -USR1 "$SERVER_PID" || fail "cannot signal $SERVER_PID"
+    kill -"${2:-USR1}" "$SERVER_PID" || fail "cannot signal $SERVER_PID"
     wait "$SERVER_PID"; rc=$?
     SERVER_PID=
     show_log "$1: old server"
@@ -113,14 +116,22 @@ step "planned restart with the same binary (writer running)"
 planned_restart same
 info "$(acked) files acknowledged so far"
 
-step "planned restart with another binary (an upgrade)"
+step "planned restart with another binary (an upgrade); it runs as the unit does"
 mkdir -p /tmp/upgrade
 cp "$(command -v splitmirror)" /tmp/upgrade/splitmirror
+# the unit's environment: SIGTERM keeps a device in use (systemctl restart)
+export SPLITMIRROR_KEEP_DEVICE_IN_USE=1
 PATH=/tmp/upgrade:$PATH planned_restart upgrade
 [ "$(readlink "/proc/$SERVER_PID/exe")" = /tmp/upgrade/splitmirror ] \
     || fail "the new server runs $(readlink "/proc/$SERVER_PID/exe"), not the upgrade"
 [ "$(json_get split_time "$(status_json)")" = "$SPLIT_TIME" ] \
     || fail "split_time changed across restarts: $(status_json), was $SPLIT_TIME"
+
+step "SIGTERM with the device mounted, as systemctl restart sends it"
+planned_restart sigterm TERM
+# (the server that took the SIGTERM logged to the upgrade step's file)
+grep -q "is in use (mounted?) and SPLITMIRROR_KEEP_DEVICE_IN_USE is set" "$SCRATCH/server-upgrade.err" \
+    || fail "the server did not say why SIGTERM kept the device"
 
 step "the writer finishes"
 i=0
@@ -138,7 +149,7 @@ while read -r f; do
 done <"$ACKED"
 info "$n acknowledged files intact on the live mount"
 
-step "establish; umount; e2fsck -fn; stop; primary == secondary"
+step "establish; umount; e2fsck -fn; stop (not in use: the device goes); primary == secondary"
 run sm establish --wait --timeout 300
 expect_state established
 run umount "$MNT"

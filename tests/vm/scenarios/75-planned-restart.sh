@@ -1,5 +1,6 @@
 #!/bin/sh
 # timeout: 300
+# (measured: 122-130 s with boot on the loaded 2-core host, 2026-11-30)
 # A planned restart keeps /dev/ublkbN: ext4 mounted on the device and a
 # writer W running (each file synced, then its name appended to an
 # "acknowledged" list on tmpfs); the volume is split (a split time to keep).

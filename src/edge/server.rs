@@ -461,6 +461,11 @@ impl Server {
     fn copy_until_stopped(&self, mut run: impl FnMut(&EngineConfig) -> std::io::Result<RunReport>) {
         while !self.stop.load(SeqCst) {
             self.halt.store(false, SeqCst);
+            // A stop sets `stop` before `halt`: one that came between the
+            // loop's check and the reset above is seen here, not lost.
+            if self.stop.load(SeqCst) {
+                break;
+            }
             if self.paused.load(SeqCst) {
                 // on_error: pause. Try again now and then: a transient error
                 // (a cable, a path failover) must not need an operator.

@@ -11,6 +11,10 @@ if [ -c /dev/ublk-control ] && [ "$(id -u)" -eq 0 ]; then
   cargo build --release --bin splitmirror
   PATH="$REPO/target/release:$PATH" exec sh demo/walk.sh
 fi
+# The VM's packages (qemu, busybox, e2fsprogs, ...), as CI installs them:
+# does nothing when they are all there, apt-get install otherwise.
+bash tests/vm/deps.sh
+command -v cargo >/dev/null || { echo "demo: cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
 echo "demo: no usable /dev/ublk-control here (needs ublk_drv and root);"
 echo "demo: running the walk in a VM with Debian's 6.12 kernel (first run downloads it)"
 logs=${SPLITMIRROR_VM_LOGS:-$REPO/target/vm-logs}

@@ -3,9 +3,11 @@
 //! socket against a fake server target run in this process.
 
 use splitmirror::core::Command;
+use splitmirror::edge::config::Config;
 use splitmirror::edge::control::{
     self, client, ControlTarget, OperationStatus, Status, VerifyReport,
 };
+use splitmirror::edge::live::{self, Live};
 use splitmirror::error::{Error, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -17,7 +19,9 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_splitmirror");
 const CLIENT_COMMANDS: [&str; 6] = ["split", "establish", "restore", "status", "wait", "verify"];
-const ALL_COMMANDS: [&str; 8] = [
+/// Client commands that also take KEY=VALUE arguments.
+const SET: &str = "set";
+const ALL_COMMANDS: [&str; 11] = [
     "format",
     "run",
     "split",
@@ -26,7 +30,13 @@ const ALL_COMMANDS: [&str; 8] = [
     "status",
     "wait",
     "verify",
+    "list",
+    "set",
+    "completions",
 ];
+/// The commands that read a volume's config (`-c`); `set` also needs a
+/// setting, given in the test.
+const CONFIG_COMMANDS: &[&str] = ALL_COMMANDS.split_at(8).0;
 
 fn splitmirror(args: &[&str]) -> Output {
     std::process::Command::new(BIN)
@@ -67,7 +77,7 @@ fn assert_fails(o: &Output, code: i32, what: &str) {
 
 #[test]
 fn help_exits_0_and_lists_options() {
-    let expect: [(&str, &[&str]); 8] = [
+    let expect: [(&str, &[&str]); 11] = [
         ("format", &["--config", "--assume-clean", "--force"]),
         ("run", &["--config"]),
         ("split", &["--config", "--socket", "--wait", "--timeout"]),
@@ -86,9 +96,18 @@ fn help_exits_0_and_lists_options() {
                 "--timeout",
             ],
         ),
-        ("status", &["--config", "--socket", "--json"]),
+        (
+            "status",
+            &["--config", "--socket", "--json", "--all", "--config-dir"],
+        ),
         ("wait", &["--config", "--socket", "--timeout"]),
-        ("verify", &["--config", "--socket"]),
+        ("verify", &["--config", "--socket", "--json"]),
+        ("list", &["--json", "--config-dir"]),
+        (
+            "set",
+            &["--config", "--socket", "KEY=VALUE", "restore.rate_limit"],
+        ),
+        ("completions", &["SHELL"]),
     ];
     for (cmd, opts) in expect {
         let o = splitmirror(&[cmd, "--help"]);
@@ -241,8 +260,12 @@ fn bad_configs(dir: &Path) -> Vec<(String, PathBuf, &'static str)> {
 fn bad_configs_exit_2_for_every_command() {
     let dir = tempfile::tempdir().unwrap();
     for (what, path, word) in bad_configs(dir.path()) {
-        for cmd in ALL_COMMANDS {
-            let o = splitmirror(&[cmd, "-c", path.to_str().unwrap()]);
+        for cmd in CONFIG_COMMANDS.iter().chain(&[SET]) {
+            let mut args = vec![*cmd, "-c", path.to_str().unwrap()];
+            if *cmd == SET {
+                args.push("rate_limit=1MiB");
+            }
+            let o = splitmirror(&args);
             assert_fails(&o, 2, &format!("{cmd} with {what}"));
             assert!(
                 stderr(&o).contains(word),
@@ -262,6 +285,8 @@ struct Fake {
     status: Mutex<Status>,
     commands: Mutex<Vec<Command>>,
     mismatches: Vec<u64>,
+    /// The settings `set` changed, through the server's own rules.
+    live: Mutex<Live>,
 }
 
 impl Fake {
@@ -283,10 +308,20 @@ impl Fake {
                 operation: None,
                 errors: vec![],
                 read_repairs: 0,
+                schema_version: control::STATUS_SCHEMA_VERSION,
+                split_time: None,
+                split_age_secs: None,
             }),
             commands: Mutex::new(vec![]),
             mismatches,
+            live: Mutex::new(Live::of(&Config::new("vol0", "/a", "/b", "/m"))),
         })
+    }
+
+    fn named(name: &str, state: &str) -> Arc<Fake> {
+        let f = Fake::new(state, vec![]);
+        f.status.lock().unwrap().name = name.into();
+        f
     }
 
     /// Starts a fake restore that advances with every status request.
@@ -346,6 +381,13 @@ impl ControlTarget for Fake {
             compared: 8000,
             mismatches: self.mismatches.clone(),
         })
+    }
+
+    fn set(&self, settings: &[String]) -> Result<Vec<String>> {
+        let mut live = self.live.lock().unwrap();
+        let (next, lines) = live::apply(&live, settings, 64)?;
+        *live = next;
+        Ok(lines)
     }
 }
 
@@ -558,6 +600,244 @@ fn wait_times_out_and_verify_mismatch_exits_1() {
     let o = splitmirror(&["verify", "--socket", s]);
     assert_fails(&o, 1, "verify mismatch");
     assert!(stdout(&o).contains("3 9"), "{}", stdout(&o));
+
+    let o = splitmirror(&["verify", "--json", "--socket", s]);
+    assert_fails(&o, 1, "verify --json mismatch");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["compared"], 8000);
+    assert_eq!(v["mismatches"], serde_json::json!([3, 9]));
+    assert_eq!(v["schema_version"], control::STATUS_SCHEMA_VERSION);
+}
+
+// ---------------------------------------------------------------------------
+// the host's volumes, live settings, completions and man pages
+
+/// A config directory with: vol0 (running, split 125 s ago), vol1 (not
+/// running), broken.yaml (invalid), example.yaml (skipped); and a server
+/// in the run directory that no config names (orphan).
+struct Host {
+    dir: tempfile::TempDir,
+    _servers: Vec<control::ControlServer>,
+}
+
+impl Host {
+    fn new() -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let (etc, run) = (dir.path().join("etc"), dir.path().join("run"));
+        std::fs::create_dir_all(&etc).unwrap();
+        let cfg = |name: &str| {
+            format!(
+                "name: {name}\nprimary: /dev/{name}-p\nsecondary: /dev/{name}-s\nmetadata: /var/{name}.meta\n\
+                 control:\n  socket: {}/{name}.sock\n",
+                run.display()
+            )
+        };
+        for name in ["vol0", "vol1"] {
+            std::fs::write(etc.join(format!("{name}.yaml")), cfg(name)).unwrap();
+        }
+        std::fs::write(etc.join("example.yaml"), cfg("example")).unwrap();
+        std::fs::write(etc.join("broken.yaml"), "name: Broken!\n").unwrap();
+        let vol0 = Fake::named("vol0", "split");
+        {
+            let mut st = vol0.status.lock().unwrap();
+            st.split_time = Some(1_764_487_200);
+            st.split_age_secs = Some(125);
+        }
+        let orphan = Fake::named("orphan", "restoring");
+        orphan.start_restore();
+        let servers = vec![
+            control::serve(&run.join("vol0.sock"), vol0).unwrap(),
+            control::serve(&run.join("orphan.sock"), orphan).unwrap(),
+        ];
+        Host {
+            dir,
+            _servers: servers,
+        }
+    }
+
+    /// Runs the binary with the run directory pointed here.
+    fn run(&self, args: &[&str], config_dir_env: bool) -> Output {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(args)
+            .env_remove("RUST_LOG")
+            .env("SPLITMIRROR_RUN_DIR", self.dir.path().join("run"));
+        if config_dir_env {
+            cmd.env("SPLITMIRROR_CONFIG_DIR", self.etc());
+        } else {
+            cmd.env_remove("SPLITMIRROR_CONFIG_DIR");
+        }
+        cmd.output().unwrap()
+    }
+
+    fn etc(&self) -> PathBuf {
+        self.dir.path().join("etc")
+    }
+}
+
+#[test]
+fn list_shows_every_volume_on_the_host() {
+    let host = Host::new();
+    let etc = host.etc();
+    let o = host.run(&["list", "--config-dir", etc.to_str().unwrap()], false);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 5, "header + 4 volumes: {out}");
+    assert!(lines[0].starts_with("NAME"), "{out}");
+    let line = |name: &str| {
+        *lines
+            .iter()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("{name} missing: {out}"))
+    };
+    let vol0 = line("vol0");
+    for want in ["/dev/ublkb7", "split", "2m05s", "vol0.yaml"] {
+        assert!(vol0.contains(want), "{want} not in {vol0:?}");
+    }
+    assert!(line("vol1").contains("stopped"), "{out}");
+    assert!(line("broken").contains("invalid"), "{out}");
+    assert!(line("orphan").contains("restore"), "{out}");
+    assert!(
+        !out.contains("example"),
+        "example.yaml is not a volume: {out}"
+    );
+
+    // The environment names the directory as well; JSON carries the facts.
+    let o = host.run(&["list", "--json"], true);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["schema_version"], control::STATUS_SCHEMA_VERSION);
+    let vols = v["volumes"].as_array().unwrap();
+    assert_eq!(vols.len(), 4, "{v}");
+    let by = |n: &str| vols.iter().find(|x| x["name"] == n).unwrap().clone();
+    assert_eq!(by("vol0")["state"], "split");
+    assert_eq!(by("vol0")["running"], true);
+    assert_eq!(by("vol0")["split_age_secs"], 125);
+    assert_eq!(by("vol0")["device_link"], "/dev/splitmirror/vol0");
+    assert_eq!(by("vol1")["state"], "stopped");
+    assert_eq!(by("vol1")["running"], false);
+    assert_eq!(by("broken")["state"], "invalid");
+    assert!(
+        by("broken")["errors"][0].as_str().unwrap().contains("name"),
+        "{v}"
+    );
+    assert_eq!(by("orphan")["config"], serde_json::Value::Null);
+    assert_eq!(by("orphan")["operation"], "restore");
+
+    // Without configs, the running servers are still found by their sockets.
+    let o = host.run(&["list", "--config-dir", "/nonexistent/dir"], false);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().count(), 3, "{}", stdout(&o));
+}
+
+#[test]
+fn status_all_shows_every_volume() {
+    let host = Host::new();
+    let o = host.run(&["status", "--all"], true);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("Split Time : 2025-11-30T07:20:00Z (2m05s ago)"),
+        "{out}"
+    );
+    assert!(out.contains("State : stopped"), "{out}");
+    assert!(out.contains("restore (full)"), "{out}");
+    let o = host.run(&["status", "--all", "--json"], true);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let vols = v["volumes"].as_array().unwrap();
+    assert_eq!(vols.len(), 4, "{v}");
+    let vol0 = vols.iter().find(|x| x["name"] == "vol0").unwrap();
+    assert_eq!(vol0["status"]["split_time"], 1_764_487_200u64);
+    assert_eq!(
+        vol0["status"]["schema_version"],
+        control::STATUS_SCHEMA_VERSION
+    );
+    // --all excludes one volume's target, and --config-dir needs --all.
+    assert_fails(
+        &host.run(&["status", "--all", "--socket", "/x.sock"], true),
+        2,
+        "--all with --socket",
+    );
+    assert_fails(
+        &host.run(
+            &["status", "--config-dir", "/x", "--socket", "/x.sock"],
+            true,
+        ),
+        2,
+        "--config-dir without --all",
+    );
+}
+
+#[test]
+fn set_changes_settings_through_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vol0.sock");
+    let s = sock.to_str().unwrap();
+    let fake = Fake::new("restoring", vec![]);
+    let _server = control::serve(&sock, fake.clone()).unwrap();
+    let o = splitmirror(&[
+        SET,
+        "--socket",
+        s,
+        "rate_limit=200MiB",
+        "restore.on_error=skip",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "set restore.rate_limit=200MiB\nset restore.on_error=skip\n"
+    );
+    assert_eq!(fake.live.lock().unwrap().restore.rate_limit, 200 << 20);
+    // A bad value or a key that needs a restart: exit 2, nothing changed.
+    for bad in [
+        "rate_limit=fast",
+        "ublk.depth=4",
+        "max_inflight=1000",
+        "nonsense",
+    ] {
+        let o = splitmirror(&[SET, "--socket", s, "batch=8", bad]);
+        assert_fails(&o, 2, bad);
+    }
+    assert_eq!(
+        fake.live.lock().unwrap().restore.batch,
+        32,
+        "all or nothing"
+    );
+    assert_fails(
+        &splitmirror(&[SET, "--socket", s]),
+        2,
+        "set without settings",
+    );
+}
+
+#[test]
+fn completions_and_man_pages_come_from_the_cli() {
+    let o = splitmirror(&["completions", "bash"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    for word in [
+        "splitmirror",
+        "restore",
+        "--incremental",
+        "list",
+        "--config-dir",
+    ] {
+        assert!(out.contains(word), "bash completion lacks {word}");
+    }
+    assert_fails(&splitmirror(&["completions", "tcsh"]), 2, "unknown shell");
+    let dir = tempfile::tempdir().unwrap();
+    let man = dir.path().join("man1");
+    let o = splitmirror(&["man", man.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let page = std::fs::read_to_string(man.join("splitmirror.1")).unwrap();
+    assert!(page.contains(".TH splitmirror"), "{page}");
+    let restore = std::fs::read_to_string(man.join("splitmirror-restore.1")).unwrap();
+    assert!(restore.contains("incremental"), "{restore}");
+    assert!(
+        !man.join("splitmirror-man.1").exists(),
+        "the hidden command has no page"
+    );
 }
 
 /// Root runs the tests in CI; the checks need a second, unprivileged user.

@@ -32,8 +32,11 @@ if echo "$out" | grep -q 'splitmirror'; then fail "systemd-analyze verify compla
 
 echo "== unit properties"
 # the properties the design depends on (see comments in the unit)
+# shellcheck disable=SC2016  # $MAINPID is systemd's, not the shell's
 for want in 'Type=notify' 'Restart=on-failure' 'DefaultDependencies=no' 'Before=local-fs-pre.target' \
-            'LimitMEMLOCK=infinity' 'ProtectSystem=strict' 'RestrictAddressFamilies=AF_UNIX' \
+            'LimitMEMLOCK=infinity' 'ProtectSystem=strict' 'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6' \
+            'SuccessExitStatus=75' 'RestartForceExitStatus=75' 'ExecReload=/bin/kill -HUP $MAINPID' \
+            'Environment=SPLITMIRROR_KEEP_DEVICE_IN_USE=1' \
             'NoNewPrivileges=yes' 'ProtectHome=yes' 'PrivateTmp=yes' 'RuntimeDirectory=splitmirror'; do
   grep -qx "$want" "$UNIT" || fail "unit lacks '$want'"
 done
@@ -58,7 +61,41 @@ echo "ok"
 echo "== example.yaml keys"
 # only keys of the config contract (unknown keys are an error at run time)
 bad=$(sed -n 's/^\([a-z_]*\):.*/\1/p' "$REPO/deploy/example.yaml" \
-      | grep -vxE 'name|primary|secondary|metadata|track_size|ublk|restore|control|metrics' || true)
+      | grep -vxE 'name|primary|secondary|metadata|track_size|ublk|restore|control|metrics|events' || true)
 [ -z "$bad" ] || fail "example.yaml has unknown top-level keys: $bad"
 echo "ok"
+echo "== the Debian package (packaging/build-deb.sh), extracted into a temp root"
+command -v dpkg-deb >/dev/null 2>&1 || fail "dpkg-deb not found (apt-get install dpkg)"
+(cd "$REPO" && cargo build --release --bin splitmirror) >"$T/build.log" 2>&1 \
+  || { cat "$T/build.log"; fail "cargo build failed"; }
+DEB=$("$REPO/packaging/build-deb.sh" --binary "${CARGO_TARGET_DIR:-$REPO/target}/release/splitmirror" \
+      --out "$T/deb" 2>"$T/deb.log") || { cat "$T/deb.log"; fail "build-deb.sh failed"; }
+[ -s "$DEB" ] || fail "build-deb.sh wrote no package"
+info=$(dpkg-deb -f "$DEB" Package Version Architecture)
+echo "$info" | grep -qx 'Package: splitmirror' || fail "package name: $info"
+echo "$info" | grep -qx "Architecture: $(dpkg --print-architecture)" || fail "architecture: $info"
+dpkg-deb -x "$DEB" "$T/pkg"
+dpkg-deb -e "$DEB" "$T/pkg/DEBIAN"
+for f in usr/bin/splitmirror lib/systemd/system/splitmirror@.service usr/lib/modules-load.d/splitmirror.conf \
+         etc/splitmirror/example.yaml usr/share/man/man1/splitmirror.1.gz usr/share/man/man1/splitmirror-restore.1.gz \
+         usr/share/man/man1/splitmirror-list.1.gz usr/share/bash-completion/completions/splitmirror \
+         usr/share/zsh/vendor-completions/_splitmirror usr/share/fish/vendor_completions.d/splitmirror.fish \
+         usr/share/doc/splitmirror/operations.md DEBIAN/postinst DEBIAN/conffiles; do
+  [ -s "$T/pkg/$f" ] || fail "the package lacks /$f"
+done
+"$T/pkg/usr/bin/splitmirror" --version | grep -q '^splitmirror ' || fail "the packaged binary does not run"
+gzip -dc "$T/pkg/usr/share/man/man1/splitmirror.1.gz" | grep -q '^\.TH splitmirror' || fail "splitmirror.1 is not a man page"
+grep -q 'complete .*splitmirror' "$T/pkg/usr/share/bash-completion/completions/splitmirror" \
+  || fail "the bash completion does not complete splitmirror"
+grep -qx /etc/splitmirror/example.yaml "$T/pkg/DEBIAN/conffiles" || fail "example.yaml is not a conffile"
+grep -q 'install -d -m 0700 /var/lib/splitmirror' "$T/pkg/DEBIAN/postinst" || fail "postinst does not create /var/lib/splitmirror"
+PUNIT=$T/pkg/lib/systemd/system/splitmirror@.service
+grep -q '^ExecStart=/usr/bin/splitmirror run -c /etc/splitmirror/%i.yaml$' "$PUNIT" \
+  || fail "the packaged unit does not start /usr/bin/splitmirror"
+mkdir -p "$T/punits"
+sed "s|/usr/bin/splitmirror|$T/pkg/usr/bin/splitmirror|" "$PUNIT" >"$T/punits/splitmirror@vol0.service"
+out=$(cd "$T/punits" && SYSTEMD_LOG_LEVEL=warning systemd-analyze verify --man=no ./splitmirror@vol0.service 2>&1) \
+  || { echo "$out"; fail "systemd-analyze verify of the packaged unit exited non-zero"; }
+if echo "$out" | grep -q 'splitmirror'; then echo "$out"; fail "systemd-analyze verify complained about the packaged unit"; fi
+echo "ok ($(basename "$DEB"))"
 echo "deploy: all checks passed"

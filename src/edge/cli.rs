@@ -6,8 +6,8 @@ use crate::core::Command;
 use crate::edge::config::Config;
 use crate::edge::control::{client, OperationStatus, Status, VerifyReport};
 use crate::error::{Error, Result};
-use clap::{Args, Parser, Subcommand};
-use std::io::IsTerminal;
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -81,13 +81,16 @@ enum Cmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
-    /// Show the volume's state and progress
+    /// Show the volume's state and progress (--all: every volume on the host)
     Status {
         /// Print the status as JSON
         #[arg(long)]
         json: bool,
+        /// With --all: directory of volume configs [env: SPLITMIRROR_CONFIG_DIR]
+        #[arg(long = "config-dir", value_name = "DIR")]
+        config_dir: Option<PathBuf>,
         #[command(flatten)]
-        target: Target,
+        target: StatusTarget,
     },
     /// Block until no copy operation is running
     Wait {
@@ -99,9 +102,62 @@ enum Cmd {
     },
     /// Compare primary and secondary on every track that should be identical
     Verify {
+        /// Print the report as JSON (exit 1 still when tracks differ)
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         target: Target,
     },
+    /// List every volume on the host: configs and running servers
+    List {
+        /// Print the list as JSON
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dir: ConfigDir,
+    },
+    /// Change engine settings of the running server (e.g. restore.rate_limit=200MiB)
+    Set {
+        #[command(flatten)]
+        target: Target,
+        /// KEY=VALUE, keys as in the config file: restore.rate_limit, restore.on_error,
+        /// restore.batch, restore.max_inflight, events.program
+        #[arg(value_name = "KEY=VALUE", required = true)]
+        settings: Vec<String>,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages into DIR (used by packaging)
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ConfigDir {
+    /// Directory of volume configs [env: SPLITMIRROR_CONFIG_DIR; default /etc/splitmirror]
+    #[arg(long = "config-dir", value_name = "DIR")]
+    config_dir: Option<PathBuf>,
+}
+
+/// `status` of one volume, or of every volume with `--all`.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false, id = "status_target")]
+struct StatusTarget {
+    /// Volume config file (YAML); its control.socket is used
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Control socket of the running server
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Every volume on the host (see `list`)
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -185,7 +241,7 @@ fn report_clap_error(e: &clap::Error) -> i32 {
     if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
         eprintln!(
             "splitmirror: no command given; use one of format, run, split, establish, \
-             restore, status, wait, verify, replace-secondary (see `splitmirror --help`)"
+             restore, status, wait, verify, list, set, replace-secondary (see `splitmirror --help`)"
         );
         return e.exit_code();
     }
@@ -215,7 +271,50 @@ fn clap_one_line(text: &str) -> String {
 fn init_logging(server: bool) {
     let default = if server { "info" } else { "warn" };
     let env = env_logger::Env::default().default_filter_or(default);
-    let _ = env_logger::Builder::from_env(env).try_init();
+    let mut builder = env_logger::Builder::from_env(env);
+    if stderr_is_journal() {
+        // The journal reads a `<N>` prefix as the line's syslog priority
+        // and keeps its own timestamps, so the line carries only the rest.
+        builder.format(|f, record| {
+            writeln!(
+                f,
+                "<{}>{}: {}",
+                syslog_priority(record.level()),
+                record.target(),
+                record.args()
+            )
+        });
+    }
+    let _ = builder.try_init();
+}
+
+/// systemd sets JOURNAL_STREAM=DEV:INO for a service whose stderr is the
+/// journal; the check against stderr's own device and inode keeps a
+/// program started from such a service (with stderr elsewhere) plain.
+fn stderr_is_journal() -> bool {
+    let Some(want) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(st) = nix::sys::stat::fstat(libc::STDERR_FILENO) else {
+        return false;
+    };
+    journal_stream_matches(&want.to_string_lossy(), st.st_dev, st.st_ino)
+}
+
+fn journal_stream_matches(value: &str, dev: u64, ino: u64) -> bool {
+    value
+        .split_once(':')
+        .is_some_and(|(d, i)| d.parse() == Ok(dev) && i.parse() == Ok(ino))
+}
+
+/// syslog(3) priorities: err 3, warning 4, info 6, debug 7.
+pub fn syslog_priority(level: log::Level) -> u8 {
+    match level {
+        log::Level::Error => 3,
+        log::Level::Warn => 4,
+        log::Level::Info => 6,
+        log::Level::Debug | log::Level::Trace => 7,
+    }
 }
 
 /// A bug must still end in one line, not a backtrace. Only the server
@@ -273,9 +372,41 @@ fn run(cli: Cli) -> Result<()> {
             };
             command(&target, cmd, &wait)
         }
-        Cmd::Status { json, target } => status(&target.socket()?, json),
+        Cmd::Status {
+            json,
+            config_dir,
+            target,
+        } if target.all => status_all(&crate::edge::fleet::config_dir(config_dir.as_deref()), json),
+        Cmd::Status {
+            config_dir: Some(_),
+            ..
+        } => Err(Error::config(
+            "--config-dir goes with --all; usage: splitmirror status --all [--config-dir DIR] [--json]",
+        )),
+        Cmd::Status { json, target, .. } => {
+            let t = Target {
+                config: target.config,
+                socket: target.socket,
+            };
+            status(&t.socket()?, json)
+        }
         Cmd::Wait { timeout, target } => wait(&target.socket()?, timeout),
-        Cmd::Verify { target } => verify(&target.socket()?),
+        Cmd::Verify { json, target } => verify(&target.socket()?, json),
+        Cmd::List { json, dir } => list(
+            &crate::edge::fleet::config_dir(dir.config_dir.as_deref()),
+            json,
+        ),
+        Cmd::Set { target, settings } => set(&target.socket()?, &settings),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "splitmirror",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Cmd::Man { dir } => man_pages(&dir),
     }
 }
 
@@ -342,6 +473,7 @@ fn status_rows(st: &Status) -> Vec<(&'static str, String)> {
         ("Changed Since Split", st.changed_since_split.to_string()),
         ("Restore Pending", st.restore_pending.to_string()),
         ("Secondary Stale", st.secondary_stale.to_string()),
+        ("Split Time", split_time_line(st)),
     ];
     match &st.operation {
         None => rows.push(("Operation", "none".into())),
@@ -375,6 +507,19 @@ fn id_or_dash(id: &str) -> String {
         "-".into()
     } else {
         id.into()
+    }
+}
+
+/// `2026-11-30T07:21:22Z (12m05s ago)`, or `-` outside split/restoring/degraded.
+fn split_time_line(st: &Status) -> String {
+    match (st.split_time, st.split_age_secs) {
+        (Some(t), Some(age)) => format!(
+            "{} ({} ago)",
+            crate::edge::splittime::rfc3339(t),
+            human_secs(age as f64)
+        ),
+        (Some(t), None) => crate::edge::splittime::rfc3339(t),
+        _ => "-".into(),
     }
 }
 
@@ -445,6 +590,84 @@ pub fn progress_line(op: &OperationStatus) -> String {
         op.total,
         human_rate(op.bytes_per_sec)
     )
+}
+
+// ---------------------------------------------------------------------------
+// the host's volumes, live settings, man pages
+
+fn list(dir: &Path, json: bool) -> Result<()> {
+    let entries = crate::edge::fleet::discover(dir, &crate::edge::fleet::run_dir());
+    if json {
+        print_json(&crate::edge::fleet::list_json(&entries))
+    } else {
+        print!("{}", crate::edge::fleet::render_list(&entries));
+        Ok(())
+    }
+}
+
+fn status_all(dir: &Path, json: bool) -> Result<()> {
+    let entries = crate::edge::fleet::discover(dir, &crate::edge::fleet::run_dir());
+    if json {
+        let doc = serde_json::json!({
+            "schema_version": crate::edge::control::STATUS_SCHEMA_VERSION,
+            "volumes": entries,
+        });
+        return print_json(&doc);
+    }
+    let blocks: Vec<String> = entries
+        .iter()
+        .map(|e| match &e.status {
+            Some(st) => render_status(st),
+            None => {
+                let mut rows = vec![("Name", e.name.clone()), ("State", e.state())];
+                if let Some(c) = &e.config {
+                    rows.push(("Config", c.display().to_string()));
+                }
+                if let Some(err) = &e.error {
+                    rows.push(("Errors", one_line(err)));
+                }
+                let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+                rows.iter()
+                    .map(|(k, v)| format!("{k:>width$} : {v}\n"))
+                    .collect()
+            }
+        })
+        .collect();
+    print!("{}", blocks.join("\n"));
+    Ok(())
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::runtime(e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn set(socket: &Path, settings: &[String]) -> Result<()> {
+    for line in client::set(socket, settings)? {
+        println!("set {line}");
+    }
+    Ok(())
+}
+
+/// splitmirror.1 and one splitmirror-COMMAND.1 per command.
+fn man_pages(dir: &Path) -> Result<()> {
+    let io =
+        |e: std::io::Error| Error::runtime(format!("writing man pages to {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let cmd = Cli::command();
+    write_man(dir, "splitmirror", cmd.clone()).map_err(io)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("splitmirror-{}", sub.get_name());
+        write_man(dir, &name, sub.clone()).map_err(io)?;
+    }
+    Ok(())
+}
+
+fn write_man(dir: &Path, name: &str, cmd: clap::Command) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    clap_mangen::Man::new(cmd).title(name).render(&mut out)?;
+    std::fs::write(dir.join(format!("{name}.1")), out)
 }
 
 // ---------------------------------------------------------------------------
@@ -607,9 +830,18 @@ fn new_bar(op: &OperationStatus) -> indicatif::ProgressBar {
 // ---------------------------------------------------------------------------
 // verify
 
-fn verify(socket: &Path) -> Result<()> {
+fn verify(socket: &Path, json: bool) -> Result<()> {
     let report = client::verify(socket)?;
-    print!("{}", render_verify(&report));
+    if json {
+        let doc = serde_json::json!({
+            "schema_version": crate::edge::control::STATUS_SCHEMA_VERSION,
+            "compared": report.compared,
+            "mismatches": report.mismatches,
+        });
+        println!("{doc}");
+    } else {
+        print!("{}", render_verify(&report));
+    }
     if report.mismatches.is_empty() {
         return Ok(());
     }
@@ -650,11 +882,21 @@ pub fn render_verify(r: &VerifyReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn journal_lines_keep_their_priority() {
+        assert_eq!(syslog_priority(log::Level::Error), 3);
+        assert_eq!(syslog_priority(log::Level::Warn), 4);
+        assert_eq!(syslog_priority(log::Level::Info), 6);
+        assert_eq!(syslog_priority(log::Level::Debug), 7);
+        assert!(journal_stream_matches("8:1234", 8, 1234));
+        assert!(!journal_stream_matches("8:1234", 8, 99));
+        assert!(!journal_stream_matches("garbage", 8, 1234));
     }
 
     #[test]
@@ -694,6 +936,9 @@ mod tests {
             }),
             errors: vec![],
             read_repairs: 0,
+            schema_version: 1,
+            split_time: Some(1_764_487_200),
+            split_age_secs: Some(725),
         }
     }
 
@@ -708,6 +953,10 @@ mod tests {
         let text = render_status(&st);
         assert!(text.contains("Track Size : 128 KiB"), "{text}");
         assert!(text.contains("Secondary Id : serial:S3Z9NB0K"), "{text}");
+        assert!(
+            text.contains("Split Time : 2025-11-30T07:20:00Z (12m05s ago)"),
+            "{text}"
+        );
         assert!(
             text.contains("restore (full) 45.2% (3700/8192 tracks)"),
             "{text}"

@@ -80,6 +80,11 @@ pub struct Config {
     pub control: ControlConfig,
     #[serde(default, deserialize_with = "de_section")]
     pub metrics: MetricsConfig,
+    #[serde(default, deserialize_with = "de_section")]
+    pub events: EventsConfig,
+    /// The file this config was read from ([`Config::load`]), for SIGHUP.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// How the ublk block device is created.
@@ -145,6 +150,16 @@ pub struct MetricsConfig {
     pub listen: String,
 }
 
+/// A program run on every event (state change, degraded, device error,
+/// operation end), like mdadm's `--program`; off unless set.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Executable path; empty = off. The facts are in its environment.
+    #[serde(deserialize_with = "de_path_or_empty")]
+    pub program: PathBuf,
+}
+
 impl Default for UblkConfig {
     fn default() -> Self {
         UblkConfig {
@@ -198,6 +213,8 @@ impl Config {
             ublk: UblkConfig::default(),
             restore: RestoreConfig::default(),
             metrics: MetricsConfig::default(),
+            events: EventsConfig::default(),
+            source: None,
         }
     }
 
@@ -206,7 +223,9 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, Error> {
         let text = read_config_text(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Config::parse(&text, base).map_err(|e| prefix_error(path, e))
+        let mut cfg = Config::parse(&text, base).map_err(|e| prefix_error(path, e))?;
+        cfg.source = Some(path.to_path_buf());
+        Ok(cfg)
     }
 
     /// Parses and validates YAML text; relative paths are resolved against
@@ -264,6 +283,7 @@ impl Config {
             &mut self.secondary,
             &mut self.metadata,
             &mut self.control.socket,
+            &mut self.events.program,
         ] {
             if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
@@ -688,6 +708,10 @@ fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         )));
     }
     Ok(s)
+}
+
+fn de_path_or_empty<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+    Ok(PathBuf::from(String::deserialize(d)?))
 }
 
 fn de_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {

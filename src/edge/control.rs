@@ -4,7 +4,8 @@
 //! One connection carries one exchange: the client writes one request line,
 //! the server answers with one response line and closes. Requests:
 //! `{"op":"status"}`, `{"op":"command","command":{"command":"restore",
-//! "incremental":false,"protect":false}}`, `{"op":"verify"}`. Responses:
+//! "incremental":false,"protect":false}}`, `{"op":"verify"}`, `{"op":"set","settings":["restore.rate_limit=200MiB"]}`.
+//! Responses:
 //! `{"ok":true,"status":{...}}` / `{"ok":true}` / `{"ok":true,"verify":{...}}`
 //! or `{"ok":false,"code":N,"error":"..."}`, where `N` is the exit code the
 //! server-side [`Error`] maps to, so the CLI exits exactly as if the error
@@ -38,9 +39,19 @@ const MAX_CONNECTIONS: usize = 32;
 /// How often the accept loop looks at the stop flag.
 const ACCEPT_POLL_MS: i32 = 100;
 
+/// The version of the `status --json` document: raised when a field's
+/// meaning changes (fields are only ever added; see docs/interface.md).
+pub const STATUS_SCHEMA_VERSION: u32 = 1;
+
+fn schema_version() -> u32 {
+    STATUS_SCHEMA_VERSION
+}
+
 /// `status --json`, field for field as docs/interface.md gives it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
     pub name: String,
     pub device: Option<String>,
     /// The primary and secondary as configured (an extension of the
@@ -68,6 +79,14 @@ pub struct Status {
     /// contract's fields.
     #[serde(default)]
     pub read_repairs: u64,
+    /// When the secondary's image was frozen (Unix seconds): by `split`
+    /// (states split, restoring) or by a failed secondary (degraded);
+    /// `None` in other states or when unknown.
+    #[serde(default)]
+    pub split_time: Option<u64>,
+    /// Seconds since `split_time`.
+    #[serde(default)]
+    pub split_age_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,6 +122,15 @@ pub trait ControlTarget: Send + Sync {
     /// Compares primary and secondary on every track the tables say is
     /// identical, each track locked while compared, throttled.
     fn verify(&self) -> Result<VerifyReport>;
+    /// Changes engine settings of the running server (`KEY=VALUE`, keys as
+    /// in the config file); returns one line per applied setting. Either
+    /// every setting applies or none does.
+    fn set(&self, settings: &[String]) -> Result<Vec<String>> {
+        let _ = settings;
+        Err(Error::runtime(
+            "this server cannot change settings while running",
+        ))
+    }
 }
 
 /// One request line.
@@ -112,6 +140,7 @@ pub enum Request {
     Status,
     Command { command: Command },
     Verify,
+    Set { settings: Vec<String> },
 }
 
 /// One response line; which payload is present depends on the request.
@@ -126,6 +155,8 @@ pub struct Response {
     pub status: Option<Status>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<Vec<String>>,
 }
 
 impl Response {
@@ -405,6 +436,10 @@ fn answer(target: &dyn ControlTarget, req: Request) -> Response {
                 verify: Some(target.verify()?),
                 ..Response::success()
             },
+            Request::Set { settings } => Response {
+                applied: Some(target.set(&settings)?),
+                ..Response::success()
+            },
         })
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
@@ -447,6 +482,14 @@ pub mod client {
     pub fn verify(socket: &Path) -> Result<VerifyReport> {
         let r = round_trip(socket, &Request::Verify, None)?;
         r.verify.ok_or_else(|| missing_payload(socket, "verify"))
+    }
+
+    pub fn set(socket: &Path, settings: &[String]) -> Result<Vec<String>> {
+        let req = Request::Set {
+            settings: settings.to_vec(),
+        };
+        let r = round_trip(socket, &req, Some(COMMAND_TIMEOUT))?;
+        r.applied.ok_or_else(|| missing_payload(socket, "set"))
     }
 
     fn missing_payload(socket: &Path, what: &str) -> Error {

@@ -1,10 +1,18 @@
 //! Prometheus metrics: counters the executors bump with relaxed atomics (no
-//! lock on the I/O path), rendered in the text exposition format on
-//! `GET /metrics` when `metrics.listen` is set.
+//! lock on the I/O path), encoded by the `prometheus-client` crate in the
+//! text exposition format on `GET /metrics` when `metrics.listen` is set.
+//! Every sample carries `volume="NAME"`; counters end in `_total`, gauges
+//! never do.
 
 use crate::edge::control::Status;
 use crate::error::{Error, Result};
-use std::fmt::Write as _;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use std::borrow::Cow;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -80,34 +88,79 @@ impl Metrics {
         self.copy_errors.fetch_add(errors, Relaxed);
     }
 
-    /// The text exposition format (version 0.0.4).
-    pub fn render(&self, status: &Status) -> String {
+    /// The Prometheus text exposition format (version 0.0.4), every sample
+    /// labelled `volume="NAME"`.
+    pub fn render(self: &Arc<Self>, status: &Status) -> String {
+        let mut registry = Registry::with_labels(
+            [(Cow::from("volume"), Cow::from(status.name.clone()))].into_iter(),
+        );
+        registry.register_collector(Box::new(Scrape {
+            metrics: self.clone(),
+            status: status.clone(),
+        }));
         let mut out = String::new();
-        self.render_volume(&mut out, status);
-        self.render_copies(&mut out);
-        self.render_host(&mut out);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
         out
     }
+}
 
-    fn render_volume(&self, out: &mut String, s: &Status) {
-        const STATES: [&str; 6] = [
-            "established",
-            "syncing",
-            "split",
-            "restoring",
-            "resyncing",
-            "degraded",
-        ];
-        head(
-            out,
+/// One scrape: the counters as they are now, the volume's status as it
+/// was asked for this scrape.
+#[derive(Debug)]
+struct Scrape {
+    metrics: Arc<Metrics>,
+    status: Status,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+const STATES: [&str; 6] = [
+    "established",
+    "syncing",
+    "split",
+    "restoring",
+    "resyncing",
+    "degraded",
+];
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let g = ConstGauge::new(v as i64);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        self.encode_volume(&mut e)?;
+        self.encode_copies(&mut e)?;
+        self.encode_host(&mut e)
+    }
+}
+
+impl Scrape {
+    fn encode_volume(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let s = &self.status;
+        let mut m = e.encode_descriptor(
             "splitmirror_state",
-            "gauge",
             "1 for the volume's current state",
-        );
+            None,
+            MetricType::Gauge,
+        )?;
         for st in STATES {
-            let v = u8::from(s.state == st);
-            let _ = writeln!(out, "splitmirror_state{{state=\"{st}\"}} {v}");
+            let labels = [("state", st)];
+            m.encode_family(&labels)?
+                .encode_gauge(&i64::from(s.state == st))?;
         }
+        let (total, done) = s.operation.as_ref().map_or((0, 0), |o| (o.total, o.done));
         let gauges = [
             ("splitmirror_tracks", "Tracks in the volume", s.tracks),
             (
@@ -135,102 +188,100 @@ impl Metrics {
                 "Errors listed by status",
                 s.errors.len() as u64,
             ),
+            (
+                "splitmirror_operation_tracks",
+                "Tracks the running copy operation covers (0: none runs)",
+                total,
+            ),
+            (
+                "splitmirror_operation_tracks_done",
+                "Tracks the running copy operation has finished",
+                done,
+            ),
+            (
+                "splitmirror_split_age_seconds",
+                "Seconds since the secondary's image was frozen (0: not split)",
+                s.split_age_secs.unwrap_or(0),
+            ),
         ];
         for (name, help, v) in gauges {
-            head(out, name, "gauge", help);
-            let _ = writeln!(out, "{name} {v}");
+            gauge(e, name, help, v)?;
         }
-        let (total, done) = s.operation.as_ref().map_or((0, 0), |o| (o.total, o.done));
-        head(
-            out,
-            "splitmirror_operation_tracks_total",
-            "gauge",
-            "Tracks the running copy operation covers",
-        );
-        let _ = writeln!(out, "splitmirror_operation_tracks_total {total}");
-        head(
-            out,
-            "splitmirror_operation_tracks_done",
-            "gauge",
-            "Tracks the running copy operation has finished",
-        );
-        let _ = writeln!(out, "splitmirror_operation_tracks_done {done}");
-        head(
-            out,
-            "splitmirror_read_repairs_total",
-            "counter",
+        counter(
+            e,
+            "splitmirror_read_repairs",
             "Primary read errors served from the secondary and rewritten on the primary",
-        );
-        let _ = writeln!(out, "splitmirror_read_repairs_total {}", s.read_repairs);
+            s.read_repairs,
+        )?;
+        Ok(())
     }
 
-    fn render_copies(&self, out: &mut String) {
-        let counters = [
-            (
-                "splitmirror_copied_tracks_total",
-                "Tracks copied by the engine",
-                &self.copied_tracks,
-            ),
-            (
-                "splitmirror_copied_bytes_total",
-                "Bytes copied by the engine",
-                &self.copied_bytes,
-            ),
-            (
-                "splitmirror_copy_errors_total",
-                "Copy errors",
-                &self.copy_errors,
-            ),
-        ];
-        for (name, help, v) in counters {
-            head(out, name, "counter", help);
-            let _ = writeln!(out, "{name} {}", v.load(Relaxed));
-        }
+    fn encode_copies(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let m = &self.metrics;
+        counter(
+            e,
+            "splitmirror_copied_tracks",
+            "Tracks copied by the engine",
+            m.copied_tracks.load(Relaxed),
+        )?;
+        counter(
+            e,
+            "splitmirror_copied_bytes",
+            "Bytes copied by the engine",
+            m.copied_bytes.load(Relaxed),
+        )?;
+        counter(
+            e,
+            "splitmirror_copy_errors",
+            "Copy errors",
+            m.copy_errors.load(Relaxed),
+        )
     }
 
-    fn render_host(&self, out: &mut String) {
+    fn encode_host(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         let families = [
-            (
-                "splitmirror_host_requests_total",
-                "Host requests by operation",
-            ),
-            ("splitmirror_host_bytes_total", "Host bytes by operation"),
-            ("splitmirror_host_errors_total", "Host requests that failed"),
+            ("splitmirror_host_requests", "Host requests by operation"),
+            ("splitmirror_host_bytes", "Host bytes by operation"),
+            ("splitmirror_host_errors", "Host requests that failed"),
         ];
         for (k, (name, help)) in families.iter().enumerate() {
-            head(out, name, "counter", help);
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
             for op in HostOp::ALL {
-                let c = &self.ops[op as usize];
+                let c = &self.metrics.ops[op as usize];
                 let v = [&c.requests, &c.bytes, &c.errors][k].load(Relaxed);
-                let _ = writeln!(out, "{name}{{op=\"{}\"}} {v}", op.name());
+                let labels = [("op", op.name())];
+                m.encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
             }
         }
-        let name = "splitmirror_host_latency_seconds";
-        head(out, name, "histogram", "Host request latency");
+        let mut m = e.encode_descriptor(
+            "splitmirror_host_latency_seconds",
+            "Host request latency",
+            None,
+            MetricType::Histogram,
+        )?;
         for op in HostOp::ALL {
-            let c = &self.ops[op as usize];
-            let mut cum = 0;
-            for (i, b) in c.buckets.iter().enumerate() {
-                cum += b.load(Relaxed);
-                let le = BUCKETS_US
-                    .get(i)
-                    .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
-                let _ = writeln!(
-                    out,
-                    "{name}_bucket{{op=\"{}\",le=\"{le}\"}} {cum}",
-                    op.name()
-                );
-            }
+            let c = &self.metrics.ops[op as usize];
+            // Per-bucket counts: the encoder makes them cumulative.
+            let buckets: Vec<(f64, u64)> = c
+                .buckets
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    let le = BUCKETS_US
+                        .get(i)
+                        .map_or(f64::INFINITY, |us| *us as f64 / 1e6);
+                    (le, b.load(Relaxed))
+                })
+                .collect();
+            let count = buckets.iter().map(|(_, n)| n).sum();
             let sum = c.latency_sum_us.load(Relaxed) as f64 / 1e6;
-            let _ = writeln!(out, "{name}_sum{{op=\"{}\"}} {sum}", op.name());
-            let _ = writeln!(out, "{name}_count{{op=\"{}\"}} {cum}", op.name());
+            let labels = [("op", op.name())];
+            m.encode_family(&labels)?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
         }
+        Ok(())
     }
-}
-
-fn head(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 /// The running `/metrics` listener.
@@ -301,7 +352,11 @@ pub fn serve(
 }
 
 /// One HTTP/1.0-style exchange: read the request head, answer, close.
-fn answer(mut c: TcpStream, metrics: &Metrics, status: &dyn Fn() -> Status) -> std::io::Result<()> {
+fn answer(
+    mut c: TcpStream,
+    metrics: &Arc<Metrics>,
+    status: &dyn Fn() -> Status,
+) -> std::io::Result<()> {
     c.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
@@ -346,30 +401,67 @@ mod tests {
             operation: None,
             errors: vec![],
             read_repairs: 3,
+            schema_version: 1,
+            split_time: None,
+            split_age_secs: None,
         }
     }
 
     #[test]
     fn render_counts_requests_bytes_and_buckets() {
-        let m = Metrics::default();
+        let m = Arc::new(Metrics::default());
         m.host(HostOp::Write, 4096, Duration::from_micros(80), true);
         m.host(HostOp::Write, 4096, Duration::from_millis(3), false);
         m.copied(3, 3 * 131072, 0);
         let text = m.render(&status());
-        assert!(text.contains("splitmirror_state{state=\"restoring\"} 1"));
-        assert!(text.contains("splitmirror_state{state=\"split\"} 0"));
-        assert!(text.contains("splitmirror_host_requests_total{op=\"write\"} 2"));
-        assert!(text.contains("splitmirror_host_bytes_total{op=\"write\"} 4096"));
-        assert!(text.contains("splitmirror_host_errors_total{op=\"write\"} 1"));
+        assert!(text.contains("splitmirror_state{volume=\"vol0\",state=\"restoring\"} 1"));
+        assert!(text.contains("splitmirror_state{volume=\"vol0\",state=\"split\"} 0"));
+        assert!(text.contains("splitmirror_host_requests_total{volume=\"vol0\",op=\"write\"} 2"));
+        assert!(text.contains("splitmirror_host_bytes_total{volume=\"vol0\",op=\"write\"} 4096"));
+        assert!(text.contains("splitmirror_host_errors_total{volume=\"vol0\",op=\"write\"} 1"));
+        assert!(text.contains(
+            "splitmirror_host_latency_seconds_bucket{volume=\"vol0\",op=\"write\",le=\"0.0001\"} 1"
+        ));
+        assert!(text.contains(
+            "splitmirror_host_latency_seconds_bucket{volume=\"vol0\",op=\"write\",le=\"+Inf\"} 2"
+        ));
+        assert!(text.contains("splitmirror_copied_tracks_total{volume=\"vol0\"} 3"));
+        assert!(text.contains("splitmirror_read_repairs_total{volume=\"vol0\"} 3"));
+        assert!(text.contains("splitmirror_tracks_restore_pending{volume=\"vol0\"} 7"));
+    }
+
+    /// Prometheus naming: counters end in `_total`, nothing else does; every
+    /// sample names its volume.
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let text = Arc::new(Metrics::default()).render(&status());
+        let mut types = 0;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                types += 1;
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert_eq!(name.ends_with("_total"), kind == "counter", "{line}");
+            } else if !line.starts_with('#') && !line.is_empty() {
+                assert!(line.contains("volume=\"vol0\""), "{line}");
+            }
+        }
+        assert!(types >= 15, "{text}");
+    }
+
+    #[test]
+    fn a_taken_port_is_one_clear_error() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let e = serve(&addr, Arc::new(Metrics::default()), Arc::new(status))
+            .err()
+            .expect("binding a taken port must fail");
+        let msg = e.to_string();
+        assert_eq!(e.exit_code(), 1);
+        assert!(!msg.contains('\n'), "{msg}");
         assert!(
-            text.contains("splitmirror_host_latency_seconds_bucket{op=\"write\",le=\"0.0001\"} 1")
+            msg.starts_with(&format!("metrics.listen {addr}: cannot listen")),
+            "{msg}"
         );
-        assert!(
-            text.contains("splitmirror_host_latency_seconds_bucket{op=\"write\",le=\"+Inf\"} 2")
-        );
-        assert!(text.contains("splitmirror_copied_tracks_total 3"));
-        assert!(text.contains("splitmirror_tracks_restore_pending 7"));
-        assert!(text.contains("splitmirror_read_repairs_total 3"));
     }
 
     #[test]
@@ -383,7 +475,7 @@ mod tests {
         let mut resp = String::new();
         c.read_to_string(&mut resp).unwrap();
         assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
-        assert!(resp.contains("splitmirror_host_requests_total{op=\"read\"} 1"));
+        assert!(resp.contains("splitmirror_host_requests_total{volume=\"vol0\",op=\"read\"} 1"));
         srv.stop();
     }
 }

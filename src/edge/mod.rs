@@ -8,5 +8,9 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod events;
+pub mod fleet;
+pub mod live;
 pub(crate) mod metrics;
 pub(crate) mod server;
+pub mod splittime;

@@ -697,3 +697,70 @@ fn format_over_an_older_version_wants_force_and_keeps_its_restore() {
     MetadataStore::format(&path, &binding(), &fresh(true), true).unwrap();
     MetadataStore::open(&path, &binding()).unwrap();
 }
+
+/// The metadata device, counting which offsets are read.
+struct CountingMeta {
+    inner: FileMeta,
+    reads: Arc<Mutex<Vec<u64>>>,
+}
+
+impl MetaDevice for CountingMeta {
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.reads.lock().unwrap().push(offset);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn size(&mut self) -> io::Result<u64> {
+        self.inner.size()
+    }
+    fn grow(&mut self, bytes: u64) -> io::Result<()> {
+        self.inner.grow(bytes)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// Opening a large volume reads the pages that hold something and no
+/// other: pages all clear (or all ones) are flags in the header.
+#[test]
+fn opening_reads_only_the_pages_that_hold_something() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    drop(MetadataStore::format(&path, &binding(), &fresh(true), false).unwrap());
+    let open_counting = || {
+        let reads = Arc::new(Mutex::new(Vec::new()));
+        let dev = CountingMeta {
+            inner: FileMeta::open(&path, false).unwrap(),
+            reads: reads.clone(),
+        };
+        let (store, vol) = MetadataStore::open_dev(dev, &binding()).unwrap();
+        let layout = Layout::new(vol.geometry().tracks(), 4);
+        let pages_end = layout.pages_offset() + 2 * layout.pages() as u64 * 4096;
+        let pages_read = reads
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|&&at| at >= layout.pages_offset() && at < pages_end)
+            .count();
+        (store, vol, pages_read)
+    };
+    let (mut store, vol, pages_read) = open_counting();
+    assert_eq!(
+        pages_read, 0,
+        "an established volume's tables are all clear"
+    );
+    vol.tables.changed.set(40_000);
+    vol.tables.changed.set(40_001);
+    store.commit_with(&vol, |_| Ok(())).unwrap();
+    drop((store, vol));
+    let (_store, vol, pages_read) = open_counting();
+    assert_eq!(pages_read, 1, "one page of one table holds something");
+    assert_eq!(vol.tables.changed.count(), 2);
+    assert!(vol.tables.changed.get(40_000) && vol.tables.changed.get(40_001));
+}

@@ -12,10 +12,11 @@ pub const SUPER_MAGIC: [u8; 8] = *b"SPLITMIR";
 pub const HEADER_MAGIC: [u8; 8] = *b"SMHEADER";
 /// 2: headers gained the per-page "all ones" flags. 3: the superblock
 /// records each device's identity and has a backup at the end; headers
-/// carry a crc32c per page and a checksum per 512-byte sector.
+/// carry "all clear" flags, a crc32c per page and a checksum per 512-byte
+/// sector.
 pub const VERSION: u32 = 3;
 /// Bytes of a header before its page selectors (then the "all ones" flags,
-/// the page crcs, then the crc of it all).
+/// the "all clear" flags, the page crcs, then the crc of it all).
 const HEADER_FIXED: usize = 48;
 /// Headers are framed in sectors, the unit a device writes whole: each
 /// sector carries its generation and its own crc32c, so that a torn header
@@ -84,8 +85,12 @@ impl Layout {
 }
 
 /// The logical bytes of a header with `pages` pages (before sector framing).
+/// Bit arrays of one bit per page after the fixed part: selectors, "all
+/// ones", "all clear".
+const FLAG_ARRAYS: usize = 3;
+
 fn header_logical_len(pages: usize) -> usize {
-    HEADER_FIXED + 2 * pages.div_ceil(8) + 4 * pages + 4
+    HEADER_FIXED + FLAG_ARRAYS * pages.div_ceil(8) + 4 * pages + 4
 }
 
 /// The identity block at offset 0 (and its backup in the last block),
@@ -228,8 +233,13 @@ pub struct Header {
     /// one header instead of a page per 4 GiB of tracks, so the restore
     /// command returns as fast at 1 TiB as at 1 GiB.
     pub ones: Vec<bool>,
-    /// Per page: the crc32c of its current copy (0 for an "all ones"
-    /// page), checked when the page is loaded.
+    /// Per page: no bit is set, and neither copy is read. Most pages of a
+    /// large volume are clear most of the time (nothing changed there since
+    /// the split, nothing pending, nothing stale): opening it then reads the
+    /// pages that hold something, not one per 4 GiB of every table.
+    pub zeros: Vec<bool>,
+    /// Per page: the crc32c of its current copy (0 for an "all ones" or
+    /// "all clear" page), checked when the page is loaded.
     pub crcs: Vec<u32>,
 }
 
@@ -300,11 +310,12 @@ impl Header {
             put_u64(&mut b, 40, op.total);
         }
         let flags = pages.div_ceil(8);
-        for (i, (&s, &o)) in self.selectors.iter().zip(&self.ones).enumerate() {
-            b[HEADER_FIXED + i / 8] |= (s as u8) << (i % 8);
-            b[HEADER_FIXED + flags + i / 8] |= (o as u8) << (i % 8);
+        for i in 0..pages {
+            b[HEADER_FIXED + i / 8] |= (self.selectors[i] as u8) << (i % 8);
+            b[HEADER_FIXED + flags + i / 8] |= (self.ones[i] as u8) << (i % 8);
+            b[HEADER_FIXED + 2 * flags + i / 8] |= (self.zeros[i] as u8) << (i % 8);
         }
-        let crcs_at = HEADER_FIXED + 2 * flags;
+        let crcs_at = HEADER_FIXED + FLAG_ARRAYS * flags;
         for (i, &c) in self.crcs.iter().enumerate() {
             put_u32(&mut b, crcs_at + 4 * i, c);
         }
@@ -378,13 +389,21 @@ impl Header {
         };
         let bit = |at: usize, i: usize| b[at + i / 8] & (1 << (i % 8)) != 0;
         let flags = pages.div_ceil(8);
-        let crcs_at = HEADER_FIXED + 2 * flags;
+        let crcs_at = HEADER_FIXED + FLAG_ARRAYS * flags;
+        let ones: Vec<bool> = (0..pages).map(|i| bit(HEADER_FIXED + flags, i)).collect();
+        let zeros: Vec<bool> = (0..pages)
+            .map(|i| bit(HEADER_FIXED + 2 * flags, i))
+            .collect();
+        if ones.iter().zip(&zeros).any(|(&o, &z)| o && z) {
+            return None; // a page cannot be all ones and all clear
+        }
         Some(Header {
             generation: get_u64(b, 24),
             state,
             operation,
             selectors: (0..pages).map(|i| bit(HEADER_FIXED, i)).collect(),
-            ones: (0..pages).map(|i| bit(HEADER_FIXED + flags, i)).collect(),
+            ones,
+            zeros,
             crcs: (0..pages).map(|i| get_u32(b, crcs_at + 4 * i)).collect(),
         })
     }
@@ -469,6 +488,7 @@ mod tests {
             }),
             selectors: (0..layout.pages()).map(|i| i % 3 == 0).collect(),
             ones: (0..layout.pages()).map(|i| i % 5 == 1).collect(),
+            zeros: (0..layout.pages()).map(|i| i % 5 == 2).collect(),
             crcs: (0..layout.pages()).map(|i| i as u32 * 7).collect(),
         }
     }

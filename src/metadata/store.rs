@@ -350,17 +350,21 @@ impl<D: MetaDevice> MetadataStore<D> {
             operation: batch.operation,
             selectors: self.current.selectors.clone(),
             ones: self.current.ones.clone(),
+            zeros: self.current.zeros.clone(),
             crcs: self.current.crcs.clone(),
         };
         for (t, c, words) in &batch.chunks {
             let i = layout.page_index(*t, *c);
-            next.ones[i] = words.is_none();
-            let Some(words) = words else {
+            let fill = PageFill::of(words.as_deref());
+            next.ones[i] = fill == PageFill::Ones;
+            next.zeros[i] = fill == PageFill::Clear;
+            let Some(words) = words.as_deref().filter(|_| fill == PageFill::Mixed) else {
                 next.crcs[i] = 0;
                 continue;
             };
             // The copy the durable header does not read (with its "all
-            // ones" flag set it reads neither, and either copy is free).
+            // ones" or "all clear" flag set it reads neither, and either
+            // copy is free).
             let slot = !self.current.selectors[i];
             let page = page_buf(words);
             self.dev.write_at(&page, layout.page_offset(i, slot))?;
@@ -377,6 +381,27 @@ impl<D: MetaDevice> MetadataStore<D> {
             newest_header(&mut self.dev, &self.sb).map_err(|e| io::Error::other(e.to_string()))?;
         self.uncertain = false;
         Ok(())
+    }
+}
+
+/// What a committed page holds, as the header records it: only a mixed
+/// page is written and read back; the other two are a flag in the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PageFill {
+    Ones,
+    Clear,
+    Mixed,
+}
+
+impl PageFill {
+    /// `None` is a chunk the table took as "all ones" without its words.
+    fn of(words: Option<&[u64]>) -> Self {
+        match words {
+            None => PageFill::Ones,
+            Some(w) if w.iter().all(|&x| x == !0) => PageFill::Ones,
+            Some(w) if w.iter().all(|&x| x == 0) => PageFill::Clear,
+            Some(_) => PageFill::Mixed,
+        }
     }
 }
 
@@ -562,27 +587,33 @@ fn write_fresh<D: MetaDevice>(dev: &mut D, sb: &Superblock, vol: &Volume) -> Res
         at += n as u64;
     }
     let mut words = vec![0u64; CHUNK_WORDS];
-    let mut crcs = vec![0u32; layout.pages()];
+    let mut header = Header {
+        generation: 1,
+        state: vol.state(),
+        operation: vol.operation(),
+        selectors: vec![false; layout.pages()],
+        ones: vec![false; layout.pages()],
+        zeros: vec![false; layout.pages()],
+        crcs: vec![0u32; layout.pages()],
+    };
     for (t, table) in vol.tables.all().iter().enumerate() {
         for c in 0..table.chunks() {
             if !table.take_dirty_chunk(c, &mut words) {
                 table.snapshot_chunk(c, &mut words, true);
             }
             let i = layout.page_index(t, c);
-            let page = page_buf(&words);
-            crcs[i] = page_crc(&page);
-            dev.write_at(&page, layout.page_offset(i, false))?;
+            match PageFill::of(Some(&words)) {
+                PageFill::Ones => header.ones[i] = true,
+                PageFill::Clear => header.zeros[i] = true,
+                PageFill::Mixed => {
+                    let page = page_buf(&words);
+                    header.crcs[i] = page_crc(&page);
+                    dev.write_at(&page, layout.page_offset(i, false))?;
+                }
+            }
         }
     }
     vol.take_header_dirty();
-    let header = Header {
-        generation: 1,
-        state: vol.state(),
-        operation: vol.operation(),
-        selectors: vec![false; layout.pages()],
-        ones: vec![false; layout.pages()],
-        crcs,
-    };
     dev.flush()?;
     write_header(dev, sb, &header)?;
     dev.flush()?;
@@ -826,6 +857,9 @@ fn load_pages<D: MetaDevice>(
             if header.ones[i] {
                 table.load_chunk_ones(c);
                 continue;
+            }
+            if header.zeros[i] {
+                continue; // a new table is all clear: nothing to read or touch
             }
             let at = layout.page_offset(i, header.selectors[i]);
             dev.read_at(&mut b, at)?;

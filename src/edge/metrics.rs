@@ -2,6 +2,7 @@
 //! lock on the I/O path), rendered in the text exposition format on
 //! `GET /metrics` when `metrics.listen` is set.
 
+use crate::core::VolumeState;
 use crate::edge::control::Status;
 use crate::error::{Error, Result};
 use std::fmt::Write as _;
@@ -90,21 +91,13 @@ impl Metrics {
     }
 
     fn render_volume(&self, out: &mut String, s: &Status) {
-        const STATES: [&str; 6] = [
-            "established",
-            "syncing",
-            "split",
-            "restoring",
-            "resyncing",
-            "degraded",
-        ];
         head(
             out,
             "splitmirror_state",
             "gauge",
             "1 for the volume's current state",
         );
-        for st in STATES {
+        for st in VolumeState::ALL {
             let v = u8::from(s.state == st);
             let _ = writeln!(out, "splitmirror_state{{state=\"{st}\"}} {v}");
         }
@@ -337,7 +330,7 @@ mod tests {
             secondary: "/dev/b".into(),
             primary_id: "wwid:naa.5000c500a1b2c3d4".into(),
             secondary_id: "serial:S3Z9NB0K".into(),
-            state: "restoring".into(),
+            state: VolumeState::Restoring,
             track_size: 131072,
             tracks: 10,
             changed_since_split: 2,

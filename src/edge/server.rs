@@ -450,7 +450,7 @@ impl ControlTarget for Server {
             let bps = self.rate.lock().unwrap().sample(done * g.track_size());
             let left_bytes = remaining * g.track_size();
             OperationStatus {
-                kind: format!("{:?}", op.kind).to_lowercase(),
+                kind: op.kind,
                 incremental: op.incremental,
                 protect: op.protect,
                 total: op.total,
@@ -483,7 +483,7 @@ impl ControlTarget for Server {
             secondary: self.cfg.secondary.display().to_string(),
             primary_id: self.devs.primary.stable_id.clone(),
             secondary_id: self.devs.secondary.stable_id.clone(),
-            state: vol.state().name().to_string(),
+            state: vol.state(),
             track_size: g.track_size(),
             tracks: g.tracks(),
             changed_since_split: t.changed.count(),

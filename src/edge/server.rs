@@ -212,7 +212,7 @@ pub fn run(cfg: &Config) -> Result<()> {
         };
         let ctx = QueueCtx {
             vol: vol.clone(),
-            fds: [devs.primary.fd(), devs.secondary.fd()],
+            fds: devs.fds(),
             commit: commit.clone(),
             load: server.load.clone(),
             metrics: server.metrics.clone(),

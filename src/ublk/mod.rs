@@ -13,6 +13,7 @@ mod device;
 mod queue;
 mod ring;
 
+use crate::backend::DevFds;
 use crate::core::Volume;
 use crate::edge::metrics::Metrics;
 use crate::exec::load::HostLoad;
@@ -23,7 +24,6 @@ use libublk::io::UblkDev;
 use libublk::{sys, UblkFlags};
 use queue::queue_thread;
 use std::io;
-use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -48,7 +48,7 @@ pub struct QueueCtx {
     pub vol: Arc<Volume>,
     /// Raw fds of the primary and the secondary, kept open by the server
     /// for as long as the device exists.
-    pub fds: [RawFd; 2],
+    pub fds: DevFds,
     pub commit: CommitHandle,
     /// Host requests in flight: the copy engine backs off while there are.
     pub load: Arc<HostLoad>,

@@ -2,7 +2,8 @@
 //! onto the queue's own io_uring as SQEs, awaited by the tag's task.
 
 use crate::backend::buf::{AlignedBuf, BufCache};
-use crate::backend::Backend;
+use crate::backend::transfer::Transfer;
+use crate::backend::{Backend, DevFds};
 use crate::core::Dev;
 use crate::edge::metrics::Metrics;
 use crate::exec::load::HostLoad;
@@ -11,13 +12,12 @@ use io_uring::{opcode, types};
 use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::UblkUringData;
 use std::io;
-use std::os::fd::RawFd;
 use std::sync::Arc;
 
 /// The host path's backend on a ublk queue: target I/O goes onto the
 /// queue's own io_uring, so waiting never blocks the queue's other tags.
 pub(super) struct RingBackend {
-    pub(super) fds: [RawFd; 2],
+    pub(super) fds: DevFds,
     pub(super) commit: CommitHandle,
     pub(super) load: Arc<HostLoad>,
     pub(super) metrics: Arc<Metrics>,
@@ -32,10 +32,7 @@ pub(super) const MERGE_BUFS_KEPT: usize = 16;
 
 impl RingBackend {
     fn fd(&self, dev: Dev) -> types::Fd {
-        types::Fd(match dev {
-            Dev::Primary => self.fds[0],
-            Dev::Secondary => self.fds[1],
-        })
+        types::Fd(self.fds.get(dev))
     }
 }
 
@@ -51,47 +48,28 @@ async fn submit(sqe: io_uring::squeue::Entry) -> io::Result<i32> {
     }
 }
 
-fn short(done: usize, want: usize) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::UnexpectedEof,
-        format!("short transfer: {done} of {want} bytes"),
-    )
-}
-
 impl Backend for RingBackend {
     async fn read(&self, dev: Dev, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let want = buf.len();
-        let mut done = 0;
-        while done < want {
-            let rest = &mut buf[done..];
+        let mut t = Transfer::new(buf.len());
+        while !t.is_complete() {
+            let rest = &mut buf[t.done()..];
             let sqe = opcode::Read::new(self.fd(dev), rest.as_mut_ptr(), rest.len() as u32)
-                .offset(offset + done as u64)
+                .offset(offset + t.done() as u64)
                 .build();
-            match submit(sqe).await {
-                Ok(0) => return Err(short(done, want)),
-                Ok(n) => done += n as usize,
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
-                Err(e) => return Err(e),
-            }
+            t.advance(submit(sqe).await.map(|n| n as usize))?;
         }
         Ok(())
     }
 
     async fn write(&self, dev: Dev, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
-        let want = buf.len();
-        let mut done = 0;
-        while done < want {
-            let rest = &buf[done..];
+        let mut t = Transfer::new(buf.len());
+        while !t.is_complete() {
+            let rest = &buf[t.done()..];
             let sqe = opcode::Write::new(self.fd(dev), rest.as_ptr(), rest.len() as u32)
-                .offset(offset + done as u64)
+                .offset(offset + t.done() as u64)
                 .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
                 .build();
-            match submit(sqe).await {
-                Ok(0) => return Err(short(done, want)),
-                Ok(n) => done += n as usize,
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
-                Err(e) => return Err(e),
-            }
+            t.advance(submit(sqe).await.map(|n| n as usize))?;
         }
         Ok(())
     }

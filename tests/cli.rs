@@ -2,7 +2,7 @@
 //! binary's help, usage and config errors and exit codes, and the control
 //! socket against a fake server target run in this process.
 
-use splitmirror::core::Command;
+use splitmirror::core::{Command, OperationKind, VolumeState};
 use splitmirror::edge::config::Config;
 use splitmirror::edge::control::{
     self, client, ControlTarget, OperationStatus, Status, VerifyReport,
@@ -290,7 +290,7 @@ struct Fake {
 }
 
 impl Fake {
-    fn new(state: &str, mismatches: Vec<u64>) -> Arc<Fake> {
+    fn new(state: VolumeState, mismatches: Vec<u64>) -> Arc<Fake> {
         Arc::new(Fake {
             status: Mutex::new(Status {
                 name: "vol0".into(),
@@ -299,7 +299,7 @@ impl Fake {
                 secondary: "/dev/b".into(),
                 primary_id: "wwid:naa.5000c500a1b2c3d4".into(),
                 secondary_id: "serial:S3Z9NB0K".into(),
-                state: state.into(),
+                state,
                 track_size: 128 << 10,
                 tracks: 8192,
                 changed_since_split: 120,
@@ -318,7 +318,7 @@ impl Fake {
         })
     }
 
-    fn named(name: &str, state: &str) -> Arc<Fake> {
+    fn named(name: &str, state: VolumeState) -> Arc<Fake> {
         let f = Fake::new(state, vec![]);
         f.status.lock().unwrap().name = name.into();
         f
@@ -327,9 +327,9 @@ impl Fake {
     /// Starts a fake restore that advances with every status request.
     fn start_restore(&self) {
         let mut st = self.status.lock().unwrap();
-        st.state = "restoring".into();
+        st.state = VolumeState::Restoring;
         st.operation = Some(OperationStatus {
-            kind: "restore".into(),
+            kind: OperationKind::Restore,
             incremental: false,
             protect: false,
             total: 8192,
@@ -351,7 +351,7 @@ impl ControlTarget for Fake {
             op.percent = 100.0 * op.done as f64 / op.total as f64;
             if op.done == op.total {
                 st.operation = None;
-                st.state = "established".into();
+                st.state = VolumeState::Established;
             }
         }
         snapshot
@@ -359,13 +359,13 @@ impl ControlTarget for Fake {
 
     fn command(&self, cmd: Command) -> Result<()> {
         self.commands.lock().unwrap().push(cmd);
-        let state = self.status.lock().unwrap().state.clone();
-        match (cmd, state.as_str()) {
-            (Command::Split, "established") => {
-                self.status.lock().unwrap().state = "split".into();
+        let state = self.status.lock().unwrap().state;
+        match (cmd, state) {
+            (Command::Split, VolumeState::Established) => {
+                self.status.lock().unwrap().state = VolumeState::Split;
                 Ok(())
             }
-            (Command::Restore { .. }, "split") => {
+            (Command::Restore { .. }, VolumeState::Split) => {
                 self.start_restore();
                 Ok(())
             }
@@ -399,14 +399,14 @@ fn mode(p: &Path) -> u32 {
 fn socket_round_trips_and_modes() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("run/splitmirror/vol0.sock");
-    let fake = Fake::new("established", vec![]);
+    let fake = Fake::new(VolumeState::Established, vec![]);
     let server = control::serve(&sock, fake.clone()).unwrap();
     assert_eq!(mode(sock.parent().unwrap()), 0o700);
     assert_eq!(mode(&sock), 0o600);
 
     let st = client::status(&sock).unwrap();
     assert_eq!(st.name, "vol0");
-    assert_eq!(st.state, "established");
+    assert_eq!(st.state.name(), "established");
     client::command(&sock, Command::Split).unwrap();
     let e = client::command(&sock, Command::Split).unwrap_err();
     assert_eq!(e.exit_code(), 3, "{e}");
@@ -429,10 +429,10 @@ fn stale_socket_is_replaced_live_one_is_not() {
     let sock = dir.path().join("vol0.sock");
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     assert!(sock.exists(), "a dead server's socket file");
-    let server = control::serve(&sock, Fake::new("split", vec![])).unwrap();
-    assert_eq!(client::status(&sock).unwrap().state, "split");
+    let server = control::serve(&sock, Fake::new(VolumeState::Split, vec![])).unwrap();
+    assert_eq!(client::status(&sock).unwrap().state.name(), "split");
 
-    let e = control::serve(&sock, Fake::new("split", vec![]))
+    let e = control::serve(&sock, Fake::new(VolumeState::Split, vec![]))
         .err()
         .unwrap();
     assert_eq!(e.exit_code(), 1);
@@ -446,7 +446,7 @@ fn stale_socket_is_replaced_live_one_is_not() {
 
     let file = dir.path().join("plain-file");
     std::fs::write(&file, b"x").unwrap();
-    assert!(control::serve(&file, Fake::new("split", vec![])).is_err());
+    assert!(control::serve(&file, Fake::new(VolumeState::Split, vec![])).is_err());
     assert!(file.exists(), "a non-socket is never removed");
     drop(server);
 }
@@ -478,7 +478,7 @@ fn assert_rejected(reply: Option<serde_json::Value>, what: &str) {
 fn garbage_never_hurts_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vol0.sock");
-    let _server = control::serve(&sock, Fake::new("established", vec![])).unwrap();
+    let _server = control::serve(&sock, Fake::new(VolumeState::Established, vec![])).unwrap();
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("empty", vec![]),
         ("newline", b"\n".to_vec()),
@@ -520,11 +520,11 @@ fn garbage_never_hurts_the_server() {
 fn a_stalled_peer_does_not_block_others() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vol0.sock");
-    let _server = control::serve(&sock, Fake::new("established", vec![])).unwrap();
+    let _server = control::serve(&sock, Fake::new(VolumeState::Established, vec![])).unwrap();
     let mut stalled = UnixStream::connect(&sock).unwrap();
     stalled.write_all(b"{\"op\":").unwrap();
     let t = Instant::now();
-    assert_eq!(client::status(&sock).unwrap().state, "established");
+    assert_eq!(client::status(&sock).unwrap().state.name(), "established");
     assert!(
         t.elapsed() < Duration::from_secs(2),
         "answered while another peer stalls"
@@ -546,7 +546,7 @@ fn cli_against_fake_server() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vol0.sock");
     let s = sock.to_str().unwrap();
-    let fake = Fake::new("established", vec![]);
+    let fake = Fake::new(VolumeState::Established, vec![]);
     let _server = control::serve(&sock, fake.clone()).unwrap();
 
     let o = splitmirror(&["status", "--socket", s]);
@@ -556,7 +556,7 @@ fn cli_against_fake_server() {
 
     let o = splitmirror(&["status", "--json", "--socket", s]);
     let st: Status = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(st.state, "established");
+    assert_eq!(st.state.name(), "established");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["operation"].is_null());
 
@@ -590,7 +590,7 @@ fn wait_times_out_and_verify_mismatch_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vol0.sock");
     let s = sock.to_str().unwrap();
-    let fake = Fake::new("syncing", vec![3, 9]);
+    let fake = Fake::new(VolumeState::Syncing, vec![3, 9]);
     let _server = control::serve(&sock, fake).unwrap();
     // "syncing" without an operation that ever ends: wait must give up.
     let o = splitmirror(&["wait", "--timeout", "0.5", "--socket", s]);
@@ -637,13 +637,13 @@ impl Host {
         }
         std::fs::write(etc.join("example.yaml"), cfg("example")).unwrap();
         std::fs::write(etc.join("broken.yaml"), "name: Broken!\n").unwrap();
-        let vol0 = Fake::named("vol0", "split");
+        let vol0 = Fake::named("vol0", VolumeState::Split);
         {
             let mut st = vol0.status.lock().unwrap();
             st.split_time = Some(1_764_487_200);
             st.split_age_secs = Some(125);
         }
-        let orphan = Fake::named("orphan", "restoring");
+        let orphan = Fake::named("orphan", VolumeState::Restoring);
         orphan.start_restore();
         let servers = vec![
             control::serve(&run.join("vol0.sock"), vol0).unwrap(),
@@ -774,7 +774,7 @@ fn set_changes_settings_through_the_socket() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vol0.sock");
     let s = sock.to_str().unwrap();
-    let fake = Fake::new("restoring", vec![]);
+    let fake = Fake::new(VolumeState::Restoring, vec![]);
     let _server = control::serve(&sock, fake.clone()).unwrap();
     let o = splitmirror(&[
         SET,
@@ -865,7 +865,7 @@ fn other_users_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let sock = dir.path().join("vol0.sock");
-    let _server = control::serve(&sock, Fake::new("established", vec![])).unwrap();
+    let _server = control::serve(&sock, Fake::new(VolumeState::Established, vec![])).unwrap();
     let as_nobody = || {
         std::process::Command::new(BIN)
             .args(["status", "--socket", sock.to_str().unwrap()])
@@ -889,7 +889,7 @@ fn other_users_are_refused() {
 fn wait_gives_up_on_a_paused_copy() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vol0.sock");
-    let fake = Fake::new("restoring", vec![]);
+    let fake = Fake::new(VolumeState::Restoring, vec![]);
     fake.status.lock().unwrap().errors = vec!["read error on track 12".into()];
     let _server = control::serve(&sock, fake).unwrap();
     let o = splitmirror(&[
@@ -909,7 +909,7 @@ fn wait_gives_up_on_a_restore_paused_by_a_read_error() {
     // is paused and retried now and then.
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vol0.sock");
-    let fake = Fake::new("restoring", vec![]);
+    let fake = Fake::new(VolumeState::Restoring, vec![]);
     fake.start_restore();
     {
         let mut st = fake.status.lock().unwrap();

@@ -5,6 +5,7 @@
 //! copy engine use io_uring.
 
 use crate::backend::device::Devices;
+use crate::backend::transfer::Transfer;
 use crate::backend::Backend;
 use crate::core::Dev;
 use crate::metadata::CommitHandle;
@@ -28,77 +29,53 @@ impl BlockingBackend {
     }
 }
 
-/// Turns a short transfer into an error: direct I/O inside the device never
-/// stops early, so a short count means the device shrank or failed.
-fn full(done: usize, want: usize) -> io::Result<()> {
-    if done == want {
-        Ok(())
+/// A syscall's byte count, or the error its -1 stands for.
+fn count(n: isize) -> io::Result<usize> {
+    if n < 0 {
+        Err(io::Error::last_os_error())
     } else {
-        Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("short transfer: {done} of {want} bytes"),
-        ))
+        Ok(n as usize)
     }
 }
 
-pub fn pread_all(fd: RawFd, mut offset: u64, buf: &mut [u8]) -> io::Result<()> {
-    let want = buf.len();
-    let mut done = 0;
-    while done < want {
+pub fn pread_all(fd: RawFd, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    let mut t = Transfer::new(buf.len());
+    while !t.is_complete() {
         // SAFETY: the pointer and length describe the unfilled tail of `buf`.
         let n = unsafe {
             libc::pread(
                 fd,
-                buf[done..].as_mut_ptr().cast(),
-                want - done,
-                offset as libc::off_t,
+                buf[t.done()..].as_mut_ptr().cast(),
+                t.remaining(),
+                (offset + t.done() as u64) as libc::off_t,
             )
         };
-        match n {
-            n if n < 0 => {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            0 => break,
-            n => {
-                done += n as usize;
-                offset += n as u64;
-            }
-        }
+        t.advance(count(n))?;
     }
-    full(done, want)
+    Ok(())
 }
 
-pub fn pwrite_all(fd: RawFd, mut offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
-    let want = buf.len();
-    let mut done = 0;
+pub fn pwrite_all(fd: RawFd, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
+    let mut t = Transfer::new(buf.len());
     let flags = if fua { libc::RWF_DSYNC } else { 0 };
-    while done < want {
+    while !t.is_complete() {
         let iov = libc::iovec {
-            iov_base: buf[done..].as_ptr() as *mut libc::c_void,
-            iov_len: want - done,
+            iov_base: buf[t.done()..].as_ptr() as *mut libc::c_void,
+            iov_len: t.remaining(),
         };
         // SAFETY: one iovec over the unwritten tail of `buf`.
-        let n = unsafe { libc::pwritev2(fd, &iov, 1, offset as libc::off_t, flags) };
-        match n {
-            n if n < 0 => {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            0 => break,
-            n => {
-                done += n as usize;
-                offset += n as u64;
-            }
-        }
+        let n = unsafe {
+            libc::pwritev2(
+                fd,
+                &iov,
+                1,
+                (offset + t.done() as u64) as libc::off_t,
+                flags,
+            )
+        };
+        t.advance(count(n))?;
     }
-    full(done, want)
+    Ok(())
 }
 
 impl Backend for BlockingBackend {

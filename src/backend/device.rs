@@ -134,6 +134,11 @@ impl Devices {
         Ok(devs)
     }
 
+    /// The raw fds of both devices, for the io_uring backends.
+    pub fn fds(&self) -> crate::backend::DevFds {
+        crate::backend::DevFds::new(self.primary.fd(), self.secondary.fd())
+    }
+
     pub fn get(&self, dev: Dev) -> &DataDev {
         match dev {
             Dev::Primary => &self.primary,

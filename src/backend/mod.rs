@@ -11,13 +11,30 @@
 use crate::core::Dev;
 use buf::AlignedBuf;
 use std::io;
+use std::os::fd::RawFd;
 
 pub(crate) mod blocking;
 pub mod buf;
 pub mod device;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+pub(crate) mod transfer;
 pub mod uring;
+
+/// The raw fds of the primary and the secondary, by [`Dev`] (not owned: the
+/// server keeps the devices open while any backend uses them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DevFds([RawFd; 2]);
+
+impl DevFds {
+    pub fn new(primary: RawFd, secondary: RawFd) -> Self {
+        DevFds([primary, secondary])
+    }
+
+    pub fn get(self, dev: Dev) -> RawFd {
+        self.0[dev.index()]
+    }
+}
 
 /// What an executor offers the host path: device I/O, a way to wait, and
 /// the metadata committer.

@@ -52,13 +52,6 @@ pub struct Volatile {
     caches: [WriteCache; 2],
 }
 
-fn dev_index(dev: Dev) -> usize {
-    match dev {
-        Dev::Primary => 0,
-        Dev::Secondary => 1,
-    }
-}
-
 impl SimDisks {
     pub fn new(size: usize) -> Rc<Self> {
         Rc::new(SimDisks {
@@ -114,7 +107,7 @@ impl SimDisks {
             }
             if let Some(v) = &self.volatile {
                 v.power.tick()?;
-                v.caches[dev_index(dev)].flush();
+                v.caches[dev.index()].flush();
             }
         }
         Ok(())
@@ -214,7 +207,7 @@ impl Backend for SimBackend {
         }
         if let Some(v) = &self.disks.volatile {
             v.power.tick()?;
-            v.caches[dev_index(dev)].record(offset, buf, fua);
+            v.caches[dev.index()].record(offset, buf, fua);
         }
         if dev == Dev::Secondary {
             let w = &self.disks.secondary_written;

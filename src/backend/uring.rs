@@ -17,7 +17,8 @@
 //! Any other buffer (a host request's) goes through plain `READ`/`WRITE`.
 
 use crate::backend::buf::{AlignedBuf, Lender};
-use crate::backend::Backend;
+use crate::backend::transfer::Transfer;
+use crate::backend::{Backend, DevFds};
 use crate::core::Dev;
 use io_uring::{opcode, squeue, types, IoUring};
 use std::cell::{Cell, RefCell};
@@ -69,7 +70,7 @@ type FailedHook = Box<dyn Fn() -> bool>;
 
 pub struct UringBackend {
     ring: RefCell<IoUring>,
-    fds: [RawFd; 2],
+    fds: DevFds,
     slots: RefCell<Vec<Slot>>,
     free: RefCell<Vec<usize>>,
     /// Operations in the ring whose completion has not been reaped.
@@ -110,7 +111,7 @@ impl UringBackend {
         };
         Ok(UringBackend {
             ring: RefCell::new(ring),
-            fds: [primary, secondary],
+            fds: DevFds::new(primary, secondary),
             slots: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             inflight: Cell::new(0),
@@ -146,10 +147,7 @@ impl UringBackend {
     }
 
     fn fd(&self, dev: Dev) -> types::Fd {
-        types::Fd(match dev {
-            Dev::Primary => self.fds[0],
-            Dev::Secondary => self.fds[1],
-        })
+        types::Fd(self.fds.get(dev))
     }
 
     /// Runs `fut` to completion on this thread, driving the ring.
@@ -264,15 +262,13 @@ impl UringBackend {
         fua: bool,
     ) -> io::Result<()> {
         let fd = self.fd(dev);
-        let mut done = 0usize;
-        // A short transfer (rare: only at end of file) is resumed from where
-        // it stopped.
-        while done < len {
+        let mut t = Transfer::new(len);
+        while !t.is_complete() {
             // SAFETY: ptr..ptr+len is the caller's buffer, borrowed for the
             // whole call.
-            let p = unsafe { ptr.add(done) };
-            let n = (len - done).min(1 << 30) as u32;
-            let off = offset + done as u64;
+            let p = unsafe { ptr.add(t.done()) };
+            let n = t.remaining().min(1 << 30) as u32;
+            let off = offset + t.done() as u64;
             let flags = if fua { libc::RWF_DSYNC } else { 0 };
             let idx = self.pool_index(p, n as usize);
             if idx.is_some() {
@@ -291,16 +287,11 @@ impl UringBackend {
                     .build(),
             };
             let res = self.op(entry).await;
-            if res < 0 {
-                return Err(io::Error::from_raw_os_error(-res));
-            }
-            if res == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("{dev:?}: transfer at {off} ended early"),
-                ));
-            }
-            done += res as usize;
+            t.advance(if res < 0 {
+                Err(io::Error::from_raw_os_error(-res))
+            } else {
+                Ok(res as usize)
+            })?;
         }
         Ok(())
     }

@@ -11,6 +11,17 @@ pub enum Dev {
     Secondary,
 }
 
+impl Dev {
+    /// The device's place in per-device arrays (fds, caches): the primary
+    /// first, the secondary second. The one place this order is written.
+    pub fn index(self) -> usize {
+        match self {
+            Dev::Primary => 0,
+            Dev::Secondary => 1,
+        }
+    }
+}
+
 /// A set of data devices (for writes and flushes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DevSet {

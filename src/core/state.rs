@@ -3,21 +3,25 @@
 
 use serde::{Deserialize, Serialize};
 
+/// A volume's state. The names (`name`, serde, `Display`) are the ones
+/// the control socket, the command line and the metrics show; the codes
+/// (`code`) are the metadata header's, written out here so that reordering
+/// the enum cannot change the on-disk format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VolumeState {
     /// Mirroring: writes go to both devices, reads come from the primary.
-    Established,
+    Established = 0,
     /// Establish copy primary→secondary in progress; host I/O live.
-    Syncing,
+    Syncing = 1,
     /// Secondary frozen; primary changes recorded in "changed since split".
-    Split,
+    Split = 2,
     /// Copy secondary→primary in progress; secondary write-disabled.
-    Restoring,
+    Restoring = 3,
     /// After a restore: tracks written during it go primary→secondary.
-    Resyncing,
+    Resyncing = 4,
     /// The secondary failed while mirroring; behaves as split.
-    Degraded,
+    Degraded = 5,
 }
 
 impl VolumeState {
@@ -41,12 +45,15 @@ impl VolumeState {
         }
     }
 
+    /// The state's code in the metadata header (and in `Volume`'s atomic).
     pub fn code(self) -> u8 {
         self as u8
     }
 
+    /// The state a metadata header's code names; `None` for a code no
+    /// state has.
     pub fn from_code(c: u8) -> Option<Self> {
-        Self::ALL.get(c as usize).copied()
+        Self::ALL.into_iter().find(|s| s.code() == c)
     }
 
     /// The copy this state runs in the background, if any.
@@ -74,12 +81,46 @@ impl std::fmt::Display for VolumeState {
     }
 }
 
+/// The copy an operation runs. Named and coded like `VolumeState`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OperationKind {
-    Establish,
-    Restore,
-    Resync,
+    Establish = 0,
+    Restore = 1,
+    Resync = 2,
+}
+
+impl OperationKind {
+    pub const ALL: [OperationKind; 3] = [
+        OperationKind::Establish,
+        OperationKind::Restore,
+        OperationKind::Resync,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OperationKind::Establish => "establish",
+            OperationKind::Restore => "restore",
+            OperationKind::Resync => "resync",
+        }
+    }
+
+    /// The kind's code in the metadata header.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The kind a metadata header's code names; `None` for a code no kind
+    /// has.
+    pub fn from_code(c: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.code() == c)
+    }
+}
+
+impl std::fmt::Display for OperationKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// The copy operation in progress and how it was asked for.
@@ -150,4 +191,59 @@ pub fn check_command(state: VolumeState, cmd: Command) -> Result<(), TransitionE
         state,
         hint,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The metadata header stores these codes: they must never change.
+    #[test]
+    fn on_disk_codes_are_pinned() {
+        let states = [
+            (VolumeState::Established, 0),
+            (VolumeState::Syncing, 1),
+            (VolumeState::Split, 2),
+            (VolumeState::Restoring, 3),
+            (VolumeState::Resyncing, 4),
+            (VolumeState::Degraded, 5),
+        ];
+        assert_eq!(states.len(), VolumeState::ALL.len());
+        for (s, code) in states {
+            assert_eq!(s.code(), code, "{s}");
+            assert_eq!(VolumeState::from_code(code), Some(s));
+        }
+        let kinds = [
+            (OperationKind::Establish, 0),
+            (OperationKind::Restore, 1),
+            (OperationKind::Resync, 2),
+        ];
+        assert_eq!(kinds.len(), OperationKind::ALL.len());
+        for (k, code) in kinds {
+            assert_eq!(k.code(), code, "{k}");
+            assert_eq!(OperationKind::from_code(code), Some(k));
+        }
+        assert_eq!(VolumeState::from_code(6), None);
+        assert_eq!(OperationKind::from_code(3), None);
+    }
+
+    /// The names shown everywhere (JSON, command line, metrics) are the
+    /// ones `name` spells.
+    #[test]
+    fn names_are_the_serde_names() {
+        for s in VolumeState::ALL {
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.name())
+            );
+            assert_eq!(s.to_string(), s.name());
+        }
+        for k in OperationKind::ALL {
+            assert_eq!(
+                serde_json::to_string(&k).unwrap(),
+                format!("\"{}\"", k.name())
+            );
+            assert_eq!(k.to_string(), k.name());
+        }
+    }
 }

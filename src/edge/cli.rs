@@ -2,7 +2,7 @@
 //! runs the command and turns every failure into one stderr line and the
 //! exit code of its [`Error`] (1 runtime, 2 usage/config, 3 wrong state).
 
-use crate::core::Command;
+use crate::core::{Command, OperationKind};
 use crate::edge::config::Config;
 use crate::edge::control::{client, OperationStatus, Status, VerifyReport};
 use crate::error::{Error, Result};
@@ -460,7 +460,7 @@ fn status_rows(st: &Status) -> Vec<(&'static str, String)> {
     let mut rows = vec![
         ("Name", st.name.clone()),
         ("Device", st.device.clone().unwrap_or_else(|| "-".into())),
-        ("State", st.state.clone()),
+        ("State", st.state.to_string()),
         ("Primary", st.primary.clone()),
         ("Secondary", st.secondary.clone()),
         ("Primary Id", id_or_dash(&st.primary_id)),
@@ -679,7 +679,7 @@ const PLAIN_INTERVAL: Duration = Duration::from_secs(5);
 /// Whether a copy is running, or about to run (the state says so before the
 /// operation shows up, e.g. between restore and resync).
 fn busy(st: &Status) -> bool {
-    st.operation.is_some() || matches!(st.state.as_str(), "syncing" | "restoring" | "resyncing")
+    st.operation.is_some() || st.state.copy_kind().is_some()
 }
 
 fn wait(socket: &Path, timeout: Option<f64>) -> Result<()> {
@@ -756,7 +756,7 @@ fn paused_error(st: &Status) -> Error {
 }
 
 fn timed_out(st: &Status, secs: f64) -> Error {
-    let what = st.operation.as_ref().map_or(st.state.clone(), |op| {
+    let what = st.operation.as_ref().map_or(st.state.to_string(), |op| {
         format!("{} at {:.1}%", op.kind, op.percent)
     });
     Error::runtime(format!(
@@ -768,7 +768,7 @@ fn timed_out(st: &Status, secs: f64) -> Error {
 /// Progress as a bar on a terminal, or a plain line every few seconds.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
-    kind: String,
+    kind: Option<OperationKind>,
     terminal: bool,
     last_line: Option<Instant>,
 }
@@ -777,7 +777,7 @@ impl Progress {
     fn new(terminal: bool) -> Progress {
         Progress {
             bar: None,
-            kind: String::new(),
+            kind: None,
             terminal,
             last_line: None,
         }
@@ -795,10 +795,10 @@ impl Progress {
 
     /// A new bar per operation kind, since restore is followed by resync.
     fn update_bar(&mut self, op: &OperationStatus) {
-        if self.bar.is_none() || self.kind != op.kind {
+        if self.bar.is_none() || self.kind != Some(op.kind) {
             self.finish();
             self.bar = Some(new_bar(op));
-            self.kind = op.kind.clone();
+            self.kind = Some(op.kind);
         }
         if let Some(bar) = &self.bar {
             bar.set_length(op.total);
@@ -823,7 +823,7 @@ fn new_bar(op: &OperationStatus) -> indicatif::ProgressBar {
     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
     .progress_chars("=> ");
     bar.set_style(style);
-    bar.set_prefix(op.kind.clone());
+    bar.set_prefix(op.kind.name());
     bar
 }
 
@@ -882,6 +882,8 @@ pub fn render_verify(r: &VerifyReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::VolumeState;
+    use clap::CommandFactory;
 
     #[test]
     fn clap_definition_is_consistent() {
@@ -917,14 +919,14 @@ mod tests {
             secondary: "/dev/b".into(),
             primary_id: "wwid:naa.5000c500a1b2c3d4".into(),
             secondary_id: "serial:S3Z9NB0K".into(),
-            state: "restoring".into(),
+            state: VolumeState::Restoring,
             track_size: 128 << 10,
             tracks: 8192,
             changed_since_split: 120,
             restore_pending: 7001,
             secondary_stale: 14,
             operation: Some(OperationStatus {
-                kind: "restore".into(),
+                kind: OperationKind::Restore,
                 incremental: false,
                 protect: false,
                 total: 8192,

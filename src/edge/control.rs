@@ -11,7 +11,7 @@
 //! server-side [`Error`] maps to, so the CLI exits exactly as if the error
 //! had happened in-process.
 
-use crate::core::Command;
+use crate::core::{Command, OperationKind, VolumeState};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -66,7 +66,7 @@ pub struct Status {
     pub primary_id: String,
     #[serde(default)]
     pub secondary_id: String,
-    pub state: String,
+    pub state: VolumeState,
     pub track_size: u64,
     pub tracks: u64,
     pub changed_since_split: u64,
@@ -91,8 +91,7 @@ pub struct Status {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OperationStatus {
-    /// "restore" | "establish" | "resync"
-    pub kind: String,
+    pub kind: OperationKind,
     pub incremental: bool,
     pub protect: bool,
     pub total: u64,

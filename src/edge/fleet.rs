@@ -53,7 +53,7 @@ impl Entry {
     /// `stopped` and `invalid` besides the volume states.
     pub fn state(&self) -> String {
         match (&self.status, &self.error) {
-            (Some(s), _) => s.state.clone(),
+            (Some(s), _) => s.state.name().to_string(),
             (None, Some(_)) if self.socket.is_none() => "invalid".into(),
             _ => "stopped".into(),
         }
@@ -180,7 +180,7 @@ fn row(e: &Entry) -> ListRow {
         state: e.state(),
         operation: st
             .and_then(|s| s.operation.as_ref())
-            .map(|o| o.kind.clone()),
+            .map(|o| o.kind.name().to_string()),
         percent: st.and_then(|s| s.operation.as_ref()).map(|o| o.percent),
         split_time: st.and_then(|s| s.split_time),
         split_age_secs: st.and_then(|s| s.split_age_secs),

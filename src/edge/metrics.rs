@@ -4,6 +4,7 @@
 //! Every sample carries `volume="NAME"`; counters end in `_total`, gauges
 //! never do.
 
+use crate::core::VolumeState;
 use crate::edge::control::Status;
 use crate::error::{Error, Result};
 use prometheus_client::collector::Collector;
@@ -119,15 +120,6 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-const STATES: [&str; 6] = [
-    "established",
-    "syncing",
-    "split",
-    "restoring",
-    "resyncing",
-    "degraded",
-];
-
 fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
     let g = ConstGauge::new(v as i64);
     g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
@@ -155,8 +147,8 @@ impl Scrape {
             None,
             MetricType::Gauge,
         )?;
-        for st in STATES {
-            let labels = [("state", st)];
+        for st in VolumeState::ALL {
+            let labels = [("state", st.name())];
             m.encode_family(&labels)?
                 .encode_gauge(&i64::from(s.state == st))?;
         }
@@ -392,7 +384,7 @@ mod tests {
             secondary: "/dev/b".into(),
             primary_id: "wwid:naa.5000c500a1b2c3d4".into(),
             secondary_id: "serial:S3Z9NB0K".into(),
-            state: "restoring".into(),
+            state: VolumeState::Restoring,
             track_size: 131072,
             tracks: 10,
             changed_since_split: 2,

@@ -233,7 +233,7 @@ pub fn run(cfg: &Config) -> Result<()> {
         };
         let ctx = QueueCtx {
             vol: vol.clone(),
-            fds: [devs.primary.fd(), devs.secondary.fd()],
+            fds: devs.fds(),
             commit: commit.clone(),
             load: server.load.clone(),
             metrics: server.metrics.clone(),
@@ -657,7 +657,7 @@ impl ControlTarget for Server {
             let bps = self.rate.lock().unwrap().sample(done * g.track_size());
             let left_bytes = remaining * g.track_size();
             OperationStatus {
-                kind: format!("{:?}", op.kind).to_lowercase(),
+                kind: op.kind,
                 incremental: op.incremental,
                 protect: op.protect,
                 total: op.total,
@@ -694,7 +694,7 @@ impl ControlTarget for Server {
             secondary: self.cfg.secondary.display().to_string(),
             primary_id: self.devs.primary.stable_id.clone(),
             secondary_id: self.devs.secondary.stable_id.clone(),
-            state: vol.state().name().to_string(),
+            state: vol.state(),
             track_size: g.track_size(),
             tracks: g.tracks(),
             changed_since_split: t.changed.count(),
@@ -889,7 +889,7 @@ impl Server {
         let st = self.status();
         let mut line = match &st.operation {
             Some(op) => crate::edge::cli::progress_line(op).replacen(':', "", 1),
-            None => st.state.clone(),
+            None => st.state.name().to_string(),
         };
         if st.operation.is_some() {
             line = format!("{}: {line}", st.state);

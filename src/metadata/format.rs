@@ -263,24 +263,6 @@ pub enum Slot {
     },
 }
 
-fn kind_code(k: OperationKind) -> u8 {
-    match k {
-        OperationKind::Establish => 0,
-        OperationKind::Restore => 1,
-        OperationKind::Resync => 2,
-    }
-}
-
-fn kind_from(c: u8) -> Option<OperationKind> {
-    [
-        OperationKind::Establish,
-        OperationKind::Restore,
-        OperationKind::Resync,
-    ]
-    .get(c as usize)
-    .copied()
-}
-
 /// A sector's trailer: the generation of the header it belongs to, then a
 /// crc32c of the sector's first 508 bytes.
 fn seal_sector(s: &mut [u8], generation: u64) {
@@ -304,7 +286,7 @@ impl Header {
         b[32] = self.state.code();
         if let Some(op) = self.operation {
             b[33] = 1;
-            b[34] = kind_code(op.kind);
+            b[34] = op.kind.code();
             b[35] = op.incremental as u8;
             b[36] = op.protect as u8;
             put_u64(&mut b, 40, op.total);
@@ -380,7 +362,7 @@ impl Header {
         let operation = match b[33] {
             0 => None,
             1 => Some(Operation {
-                kind: kind_from(b[34])?,
+                kind: OperationKind::from_code(b[34])?,
                 incremental: b[35] != 0,
                 protect: b[36] != 0,
                 total: get_u64(b, 40),

@@ -1,0 +1,224 @@
+//! The volume: its state, its track tables, and the rules that turn host
+//! requests and copy steps into plans. See the module header in `core/mod.rs`.
+//!
+//! This file owns the `Volume` struct, its constructors, the state and
+//! operation accessors and what the metadata store reads of it (header
+//! dirty flag, snapshot lock, flush set). The rules live by concern:
+//!
+//! - `gate.rs`: admission (tickets) and the gate a state change closes;
+//! - `read.rs`: where a host read comes from, what a flush reaches;
+//! - `write.rs`: host writes, from plan to finish, and write failures;
+//! - `copy.rs`: picking copy jobs, finishing them, idle write intent;
+//! - `repair.rs`: track locks for read repair and `verify`;
+//! - `transition.rs`: operator commands, completion, degrading, crash
+//!   recovery of write intent.
+
+mod copy;
+mod gate;
+mod read;
+mod repair;
+mod transition;
+mod write;
+
+pub use gate::{Ticket, Wait};
+pub use repair::VerifyLock;
+
+use super::bitmap::AtomicBitmap;
+use super::commit::CommitClock;
+use super::geometry::Geometry;
+use super::locks::TrackLocks;
+use super::plan::*;
+use super::state::{Operation, OperationKind, VolumeState};
+use super::table::TrackTable;
+use gate::Gate;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
+use std::sync::{Mutex, MutexGuard};
+
+/// The persistent track tables.
+pub struct Tables {
+    /// Primary tracks written since the split: they differ from the frozen
+    /// secondary (split, degraded; during a restore, tracks the host wrote).
+    pub changed: TrackTable,
+    /// Restore pending: primary invalid, secondary valid (claim 4).
+    pub pending: TrackTable,
+    /// Secondary stale: to be copied primary→secondary (syncing, resyncing).
+    pub stale: TrackTable,
+    /// Write intent: mirror writes may be in flight here. Set before a
+    /// mirror write is issued, cleared lazily once the track is idle; after
+    /// a crash these tracks are resynced.
+    pub intent: TrackTable,
+}
+
+/// Table identifiers, in their on-disk order.
+pub const TABLE_NAMES: [&str; 4] = ["changed", "pending", "stale", "intent"];
+
+impl Tables {
+    fn new(tracks: u64) -> Self {
+        Tables {
+            changed: TrackTable::new(tracks),
+            pending: TrackTable::new(tracks),
+            stale: TrackTable::new(tracks),
+            intent: TrackTable::new(tracks),
+        }
+    }
+
+    pub fn all(&self) -> [&TrackTable; 4] {
+        [&self.changed, &self.pending, &self.stale, &self.intent]
+    }
+}
+
+pub struct Volume {
+    geometry: Geometry,
+    state: AtomicU8,
+    operation: Mutex<Option<Operation>>,
+    pub tables: Tables,
+    locks: TrackLocks,
+    /// Pending tracks the host is reading: the copy engine takes them first.
+    hot: AtomicBitmap,
+    /// Bits set in `hot`, so that `next_copies` skips scanning the whole
+    /// bitmap (128K words at 1 TiB) on every batch when none is.
+    hot_count: AtomicU64,
+    copy_cursor: AtomicU64,
+    pub clock: CommitClock,
+    header_dirty: AtomicBool,
+    /// Data devices the next commit must flush first (bits: 1 primary,
+    /// 2 secondary): set *before* a bit is cleared that claims data is on a
+    /// device (copied, restored, intent done), taken by the store *after* it
+    /// snapshots the tables. So every clear a commit carries is covered by
+    /// that commit's flush or an earlier one.
+    flush_needed: AtomicU8,
+    /// Held by state changes and by the store while it snapshots, so a
+    /// commit never records a state change's tables without its header.
+    snapshot_lock: Mutex<()>,
+    /// The secondary failed a flush: it is out until the next `establish`
+    /// (see `secondary_flush_failed`).
+    secondary_out: AtomicBool,
+    /// Primary read errors served from the secondary (read repair).
+    read_repairs: AtomicU64,
+    gate: Gate,
+    /// Bumped whenever a lock is released or the state changes, so waiters
+    /// know when to look again.
+    progress: AtomicU64,
+}
+
+impl Volume {
+    /// A volume in `state` with every table clear.
+    pub fn new(geometry: Geometry, state: VolumeState) -> Self {
+        let tracks = geometry.tracks();
+        Volume {
+            geometry,
+            state: AtomicU8::new(state.code()),
+            operation: Mutex::new(None),
+            tables: Tables::new(tracks),
+            locks: TrackLocks::new(tracks),
+            hot: AtomicBitmap::new(tracks),
+            hot_count: AtomicU64::new(0),
+            copy_cursor: AtomicU64::new(0),
+            clock: CommitClock::default(),
+            header_dirty: AtomicBool::new(true),
+            flush_needed: AtomicU8::new(0),
+            snapshot_lock: Mutex::new(()),
+            secondary_out: AtomicBool::new(false),
+            read_repairs: AtomicU64::new(0),
+            gate: Gate::default(),
+            progress: AtomicU64::new(0),
+        }
+    }
+
+    /// A freshly formatted volume: `syncing` with every track stale, or
+    /// `established` with nothing to copy (`--assume-clean`).
+    pub fn formatted(geometry: Geometry, assume_clean: bool) -> Self {
+        if assume_clean {
+            return Volume::new(geometry, VolumeState::Established);
+        }
+        let v = Volume::new(geometry, VolumeState::Syncing);
+        v.tables.stale.fill();
+        v.set_operation(Some(Operation {
+            kind: OperationKind::Establish,
+            incremental: false,
+            protect: false,
+            total: geometry.tracks(),
+        }));
+        v
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    pub fn state(&self) -> VolumeState {
+        VolumeState::from_code(self.state.load(SeqCst)).expect("valid state code")
+    }
+
+    fn set_state(&self, s: VolumeState) {
+        self.state.store(s.code(), SeqCst);
+        self.header_dirty.store(true, SeqCst);
+        self.bump();
+    }
+
+    pub fn operation(&self) -> Option<Operation> {
+        *self.operation.lock().unwrap()
+    }
+
+    fn set_operation(&self, op: Option<Operation>) {
+        *self.operation.lock().unwrap() = op;
+        self.header_dirty.store(true, SeqCst);
+    }
+
+    /// Restores state and operation from committed metadata.
+    pub fn load_header(&self, state: VolumeState, op: Option<Operation>) {
+        self.state.store(state.code(), SeqCst);
+        *self.operation.lock().unwrap() = op;
+        self.header_dirty.store(false, SeqCst);
+    }
+
+    /// For the metadata store: whether state or operation changed since the
+    /// last commit (clears the flag).
+    pub fn take_header_dirty(&self) -> bool {
+        self.header_dirty.swap(false, SeqCst)
+    }
+
+    /// For the metadata store after a failed commit: the header must be
+    /// written again.
+    pub fn mark_header_dirty(&self) {
+        self.header_dirty.store(true, SeqCst);
+    }
+
+    /// For the metadata store: held while it takes the header and the dirty
+    /// chunks, so that a state change is recorded whole or not at all.
+    pub fn lock_snapshot(&self) -> MutexGuard<'_, ()> {
+        self.snapshot_lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that the next commit must flush `devs` first (also used by
+    /// the store to hand back the flush of a commit that failed).
+    pub fn need_flush(&self, devs: DevSet) {
+        let bits = devs.primary as u8 | (devs.secondary as u8) << 1;
+        self.flush_needed.fetch_or(bits, SeqCst);
+    }
+
+    /// For the metadata store, after it took the dirty chunks: the data
+    /// devices to flush before writing them (see `flush_needed`).
+    pub fn take_flush_set(&self) -> DevSet {
+        let bits = self.flush_needed.swap(0, SeqCst);
+        DevSet {
+            primary: bits & 1 != 0,
+            // A secondary that failed a flush is out with every track
+            // changed: no commit claims anything about its data.
+            secondary: bits & 2 != 0 && !self.secondary_out(),
+        }
+    }
+
+    /// Whether anything awaits a metadata commit.
+    pub fn needs_commit(&self) -> bool {
+        self.header_dirty.load(SeqCst) || self.tables.all().iter().any(|t| t.has_dirty_chunks())
+    }
+
+    pub fn progress(&self) -> u64 {
+        self.progress.load(SeqCst)
+    }
+
+    fn bump(&self) {
+        self.progress.fetch_add(1, SeqCst);
+    }
+}

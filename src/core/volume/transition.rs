@@ -1,0 +1,213 @@
+//! State changes: operator commands, moving on when a copy is done,
+//! splitting the secondary off after a failure, and folding write intent
+//! into the tables after a crash.
+
+use super::Volume;
+use crate::core::plan::*;
+use crate::core::state::{
+    check_command, Command, Operation, OperationKind, TransitionError, VolumeState,
+};
+use std::sync::atomic::Ordering::SeqCst;
+
+impl Volume {
+    /// A FLUSH of the secondary failed: whatever it had in its volatile
+    /// cache may be lost, and splitmirror does not know which tracks those
+    /// were (bits cleared since its last good flush claim data that may be
+    /// gone). So the secondary is split off with every track recorded as
+    /// changed: the next `establish` copies the whole volume. From then on
+    /// no commit waits for the secondary's flush. Returns whether the
+    /// volume changed (false while restoring: the secondary is not written
+    /// then, and the restore's start flushed it, so nothing depends on it).
+    pub fn secondary_flush_failed(&self) -> bool {
+        let _snapshot = self.lock_snapshot();
+        if self.state() == VolumeState::Restoring || self.secondary_out.swap(true, SeqCst) {
+            return false;
+        }
+        self.tables.changed.fill();
+        self.tables.stale.clear_all();
+        self.set_operation(None);
+        self.set_state(VolumeState::Degraded);
+        true
+    }
+
+    /// Whether the secondary was split off after a failed flush (until the
+    /// next `establish`).
+    pub fn secondary_out(&self) -> bool {
+        self.secondary_out.load(SeqCst)
+    }
+
+    /// The secondary failed while mirroring: split it off. No drain is
+    /// needed: every mirror write in flight has its intent bit set, and
+    /// intent is folded into "changed".
+    pub fn degrade(&self) {
+        let _snapshot = self.lock_snapshot();
+        let state = self.state();
+        if !state.mirrors() {
+            return;
+        }
+        self.set_state(VolumeState::Degraded);
+        self.tables.changed.merge_from(&self.tables.intent);
+        self.tables.changed.merge_from(&self.tables.stale);
+        self.tables.stale.clear_all();
+        self.set_operation(None);
+    }
+
+    // ---- state changes --------------------------------------------------
+
+    /// Whether `cmd` is valid now (checked before draining host I/O).
+    pub fn check(&self, cmd: Command) -> Result<(), TransitionError> {
+        check_command(self.state(), cmd)
+    }
+
+    /// Applies an operator command. The gate must be closed and drained.
+    /// Every change here is word-wise, so it takes microseconds at any size.
+    pub fn apply(&self, cmd: Command) -> Result<(), TransitionError> {
+        debug_assert!(self.is_drained());
+        // Checked under the snapshot lock: the committer may split the
+        // secondary off (`secondary_flush_failed`) at any time.
+        let _snapshot = self.lock_snapshot();
+        check_command(self.state(), cmd)?;
+        // Split clears write intent: the mirror writes under it must be
+        // durable on both devices first.
+        self.need_flush(DevSet::BOTH);
+        let tables = &self.tables;
+        match cmd {
+            Command::Split => {
+                // Drained: every mirror write has reached both devices.
+                tables.intent.clear_all();
+                tables.changed.clear_all();
+                self.set_state(VolumeState::Split);
+            }
+            Command::Establish { full } => {
+                // A repaired or replaced secondary is back in.
+                self.secondary_out.store(false, SeqCst);
+                let total = if full {
+                    tables.stale.fill()
+                } else {
+                    tables.stale.copy_from(&tables.changed)
+                };
+                tables.changed.clear_all();
+                self.start(
+                    VolumeState::Syncing,
+                    OperationKind::Establish,
+                    !full,
+                    false,
+                    total,
+                );
+            }
+            Command::Restore {
+                incremental,
+                protect,
+            } => {
+                // Claims 10, 11: which tracks to restore.
+                let total = if incremental {
+                    tables.pending.copy_from(&tables.changed)
+                } else {
+                    tables.pending.fill()
+                };
+                // From here on "changed" records what the host writes during
+                // the restore (claim 2).
+                tables.changed.clear_all();
+                self.start(
+                    VolumeState::Restoring,
+                    OperationKind::Restore,
+                    incremental,
+                    protect,
+                    total,
+                );
+            }
+        }
+        self.complete_locked();
+        Ok(())
+    }
+
+    pub(super) fn start(
+        &self,
+        state: VolumeState,
+        kind: OperationKind,
+        incremental: bool,
+        protect: bool,
+        total: u64,
+    ) {
+        self.copy_cursor.store(0, SeqCst);
+        self.set_operation(Some(Operation {
+            kind,
+            incremental,
+            protect,
+            total,
+        }));
+        self.set_state(state);
+    }
+
+    /// Moves on when the running copy has nothing left; returns whether the
+    /// state changed. The gate must be closed and drained.
+    pub fn complete_if_done(&self) -> bool {
+        let _snapshot = self.lock_snapshot();
+        self.complete_locked()
+    }
+
+    fn complete_locked(&self) -> bool {
+        // `is_clear` stops at the first set word: right after a restore
+        // starts this is one load, not a count over the whole table.
+        if self.copy_source().is_none_or(|(t, _, _)| !t.is_clear()) {
+            return false;
+        }
+        let tables = &self.tables;
+        match self.state() {
+            VolumeState::Restoring => {
+                let op = self.operation().expect("restoring has an operation");
+                if op.protect {
+                    // Claim 1(E) withheld: the secondary stays split and intact;
+                    // "changed" now names the tracks that differ from it.
+                    self.set_operation(None);
+                    self.set_state(VolumeState::Split);
+                } else {
+                    // Claim 1(E): copy and updates done, re-enable the secondary
+                    // and send it what the host wrote meanwhile (claim 2).
+                    let total = tables.stale.copy_from(&tables.changed);
+                    tables.changed.clear_all();
+                    self.start(
+                        VolumeState::Resyncing,
+                        OperationKind::Resync,
+                        true,
+                        false,
+                        total,
+                    );
+                    self.complete_locked();
+                }
+            }
+            VolumeState::Syncing | VolumeState::Resyncing => {
+                self.set_operation(None);
+                self.set_state(VolumeState::Established);
+            }
+            _ => {}
+        }
+        true
+    }
+
+    /// After loading metadata: fold write intent into the tables so that
+    /// tracks with mirror writes in flight at the crash are resynced.
+    pub fn recover_intents(&self) {
+        let tables = &self.tables;
+        if tables.intent.is_clear() {
+            return;
+        }
+        match self.state() {
+            VolumeState::Established => {
+                let total = tables.stale.copy_from(&tables.intent);
+                self.start(
+                    VolumeState::Syncing,
+                    OperationKind::Establish,
+                    true,
+                    false,
+                    total,
+                );
+            }
+            VolumeState::Syncing | VolumeState::Resyncing => {
+                tables.stale.merge_from(&tables.intent)
+            }
+            _ => tables.changed.merge_from(&tables.intent),
+        }
+        tables.intent.clear_all();
+    }
+}

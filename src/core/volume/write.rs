@@ -1,0 +1,276 @@
+//! Host writes: the action per track (the claims' rules), the track locks,
+//! the plan with the commit that must be durable first, and what a finished
+//! or failed write changes.
+
+use super::{Ticket, Volume, Wait};
+use crate::core::commit::{later, CommitSeq};
+use crate::core::geometry::{Track, TrackSpan};
+use crate::core::plan::*;
+use crate::core::state::{OperationKind, VolumeState};
+use crate::core::table::TrackTable;
+
+impl Volume {
+    /// Plans a host write, locking the tracks it touches. On `Err(track)`
+    /// nothing is held: wait for that track and plan again.
+    pub fn plan_write(&self, _t: &Ticket, offset: u64, len: u64) -> Result<WritePlan, Wait> {
+        let state = self.state();
+        let spans: Vec<TrackSpan> = self.geometry.spans(offset, len).collect();
+        let actions: Vec<Action> = spans.iter().map(|s| self.action_for(state, s)).collect();
+        let holds = self.lock_tracks(&spans, &actions)?;
+        // Decisions were taken before the locks; a copy or merge may have
+        // restored a track since. Under the locks they are stable.
+        let recheck: Vec<Action> = spans.iter().map(|s| self.action_for(state, s)).collect();
+        if recheck != actions {
+            self.release(&holds);
+            return self.plan_write(_t, offset, len);
+        }
+        Ok(self.build_write(&spans, &actions, holds))
+    }
+
+    /// What a write does to one track in `state` (the rules, by claim).
+    fn action_for(&self, state: VolumeState, span: &TrackSpan) -> Action {
+        let t = span.track;
+        match state {
+            VolumeState::Established => Action::Mirror,
+            VolumeState::Syncing | VolumeState::Resyncing => {
+                if self.tables.stale.get(t) {
+                    Action::PrimaryStale
+                } else {
+                    Action::Mirror
+                }
+            }
+            VolumeState::Split | VolumeState::Degraded => Action::PrimaryChanged,
+            VolumeState::Restoring => {
+                if !self.tables.pending.get(t) {
+                    Action::PrimaryChanged // claim 7
+                } else if span.full {
+                    Action::RestoreFull // claim 5
+                } else {
+                    Action::Merge // claims 6, 8, 9
+                }
+            }
+        }
+    }
+
+    fn lock_tracks(
+        &self,
+        spans: &[TrackSpan],
+        actions: &[Action],
+    ) -> Result<Vec<(Track, Hold)>, Wait> {
+        let mut holds = Vec::with_capacity(spans.len());
+        for (span, action) in spans.iter().zip(actions) {
+            let hold = if *action == Action::Merge {
+                Hold::Exclusive
+            } else {
+                Hold::Shared
+            };
+            let ok = match hold {
+                Hold::Shared => self.locks.try_shared(span.track),
+                Hold::Exclusive => self.locks.try_exclusive(span.track),
+            };
+            if !ok {
+                self.release(&holds);
+                return Err(Wait::Track(span.track));
+            }
+            holds.push((span.track, hold));
+        }
+        Ok(holds)
+    }
+
+    fn release(&self, holds: &[(Track, Hold)]) {
+        for &(t, hold) in holds {
+            match hold {
+                Hold::Shared => self.locks.release_shared(t),
+                Hold::Exclusive => self.locks.release_exclusive(t),
+            }
+        }
+        if holds.iter().any(|h| h.1 == Hold::Exclusive) {
+            self.bump();
+        }
+    }
+
+    fn build_write(
+        &self,
+        spans: &[TrackSpan],
+        actions: &[Action],
+        holds: Vec<(Track, Hold)>,
+    ) -> WritePlan {
+        let mut plan = WritePlan {
+            steps: Vec::new(),
+            commit_before_issue: None,
+            holds,
+            restores: Vec::new(),
+            mirrors: Vec::new(),
+        };
+        for (span, action) in spans.iter().zip(actions) {
+            let t = span.track;
+            let need = match action {
+                Action::Mirror => self.mark(&self.tables.intent, t),
+                Action::PrimaryStale => self.clock.needed_for(&self.tables.stale, t),
+                Action::PrimaryChanged => later(
+                    self.mark(&self.tables.changed, t),
+                    // claim 7 during a restore: the track's "restored" bit
+                    // must be durable before new data goes on top of it.
+                    self.clock.needed_for(&self.tables.pending, t),
+                ),
+                Action::RestoreFull | Action::Merge => {
+                    plan.restores.push(t);
+                    None
+                }
+            };
+            plan.commit_before_issue = later(plan.commit_before_issue, need);
+            if *action == Action::Mirror {
+                plan.mirrors.push(t);
+            }
+            self.push_step(&mut plan.steps, span, *action);
+        }
+        plan
+    }
+
+    /// Sets a bit that must be durable before data is written under it.
+    fn mark(&self, table: &TrackTable, t: Track) -> Option<CommitSeq> {
+        table.set(t);
+        self.clock.needed_for(table, t)
+    }
+
+    fn push_step(&self, steps: &mut Vec<WriteStep>, span: &TrackSpan, action: Action) {
+        let devs = match action {
+            Action::Mirror => DevSet::BOTH,
+            Action::Merge => {
+                let (track_offset, track_len) = self.geometry.track_extent(span.track);
+                steps.push(WriteStep::Merge {
+                    track: span.track,
+                    track_offset,
+                    track_len,
+                    offset: span.offset,
+                    len: span.len,
+                    buf_offset: span.buf_offset,
+                });
+                return;
+            }
+            _ => DevSet::PRIMARY,
+        };
+        if let Some(WriteStep::Direct { devs: d, len, .. }) = steps.last_mut() {
+            if *d == devs {
+                *len += span.len;
+                return;
+            }
+        }
+        steps.push(WriteStep::Direct {
+            devs,
+            offset: span.offset,
+            len: span.len,
+            buf_offset: span.buf_offset,
+        });
+    }
+
+    /// Ends a write whose data I/O has completed: applies what it changes
+    /// and releases its tracks. The host is told `ok` once `ack_after` is
+    /// durable.
+    pub fn finish_write(&self, plan: WritePlan, outcome: WriteOutcome) -> WriteDone {
+        let mirrored = !plan.mirrors.is_empty();
+        if mirrored && outcome.secondary_failed {
+            self.degrade();
+        }
+        if outcome.primary_failed {
+            // The request fails. A pending track stays pending and will be
+            // copied over the partial data; a split-mode track had its
+            // "changed" bit durable before the write was issued. Mirrored
+            // tracks need more: see `primary_write_failed`.
+            if !outcome.not_issued {
+                self.primary_write_failed(&plan.mirrors);
+            }
+            self.release(&plan.holds);
+            return WriteDone {
+                ok: false,
+                ack_after: None,
+            };
+        }
+        let mut ack = None;
+        if mirrored && self.state() == VolumeState::Degraded {
+            // The secondary may lack this write: record it like a split write.
+            for &(t, _) in &plan.holds {
+                ack = later(ack, self.mark(&self.tables.changed, t));
+            }
+        }
+        for &t in &plan.restores {
+            // Claims 5, 6: the whole track is on primary now. Restored must be
+            // durable before the host hears of it, or a resumed restore would
+            // copy the old data over this write. "changed" is set before
+            // "pending" is cleared and the store takes pending first, so no
+            // commit records the track as neither (the resync would miss it).
+            self.need_flush(DevSet::PRIMARY);
+            self.tables.changed.set(t);
+            self.tables.pending.clear(t);
+            ack = later(ack, self.clock.needed_for(&self.tables.pending, t));
+            ack = later(ack, self.clock.needed_for(&self.tables.changed, t));
+        }
+        self.release(&plan.holds);
+        WriteDone {
+            ok: true,
+            ack_after: ack,
+        }
+    }
+
+    /// A mirrored write failed on the primary: the host is told so, but the
+    /// secondary may hold the new bytes while the primary holds the old or
+    /// torn ones. The track is marked stale (primary→secondary copy due),
+    /// so that the two are made equal *from the primary* before anything
+    /// relies on them being equal: an established volume goes `syncing` for
+    /// these tracks, and `split` (the point from which a restore copies
+    /// the secondary back) is refused until they are copied. The write
+    /// intent bit, durable since before the write, keeps them covered
+    /// across a crash until this is committed (it is cleared only with the
+    /// track idle, by a commit that carries the stale bit too).
+    fn primary_write_failed(&self, tracks: &[Track]) {
+        if tracks.is_empty() {
+            return;
+        }
+        let _snapshot = self.lock_snapshot();
+        match self.state() {
+            VolumeState::Established => {
+                for &t in tracks {
+                    self.tables.stale.set(t);
+                }
+                let total = self.tables.stale.count();
+                self.start(
+                    VolumeState::Syncing,
+                    OperationKind::Establish,
+                    true,
+                    false,
+                    total,
+                );
+            }
+            VolumeState::Syncing | VolumeState::Resyncing => {
+                for &t in tracks {
+                    self.tables.stale.set(t);
+                }
+            }
+            // Degraded since the write was planned: the secondary is out,
+            // and establish copies every changed track from the primary.
+            VolumeState::Degraded => {
+                for &t in tracks {
+                    self.tables.changed.set(t);
+                }
+            }
+            // Never mirrored (a state change drains writes first).
+            VolumeState::Split | VolumeState::Restoring => {}
+        }
+        self.bump();
+    }
+}
+
+/// What a host write does to one track.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Write both devices, under write intent.
+    Mirror,
+    /// Write the primary only; the track is stale and will be copied.
+    PrimaryStale,
+    /// Write the primary only and record the track as changed (claim 7 during a restore).
+    PrimaryChanged,
+    /// Claim 5: a full-track write restores a pending track without a copy.
+    RestoreFull,
+    /// Claims 6, 8, 9: a partial write to a pending track merges.
+    Merge,
+}

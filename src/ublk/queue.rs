@@ -1,0 +1,144 @@
+//! One queue: its thread and executor, one task per tag parked in the
+//! kernel until a request arrives, and the handling of one request
+//! through the host path.
+
+use super::ring::{RingBackend, MERGE_BUFS_KEPT};
+use super::QueueCtx;
+use crate::backend::buf::BufCache;
+use crate::core::{Volume, VolumeState};
+use crate::edge::metrics::HostOp;
+use crate::exec::host;
+use libublk::helpers::IoBuf;
+use libublk::io::{UblkDev, UblkQueue};
+use libublk::{sys, BufDesc, UblkError};
+use std::io;
+use std::rc::Rc;
+
+pub(super) fn queue_thread(qid: u16, dev: &UblkDev, ctx: QueueCtx) {
+    let q = match UblkQueue::new(qid, dev) {
+        Ok(q) => Rc::new(q),
+        Err(e) => {
+            log::error!("ublk queue {qid}: {e}");
+            return;
+        }
+    };
+    let exe = Rc::new(smol::LocalExecutor::new());
+    let backend = Rc::new(RingBackend {
+        fds: ctx.fds,
+        commit: ctx.commit.clone(),
+        load: ctx.load.clone(),
+        metrics: ctx.metrics.clone(),
+        degraded_logged: std::cell::Cell::new(false),
+        merge_bufs: BufCache::new(ctx.vol.geometry().track_size() as usize, MERGE_BUFS_KEPT),
+    });
+    let mut tasks = Vec::new();
+    for tag in q.tags() {
+        let q = q.clone();
+        let b = backend.clone();
+        let vol = ctx.vol.clone();
+        tasks.push(exe.spawn(async move {
+            match io_task(&q, tag, &vol, &b).await {
+                Ok(()) | Err(UblkError::QueueIsDown) => {}
+                Err(e) => log::error!("ublk queue {qid} tag {tag}: {e}"),
+            }
+        }));
+    }
+    let ex = exe.clone();
+    smol::block_on(exe.run(async move {
+        let run_ops = || while ex.try_tick() {};
+        let done = || tasks.iter().all(|t| t.is_finished());
+        if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await {
+            log::error!("ublk queue {qid}: {e}");
+        }
+    }));
+}
+
+async fn io_task(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    vol: &Volume,
+    b: &RingBackend,
+) -> Result<(), UblkError> {
+    let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
+    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+        .await?;
+    loop {
+        let res = handle(q, tag, vol, b, buf.as_mut_slice()).await;
+        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+            .await?;
+    }
+}
+
+/// Runs one request; returns its result for the kernel (bytes or -errno).
+async fn handle(q: &UblkQueue<'_>, tag: u16, vol: &Volume, b: &RingBackend, buf: &mut [u8]) -> i32 {
+    let iod = q.get_iod(tag);
+    let op = iod.op_flags & 0xff;
+    let offset = iod.start_sector << 9;
+    let len = (iod.nr_sectors as usize) << 9;
+    let in_range = len <= buf.len() && vol.geometry().contains(offset, len as u64);
+    let _busy = b.load.enter();
+    let started = std::time::Instant::now();
+    let kind = match op {
+        sys::UBLK_IO_OP_READ => HostOp::Read,
+        sys::UBLK_IO_OP_WRITE => HostOp::Write,
+        _ => HostOp::Flush,
+    };
+    let res = match op {
+        sys::UBLK_IO_OP_READ if in_range => host::read(vol, b, offset, &mut buf[..len]).await,
+        sys::UBLK_IO_OP_WRITE if in_range => {
+            let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
+            host::write(vol, b, offset, &buf[..len], fua).await
+        }
+        sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => return -libc::EINVAL,
+        sys::UBLK_IO_OP_FLUSH => host::flush(vol, b).await,
+        // Discard and write-zeroes are not advertised.
+        _ => return -libc::EOPNOTSUPP,
+    };
+    b.metrics
+        .host(kind, len as u64, started.elapsed(), res.is_ok());
+    if kind == HostOp::Write
+        && vol.state() == VolumeState::Degraded
+        && !b.degraded_logged.replace(true)
+    {
+        log::error!(
+            "volume degraded: the secondary failed while mirroring and was split off; \
+             host I/O goes on to the primary"
+        );
+    }
+    match res {
+        Ok(()) => len as i32,
+        Err(e) => {
+            log::warn!("host request op {op} at {offset}+{len} failed: {e}");
+            -host_errno(&e)
+        }
+    }
+}
+
+/// The errno a failed request reports to the kernel. ENOSPC (a thin or
+/// file-backed primary out of space; EDQUOT is the same to a block device)
+/// keeps its meaning, so a filesystem above can tell "full" from "broken";
+/// everything else is EIO, the one error every block layer user expects.
+fn host_errno(e: &io::Error) -> i32 {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => libc::ENOSPC,
+        _ => libc::EIO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_errno_keeps_enospc_and_maps_the_rest_to_eio() {
+        let errno = |n| host_errno(&io::Error::from_raw_os_error(n));
+        assert_eq!(errno(libc::ENOSPC), libc::ENOSPC);
+        assert_eq!(errno(libc::EDQUOT), libc::ENOSPC);
+        assert_eq!(errno(libc::EIO), libc::EIO);
+        assert_eq!(errno(libc::EBADF), libc::EIO);
+        assert_eq!(
+            host_errno(&io::Error::other("metadata commit failed")),
+            libc::EIO
+        );
+    }
+}

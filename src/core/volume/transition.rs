@@ -185,6 +185,20 @@ impl Volume {
         true
     }
 
+    /// An established volume whose `stale` tracks may differ between the
+    /// two devices (a crash with writes in flight, a failed primary write)
+    /// goes `syncing` to copy them primary→secondary.
+    pub(super) fn sync_stale(&self) {
+        let total = self.tables.stale.count();
+        self.start(
+            VolumeState::Syncing,
+            OperationKind::Establish,
+            true,
+            false,
+            total,
+        );
+    }
+
     /// After loading metadata: fold write intent into the tables so that
     /// tracks with mirror writes in flight at the crash are resynced.
     pub fn recover_intents(&self) {
@@ -194,14 +208,8 @@ impl Volume {
         }
         match self.state() {
             VolumeState::Established => {
-                let total = tables.stale.copy_from(&tables.intent);
-                self.start(
-                    VolumeState::Syncing,
-                    OperationKind::Establish,
-                    true,
-                    false,
-                    total,
-                );
+                tables.stale.copy_from(&tables.intent);
+                self.sync_stale();
             }
             VolumeState::Syncing | VolumeState::Resyncing => {
                 tables.stale.merge_from(&tables.intent)

@@ -6,7 +6,7 @@ use super::{Ticket, Volume, Wait};
 use crate::core::commit::{later, CommitSeq};
 use crate::core::geometry::{Track, TrackSpan};
 use crate::core::plan::*;
-use crate::core::state::{OperationKind, VolumeState};
+use crate::core::state::VolumeState;
 use crate::core::table::TrackTable;
 
 impl Volume {
@@ -232,14 +232,7 @@ impl Volume {
                 for &t in tracks {
                     self.tables.stale.set(t);
                 }
-                let total = self.tables.stale.count();
-                self.start(
-                    VolumeState::Syncing,
-                    OperationKind::Establish,
-                    true,
-                    false,
-                    total,
-                );
+                self.sync_stale();
             }
             VolumeState::Syncing | VolumeState::Resyncing => {
                 for &t in tracks {

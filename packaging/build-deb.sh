@@ -80,18 +80,23 @@ Description: ublk server: two disks as one block device with split and instant r
 CONTROL
 cat >"$R/DEBIAN/postinst" <<'POSTINST'
 #!/bin/sh
+# DPKG_ROOT is set when dpkg installs into another root (--root with
+# --force-script-chrootless, as tests/deploy.sh does): then only the files
+# under that root are touched, never the running host.
 set -e
 if [ "$1" = configure ]; then
-  install -d -m 0700 /var/lib/splitmirror
-  modprobe ublk_drv 2>/dev/null || echo "splitmirror: modprobe ublk_drv failed (kernel without CONFIG_BLK_DEV_UBLK?)" >&2
-  if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
+  install -d -m 0700 "$DPKG_ROOT/var/lib/splitmirror"
+  if [ -z "$DPKG_ROOT" ]; then
+    modprobe ublk_drv 2>/dev/null || echo "splitmirror: modprobe ublk_drv failed (kernel without CONFIG_BLK_DEV_UBLK?)" >&2
+    if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
+  fi
 fi
 exit 0
 POSTINST
 cat >"$R/DEBIAN/postrm" <<'POSTRM'
 #!/bin/sh
 set -e
-if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
+if [ -z "$DPKG_ROOT" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
 exit 0
 POSTRM
 chmod 0755 "$R/DEBIAN/postinst" "$R/DEBIAN/postrm"

@@ -88,7 +88,6 @@ gzip -dc "$T/pkg/usr/share/man/man1/splitmirror.1.gz" | grep -q '^\.TH splitmirr
 grep -q 'complete .*splitmirror' "$T/pkg/usr/share/bash-completion/completions/splitmirror" \
   || fail "the bash completion does not complete splitmirror"
 grep -qx /etc/splitmirror/example.yaml "$T/pkg/DEBIAN/conffiles" || fail "example.yaml is not a conffile"
-grep -q 'install -d -m 0700 /var/lib/splitmirror' "$T/pkg/DEBIAN/postinst" || fail "postinst does not create /var/lib/splitmirror"
 PUNIT=$T/pkg/lib/systemd/system/splitmirror@.service
 grep -q '^ExecStart=/usr/bin/splitmirror run -c /etc/splitmirror/%i.yaml$' "$PUNIT" \
   || fail "the packaged unit does not start /usr/bin/splitmirror"
@@ -98,4 +97,25 @@ out=$(cd "$T/punits" && SYSTEMD_LOG_LEVEL=warning systemd-analyze verify --man=n
   || { echo "$out"; fail "systemd-analyze verify of the packaged unit exited non-zero"; }
 if echo "$out" | grep -q 'splitmirror'; then echo "$out"; fail "systemd-analyze verify complained about the packaged unit"; fi
 echo "ok ($(basename "$DEB"))"
+echo "== the Debian package installed and removed by dpkg, in a throwaway root"
+# dpkg's own install path (unpack, conffiles, postinst configure, remove),
+# into $T/root instead of the host: the maintainer scripts run chrootless
+# and honour DPKG_ROOT, so the running system is never touched.
+ROOT=$T/root
+mkdir -p "$ROOT/var/lib/dpkg/info" "$ROOT/var/lib/dpkg/updates"
+: >"$ROOT/var/lib/dpkg/status"
+dpkgr() { dpkg --root="$ROOT" --force-script-chrootless --force-depends --force-not-root "$@"; }
+dpkgr -i "$DEB" >"$T/dpkg-i.log" 2>&1 || { cat "$T/dpkg-i.log"; fail "dpkg -i of the package failed"; }
+dpkg-query --admindir="$ROOT/var/lib/dpkg" -W -f='${db:Status-Status}' splitmirror | grep -qx installed \
+  || fail "dpkg does not list splitmirror as installed"
+for f in usr/bin/splitmirror lib/systemd/system/splitmirror@.service etc/splitmirror/example.yaml; do
+  [ -s "$ROOT/$f" ] || fail "after dpkg -i, /$f is missing"
+done
+[ -d "$ROOT/var/lib/splitmirror" ] || fail "postinst did not create /var/lib/splitmirror"
+[ "$(stat -c %a "$ROOT/var/lib/splitmirror")" = 700 ] || fail "/var/lib/splitmirror is not 0700"
+"$ROOT/usr/bin/splitmirror" --version | grep -q '^splitmirror ' || fail "the installed binary does not run"
+dpkgr -r splitmirror >"$T/dpkg-r.log" 2>&1 || { cat "$T/dpkg-r.log"; fail "dpkg -r failed"; }
+[ ! -e "$ROOT/usr/bin/splitmirror" ] || fail "dpkg -r left /usr/bin/splitmirror"
+[ -e "$ROOT/etc/splitmirror/example.yaml" ] || fail "dpkg -r removed the conffile (only purge may)"
+echo "ok"
 echo "deploy: all checks passed"

@@ -79,8 +79,9 @@ fn restore_read_error_with_pause_fails_only_reads_of_that_track() {
     .unwrap();
     let vol = h.vol.clone();
     let paused = h.engine_paused.clone();
+    let running = h.engine_running.clone();
     h.sched.run_until(common::STEP_LIMIT, || {
-        paused.get() || vol.copy_remaining() <= 1
+        paused.get() || (vol.copy_remaining() <= 1 && !running.get())
     });
     let errs = h.engine_errors.borrow().clone();
     assert!(errs.iter().any(|e| e.track == 5 && !e.skipped), "{errs:?}");
@@ -476,9 +477,11 @@ fn a_secondary_write_error_while_syncing_degrades_instead_of_skipping() {
     h.write(0, &pattern(96, SIZE as usize)).unwrap();
     h.disks.fail_secondary_writes.set(true);
     h.command(Command::Establish { full: false }).unwrap();
-    let vol = h.vol.clone();
-    h.sched
-        .run_until(common::STEP_LIMIT, || vol.state() != VolumeState::Syncing);
+    let (vol, running) = (h.vol.clone(), h.engine_running.clone());
+    // The engine's report (its errors) is recorded when run_copies returns.
+    h.sched.run_until(common::STEP_LIMIT, || {
+        vol.state() != VolumeState::Syncing && !running.get()
+    });
     assert_eq!(h.vol.state(), VolumeState::Degraded);
     let errs = h.engine_errors.borrow().clone();
     assert!(

@@ -10,7 +10,7 @@
 use super::geometry::Track;
 use super::plan::DevSet;
 use super::state::{Operation, VolumeState};
-use super::table::{Taken, TrackTable, CHUNK_WORDS, TAKEN_UNKNOWN};
+use super::table::{taken_seq, Durability, Taken, TrackTable, CHUNK_WORDS};
 use super::volume::Volume;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
@@ -74,16 +74,17 @@ impl CommitClock {
 
     /// The commit after which `table[t]` is durable as it is now, if any.
     pub fn needed_for(&self, table: &TrackTable, t: Track) -> Option<CommitSeq> {
-        let unsynced = table.is_unsynced(t);
+        // The table's answer first, then the clock: a commit that took the
+        // word had begun before the take, so `started` covers it.
+        let durability = table.durability(t);
         let started = self.started.load(SeqCst);
-        if unsynced {
-            return Some(started + 1);
-        }
+        let taken = match durability {
+            Durability::Unsynced => return Some(started + 1),
+            Durability::TakenUnknown => started,
+            Durability::Taken(tag) => taken_seq(tag, started),
+        };
         // Synced: durable once the commit that took it is.
-        match table.taken_by(t) {
-            TAKEN_UNKNOWN => (started > self.done()).then_some(started),
-            seq => (seq > self.done()).then_some(seq),
-        }
+        (taken > self.done()).then_some(taken)
     }
 
     /// The commit that makes everything changed up to now durable.
@@ -236,5 +237,110 @@ mod tests {
         assert_eq!(seq, 1);
         assert!(!v.needs_commit());
         assert_eq!(v.take_flush_set(), DevSet::NONE, "the flush set was taken");
+    }
+
+    /// Several queue threads mark overlapping tracks while a committer
+    /// takes dirty chunks back to back. A writer is "acknowledged" once
+    /// `needed_for` says its bit is durable (at once, or after the commit it
+    /// names finished); at that moment the committed image must hold the
+    /// bit. Each round starts from bits that are clear and durable, so a
+    /// writer that finds another's bit set before it is marked unsynced
+    /// would be acknowledged with the bit missing from the image.
+    #[test]
+    fn no_writer_is_acknowledged_before_the_commit_that_carried_its_bit() {
+        use crate::core::table::CHUNK_TRACKS;
+        use std::sync::atomic::AtomicBool;
+        use std::sync::{Barrier, Mutex};
+
+        const TRACKS: u64 = 2 * CHUNK_TRACKS;
+        const WRITERS: usize = 4;
+        const ROUNDS: usize = 1000;
+        const PER_ROUND: usize = 200;
+        let table = TrackTable::new(TRACKS);
+        let clock = CommitClock::default();
+        let image = Mutex::new(vec![0u64; (TRACKS / 64) as usize]);
+        let stop = AtomicBool::new(false);
+        let start = Barrier::new(WRITERS + 1);
+        let end = Barrier::new(WRITERS + 1);
+        let round_tracks = Mutex::new(Vec::<Track>::new());
+        // A failure is recorded, not panicked on: a panicking thread would
+        // leave the others waiting at a barrier forever.
+        let failure = Mutex::new(None::<String>);
+        let fail = |msg: String| {
+            failure.lock().unwrap().get_or_insert(msg);
+        };
+        let committed = |t: Track| image.lock().unwrap()[(t / 64) as usize] >> (t % 64) & 1 == 1;
+        let wait_durable = |seq: CommitSeq| {
+            while !clock.is_durable(seq) {
+                std::thread::yield_now();
+            }
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut buf = vec![0u64; CHUNK_WORDS];
+                while !stop.load(SeqCst) {
+                    let seq = clock.begin();
+                    for c in 0..table.chunks() {
+                        let took = table.take_dirty_chunk_for(c, &mut buf, seq);
+                        let mut img = image.lock().unwrap();
+                        let words = &mut img[c * CHUNK_WORDS..(c + 1) * CHUNK_WORDS];
+                        match took {
+                            Taken::Clean => {}
+                            Taken::Ones => words.fill(!0),
+                            Taken::Words => words.copy_from_slice(&buf),
+                        }
+                    }
+                    clock.finish(seq);
+                    std::thread::yield_now();
+                }
+            });
+            for w in 0..WRITERS {
+                let (table, clock, start, end) = (&table, &clock, &start, &end);
+                let (round_tracks, committed, fail) = (&round_tracks, &committed, &fail);
+                s.spawn(move || {
+                    for round in 0..ROUNDS {
+                        start.wait();
+                        let tracks = round_tracks.lock().unwrap().clone();
+                        for &t in &tracks {
+                            table.set(t);
+                            match clock.needed_for(table, t) {
+                                None if !committed(t) => fail(format!(
+                                    "round {round}: writer {w} acknowledged on track {t} \
+                                     before any commit carried its bit"
+                                )),
+                                None => {}
+                                Some(seq) => {
+                                    wait_durable(seq);
+                                    if !committed(t) {
+                                        fail(format!(
+                                            "round {round}: writer {w}: commit {seq} done \
+                                             but track {t} not in it"
+                                        ));
+                                    }
+                                }
+                            }
+                        }
+                        end.wait();
+                    }
+                });
+            }
+            let mut rng = fastrand::Rng::with_seed(11);
+            for _ in 0..ROUNDS {
+                // Same tracks, same order for every writer: they collide.
+                let tracks: Vec<Track> = (0..PER_ROUND).map(|_| rng.u64(0..TRACKS)).collect();
+                *round_tracks.lock().unwrap() = tracks.clone();
+                start.wait();
+                end.wait();
+                for &t in &tracks {
+                    table.clear(t);
+                }
+                wait_durable(clock.next());
+                if tracks.iter().any(|&t| committed(t)) {
+                    fail("a cleared track is still in the image".into());
+                }
+            }
+            stop.store(true, SeqCst);
+        });
+        assert_eq!(failure.into_inner().unwrap(), None);
     }
 }

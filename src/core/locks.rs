@@ -5,52 +5,115 @@
 //!
 //! Nothing here blocks: a failed attempt tells the caller which track to
 //! wait for, and the caller waits in its own executor.
+//!
+//! # Memory in proportion to what is in flight
+//!
+//! Only tracks held right now have an entry: at most the queues' depth
+//! (a request holds each track it spans) plus the copies in flight. A lock
+//! word per track would cost 4 bytes per track of the volume as soon as
+//! each track has been written once (256 MiB at 8 TiB with 128 KiB tracks).
+//! The entries are spread over shards by track number, so neighbouring
+//! tracks (one request's span) and the queue threads rarely meet on one
+//! shard's mutex; each shard holds a handful of entries and is searched
+//! linearly, which beats hashing at that size. A shard's mutex is held for
+//! a few instructions only, never while waiting for a track.
 
 use super::geometry::Track;
-use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::sync::{Mutex, MutexGuard};
 
 const EXCLUSIVE: u32 = 1 << 31;
+/// A power of two; more than the queue threads plus the copy engine.
+const SHARDS: usize = 64;
+
+/// The held tracks of one shard: (track, holders), holders being a count
+/// of shared holders or [`EXCLUSIVE`]. Tracks not listed are free.
+type Shard = Vec<(Track, u32)>;
 
 pub struct TrackLocks {
-    words: Box<[AtomicU32]>,
+    shards: Box<[Mutex<Shard>]>,
 }
 
 impl TrackLocks {
-    pub fn new(tracks: u64) -> Self {
-        let words = Box::<[AtomicU32]>::new_zeroed_slice(tracks as usize);
-        // SAFETY: an all-zero AtomicU32 is a valid 0 (unlocked).
+    /// Locks for a volume of `tracks` tracks; costs the same at any size.
+    pub fn new(_tracks: u64) -> Self {
         TrackLocks {
-            words: unsafe { words.assume_init() },
+            shards: (0..SHARDS).map(|_| Mutex::new(Vec::new())).collect(),
         }
+    }
+
+    fn shard(&self, t: Track) -> MutexGuard<'_, Shard> {
+        // A panic while holding a shard cannot leave it half-changed (each
+        // change is one push, store or swap_remove), so poison is ignored.
+        self.shards[t as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn find(shard: &Shard, t: Track) -> Option<usize> {
+        shard.iter().position(|&(track, _)| track == t)
     }
 
     pub fn try_shared(&self, t: Track) -> bool {
-        let w = &self.words[t as usize];
-        if w.fetch_add(1, SeqCst) & EXCLUSIVE != 0 {
-            w.fetch_sub(1, SeqCst);
-            return false;
+        let mut shard = self.shard(t);
+        match Self::find(&shard, t) {
+            None => {
+                shard.push((t, 1));
+                true
+            }
+            Some(i) if shard[i].1 & EXCLUSIVE != 0 => false,
+            Some(i) => {
+                shard[i].1 += 1;
+                true
+            }
         }
-        true
     }
 
     pub fn release_shared(&self, t: Track) {
-        let prev = self.words[t as usize].fetch_sub(1, SeqCst);
-        debug_assert!(prev & !EXCLUSIVE != 0, "release of an unheld shared lock");
+        let mut shard = self.shard(t);
+        let i = Self::find(&shard, t);
+        debug_assert!(
+            i.is_some_and(|i| shard[i].1 & EXCLUSIVE == 0),
+            "release of an unheld shared lock"
+        );
+        if let Some(i) = i {
+            shard[i].1 -= 1;
+            if shard[i].1 == 0 {
+                shard.swap_remove(i);
+            }
+        }
     }
 
     pub fn try_exclusive(&self, t: Track) -> bool {
-        self.words[t as usize]
-            .compare_exchange(0, EXCLUSIVE, SeqCst, SeqCst)
-            .is_ok()
+        let mut shard = self.shard(t);
+        if Self::find(&shard, t).is_some() {
+            return false;
+        }
+        shard.push((t, EXCLUSIVE));
+        true
     }
 
     pub fn release_exclusive(&self, t: Track) {
-        let prev = self.words[t as usize].fetch_and(!EXCLUSIVE, SeqCst);
-        debug_assert!(prev & EXCLUSIVE != 0, "release of an unheld exclusive lock");
+        let mut shard = self.shard(t);
+        let i = Self::find(&shard, t);
+        debug_assert!(
+            i.is_some_and(|i| shard[i].1 == EXCLUSIVE),
+            "release of an unheld exclusive lock"
+        );
+        if let Some(i) = i {
+            shard.swap_remove(i);
+        }
     }
 
     pub fn is_free(&self, t: Track) -> bool {
-        self.words[t as usize].load(SeqCst) == 0
+        Self::find(&self.shard(t), t).is_none()
+    }
+
+    /// Tracks held now (for tests and memory accounting).
+    pub fn held(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
     }
 }
 
@@ -70,5 +133,40 @@ mod tests {
         assert!(!l.try_shared(1));
         l.release_exclusive(1);
         assert!(l.is_free(1));
+    }
+
+    #[test]
+    fn tracks_sharing_a_shard_lock_independently() {
+        // Claim 3 at the lock level: a held track blocks only itself, also
+        // when other tracks land in the same shard.
+        let l = TrackLocks::new(1 << 40);
+        let same_shard = [3, 3 + SHARDS as u64, 3 + 1000 * SHARDS as u64];
+        assert!(l.try_exclusive(same_shard[0]));
+        assert!(l.try_shared(same_shard[1]));
+        assert!(l.try_exclusive(same_shard[2]));
+        assert!(!l.try_shared(same_shard[0]));
+        assert!(!l.try_exclusive(same_shard[1]));
+        l.release_exclusive(same_shard[0]);
+        assert!(l.try_shared(same_shard[0]));
+        assert!(!l.is_free(same_shard[2]));
+        assert!(l.is_free(same_shard[2] + 1));
+    }
+
+    #[test]
+    fn only_held_tracks_cost_an_entry() {
+        // A lock per track would allocate 4 bytes for each of 2^40 tracks.
+        let l = TrackLocks::new(1 << 40);
+        for t in (0..1000u64).map(|i| i * 1_000_003) {
+            assert!(l.try_shared(t));
+            assert!(l.try_shared(t));
+        }
+        assert_eq!(l.held(), 1000);
+        for t in (0..1000u64).map(|i| i * 1_000_003) {
+            l.release_shared(t);
+            assert!(!l.is_free(t));
+            l.release_shared(t);
+            assert!(l.is_free(t));
+        }
+        assert_eq!(l.held(), 0);
     }
 }

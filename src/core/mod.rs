@@ -6,7 +6,7 @@
 //!
 //! # Track state
 //!
-//! Each track has one bit in each persistent table and a lock word:
+//! Each track has one bit in each persistent table, and a lock while held:
 //!
 //! | table     | set means                                            | set by            | cleared by |
 //! |-----------|------------------------------------------------------|-------------------|------------|

@@ -28,8 +28,8 @@
 //! `SPLITMIRROR_BENCH_DIR` sets where the files go (default
 //! `target/bench-tmp`).
 
-use splitmirror::core::{Command, Volume, WriteOutcome};
 use splitmirror::backend::device::Devices;
+use splitmirror::core::{Command, Volume, WriteOutcome};
 use splitmirror::edge::config::Config;
 use splitmirror::metadata::MetadataStore;
 use std::fs::{File, OpenOptions};
@@ -259,10 +259,7 @@ fn random_writes_with(
         let offset = rng.u64(0..size / 4096) * 4096;
         let ticket = vol.enter().expect("gate open");
         let plan = vol.plan_write(&ticket, offset, 4096).expect("track free");
-        vol.finish_write(
-            plan,
-            WriteOutcome::default(),
-        );
+        vol.finish_write(plan, WriteOutcome::default());
         drop(ticket);
         if (i + 1) % WRITES_PER_COMMIT == 0 || i + 1 == n {
             commit(vol);

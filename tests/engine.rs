@@ -4,7 +4,7 @@
 mod common;
 
 use common::{pattern, Harness};
-use splitmirror::core::{Command, Dev, Volume, VolumeState};
+use splitmirror::core::{Command, Dev, TableId, Volume, VolumeState};
 use splitmirror::exec::engine::{EngineConfig, OnError, RunReport};
 
 const TRACK: u64 = 4096;
@@ -25,7 +25,7 @@ fn split_volume(seed: u64, changed: &[u64]) -> Harness {
         .borrow_mut()
         .copy_from_slice(&pattern(seed + 1, size as usize));
     for &t in changed {
-        h.vol.tables.changed.set(t);
+        h.vol.table(TableId::Changed).set(t);
     }
     h
 }
@@ -168,7 +168,7 @@ fn pause_stops_and_leaves_the_failing_track_pending() {
     let r = run(&mut h, cfg(OnError::Pause));
     assert!(r.paused);
     assert!(r.errors.iter().any(|e| e.track == 9 && !e.skipped));
-    assert!(vol.tables.pending.get(9));
+    assert!(vol.table(TableId::Pending).get(9));
     assert_eq!(vol.state(), VolumeState::Restoring);
 }
 
@@ -206,7 +206,7 @@ fn stop_copies_nothing_more() {
     );
     let r = h.run_copies(cfg(OnError::Pause), false, true);
     assert_eq!(r.tracks, 0);
-    assert_eq!(vol.tables.pending.count(), TRACKS);
+    assert_eq!(vol.table(TableId::Pending).count(), TRACKS);
     assert_eq!(vol.state(), VolumeState::Restoring);
 }
 

@@ -272,6 +272,11 @@ pub fn mem_commit_begin(vol: &Volume) -> crate::core::CommitSeq {
     vol.take_commit().seq
 }
 
+/// The second half of an in-memory commit: `seq` is durable.
+pub fn mem_commit_end(vol: &Volume, seq: crate::core::CommitSeq) {
+    vol.finish_commit(seq)
+}
+
 type Task<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
 
 /// Polls tasks one at a time in a seeded random order.

@@ -55,4 +55,4 @@ pub use commit::CommitSeq;
 pub use geometry::{Geometry, Track, TrackSpan};
 pub use plan::*;
 pub use state::{Command, Operation, OperationKind, TransitionError, VolumeState};
-pub use volume::{Ticket, VerifyLock, Volume, Wait};
+pub use volume::{TableCounts, TableId, Ticket, VerifyLock, Volume, Wait};

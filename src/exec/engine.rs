@@ -206,7 +206,7 @@ pub async fn run_copies<B: Backend>(
         .max(1);
         // A host request waits for a commit (whose flush writes back every
         // copy issued before it): issue nothing new until it is through.
-        let cap = if vol.clock.waiters() > 0 { 0 } else { cap };
+        let cap = if vol.commit_waiters() > 0 { 0 } else { cap };
         // Under load, two half-size batches keep the devices busy while one
         // of them is between its read and its write.
         let size = if busy { (cap / 2).max(1) } else { cfg.batch };
@@ -457,7 +457,7 @@ async fn make_durable<B: Backend>(vol: &Volume, b: &B) {
             crate::exec::host::secondary_flush_failed(vol, &e);
         }
         let r = match p {
-            Ok(()) => wait_commit(vol, b, vol.clock.next()).await,
+            Ok(()) => wait_commit(vol, b, vol.next_commit()).await,
             Err(e) => Err(e),
         };
         match r {

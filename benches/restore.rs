@@ -216,7 +216,7 @@ fn backend(fds: (RawFd, RawFd), pool: usize, commit: impl Fn() + 'static) -> Uri
 /// first restore with page faults a running server never sees).
 fn volume(size: u64) -> Arc<Volume> {
     let vol = Volume::new(Geometry::new(size, TRACK).unwrap(), VolumeState::Split);
-    let zeros = vec![0u64; splitmirror::core::table::CHUNK_WORDS];
+    let zeros = vec![0u64; splitmirror::core::CHUNK_WORDS];
     for table in [
         TableId::Changed,
         TableId::Pending,

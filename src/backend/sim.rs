@@ -321,10 +321,6 @@ impl<'a> Scheduler<'a> {
         slot
     }
 
-    pub fn is_running(&self, id: u64) -> bool {
-        self.tasks.iter().any(|(i, _)| *i == id)
-    }
-
     /// Polls one randomly chosen task; returns false when none is left.
     pub fn step(&mut self) -> bool {
         if self.tasks.is_empty() {

@@ -13,7 +13,7 @@ use splitmirror::backend::buf::AlignedBuf;
 use splitmirror::backend::sim;
 use splitmirror::backend::uring::{UringBackend, UringOptions};
 use splitmirror::backend::Backend;
-use splitmirror::core::{Command, Dev, Geometry, Volume, VolumeState};
+use splitmirror::core::{Command, Dev, Geometry, TableId, Volume, VolumeState};
 use splitmirror::edge::config::{parse_size, RestoreConfig};
 use splitmirror::exec::engine::{self, join_all, EngineConfig, RunReport};
 use splitmirror::exec::host;
@@ -161,7 +161,7 @@ impl Committer {
                         // SAFETY: fd is open for the committer's lifetime.
                         assert_eq!(unsafe { libc::fdatasync(fd) }, 0, "fdatasync");
                     }
-                    vol.clock.finish(seq);
+                    sim::mem_commit_end(&vol, seq);
                     durs.lock().unwrap().push(t.elapsed());
                     commits += 1;
                 } else {
@@ -216,8 +216,15 @@ fn backend(fds: (RawFd, RawFd), pool: usize, commit: impl Fn() + 'static) -> Uri
 /// first restore with page faults a running server never sees).
 fn volume(size: u64) -> Arc<Volume> {
     let vol = Volume::new(Geometry::new(size, TRACK).unwrap(), VolumeState::Split);
-    let zeros = vec![0u64; splitmirror::core::table::CHUNK_WORDS];
-    for table in vol.tables.all() {
+    let zeros = vec![0u64; splitmirror::core::CHUNK_WORDS];
+    for table in [
+        TableId::Changed,
+        TableId::Pending,
+        TableId::Stale,
+        TableId::Intent,
+    ]
+    .map(|id| vol.table(id))
+    {
         for c in 0..table.chunks() {
             table.load_chunk(c, &zeros);
         }
@@ -488,10 +495,10 @@ fn latency_under_restore(pair: &Pair) {
 /// committed, so host writes need no metadata commit.
 fn warm_split(pair: &Pair) -> (Arc<Volume>, Committer) {
     let vol = volume(pair.size);
-    vol.tables.changed.fill();
+    vol.table(TableId::Changed).fill();
     let c = Committer::start(vol.clone(), pair.fds());
     let be = backend(pair.fds(), 1, c.requester());
-    be.block_on(host::wait_commit(&vol, &be, vol.clock.next()))
+    be.block_on(host::wait_commit(&vol, &be, vol.next_commit()))
         .unwrap();
     (vol, c)
 }

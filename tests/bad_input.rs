@@ -567,7 +567,10 @@ fn replace_secondary_records_the_new_file() {
     let _store_open = STORE_GUARD.write().unwrap_or_else(|e| e.into_inner());
     let (_, vol) = MetadataStore::open(&cfg.metadata, &devs.binding(cfg.track_size)).unwrap();
     assert_eq!(vol.state().name(), "degraded");
-    assert_eq!(vol.tables.changed.count(), vol.geometry().tracks());
+    assert_eq!(
+        vol.table(splitmirror::core::TableId::Changed).count(),
+        vol.geometry().tracks()
+    );
 }
 
 #[test]

@@ -5,7 +5,9 @@
 mod common;
 
 use common::{pattern, Harness};
-use splitmirror::core::{Command, Dev, DevSet, VolumeState, Wait, WriteOutcome, WriteStep};
+use splitmirror::core::{
+    Command, Dev, DevSet, TableId, VolumeState, Wait, WriteOutcome, WriteStep,
+};
 
 const TRACK: u64 = 16 * 1024;
 const TRACKS: u64 = 16;
@@ -93,13 +95,13 @@ fn claim_2_tracks_written_during_restore_are_recorded() {
     let (mut h, _, _) = split_and_overwrite(3);
     held_restore(&mut h, RESTORE_FULL);
     assert_eq!(
-        h.vol.tables.changed.count(),
+        h.vol.table(TableId::Changed).count(),
         0,
         "restore starts with no changes recorded"
     );
     h.write(5 * TRACK, &vec![1u8; TRACK as usize]).unwrap();
     h.write(9 * TRACK + 1024, &[2u8; 512]).unwrap();
-    let changed: Vec<u64> = h.vol.tables.changed.iter_set().collect();
+    let changed: Vec<u64> = h.vol.table(TableId::Changed).iter_set().collect();
     assert_eq!(changed, vec![5, 9]);
     // Protected restore keeps them as "changed since split"; here the
     // unprotected one hands them to the resync.
@@ -145,7 +147,7 @@ fn claim_4_pending_track_is_primary_invalid_secondary_valid() {
     let (mut h, base, _) = split_and_overwrite(5);
     held_restore(&mut h, RESTORE_FULL);
     let vol = h.vol.clone();
-    assert!(vol.tables.pending.get(2));
+    assert!(vol.table(TableId::Pending).get(2));
     let ticket = vol.enter().unwrap();
     let segs = vol.plan_read(&ticket, 2 * TRACK, TRACK);
     assert_eq!(segs.len(), 1);
@@ -164,7 +166,7 @@ fn claim_4_pending_track_is_primary_invalid_secondary_valid() {
     h.disks.primary.borrow_mut()[track_range(2)].copy_from_slice(&base[track_range(2)]);
     vol.finish_copy(job, true);
     assert!(
-        !vol.tables.pending.get(2),
+        !vol.table(TableId::Pending).get(2),
         "after the copy the track is no longer pending"
     );
     let ticket = vol.enter().unwrap();
@@ -193,9 +195,9 @@ fn claim_5_full_track_write_skips_copy() {
     assert_eq!(plan.restores(), &[4]);
     vol.finish_write(plan, WriteOutcome::default());
     drop(ticket);
-    assert!(!vol.tables.pending.get(4), "marked restored");
+    assert!(!vol.table(TableId::Pending).get(4), "marked restored");
     assert!(
-        vol.tables.changed.get(4),
+        vol.table(TableId::Changed).get(4),
         "recorded as differing from the secondary"
     );
     let data = pattern(66, TRACK as usize);
@@ -241,7 +243,7 @@ fn claim_6_partial_write_merges_secondary_track() {
         &expect[..],
         "secondary track combined with host bytes on primary"
     );
-    assert!(!vol.tables.pending.get(6));
+    assert!(!vol.table(TableId::Pending).get(6));
     assert_eq!(h.read(6 * TRACK, TRACK), expect);
 }
 
@@ -283,7 +285,10 @@ fn claim_8_partial_write_before_copy_does_not_mark_restored_early() {
     let vol = h.vol.clone();
     let ticket = vol.enter().unwrap();
     let plan = vol.plan_write(&ticket, 10 * TRACK + 512, 512).unwrap();
-    assert!(vol.tables.pending.get(10), "planned, not yet restored");
+    assert!(
+        vol.table(TableId::Pending).get(10),
+        "planned, not yet restored"
+    );
     // The merge's secondary read fails: the track stays pending.
     vol.finish_write(
         plan,
@@ -292,14 +297,14 @@ fn claim_8_partial_write_before_copy_does_not_mark_restored_early() {
             ..Default::default()
         },
     );
-    assert!(vol.tables.pending.get(10));
+    assert!(vol.table(TableId::Pending).get(10));
     drop(ticket);
     h.disks
         .fail_secondary_reads
         .set(Some((10 * TRACK, 11 * TRACK)));
     assert!(h.write(10 * TRACK + 512, &[1u8; 512]).is_err());
     assert!(
-        vol.tables.pending.get(10),
+        vol.table(TableId::Pending).get(10),
         "a failed merge never marks the track restored"
     );
 }
@@ -311,7 +316,7 @@ fn claim_9_merge_then_restored_and_copy_never_overwrites() {
     let host = pattern(1010, 1536);
     h.write(11 * TRACK + 4096, &host).unwrap();
     assert!(
-        !h.vol.tables.pending.get(11),
+        !h.vol.table(TableId::Pending).get(11),
         "restored after the combined transfer"
     );
     let writes = h.primary_writes_to(11 * TRACK, TRACK);
@@ -330,7 +335,7 @@ fn claim_9_merge_then_restored_and_copy_never_overwrites() {
 fn claim_10_full_restore_identifies_every_track() {
     let (mut h, base, _) = split_and_overwrite(11);
     held_restore(&mut h, RESTORE_FULL);
-    assert_eq!(h.vol.tables.pending.count(), TRACKS);
+    assert_eq!(h.vol.table(TableId::Pending).count(), TRACKS);
     assert_eq!(h.vol.operation().unwrap().total, TRACKS);
     h.settle();
     assert_eq!(h.primary(), base);
@@ -344,10 +349,10 @@ fn claim_11_incremental_restore_copies_only_changed_tracks() {
     h.command(Command::Split).unwrap();
     h.write(2 * TRACK + 512, &[1u8; 1024]).unwrap();
     h.write(13 * TRACK, &vec![2u8; TRACK as usize]).unwrap();
-    let changed: Vec<u64> = h.vol.tables.changed.iter_set().collect();
+    let changed: Vec<u64> = h.vol.table(TableId::Changed).iter_set().collect();
     assert_eq!(changed, vec![2, 13]);
     held_restore(&mut h, RESTORE_INCR);
-    let pending: Vec<u64> = h.vol.tables.pending.iter_set().collect();
+    let pending: Vec<u64> = h.vol.table(TableId::Pending).iter_set().collect();
     assert_eq!(
         pending,
         vec![2, 13],

@@ -19,16 +19,14 @@
 //! `SPLITMIRROR_CRASH_VERBOSE=1` prints what each seed did (with
 //! `-- --nocapture`).
 
-use splitmirror::backend::sim::{
-    self, Power, Scheduler, SimBackend, SimDisks, SimMetaDevice, SimRng,
-};
+mod common;
+
+use common::{Harness, Options, Slot};
+use splitmirror::backend::sim::{Power, SimDisks, SimMetaDevice};
 use splitmirror::core::{Command, Geometry, TransitionError, Volume, VolumeState};
-use splitmirror::exec::engine::{self, EngineConfig};
-use splitmirror::exec::host;
-use splitmirror::metadata::{committer, Binding, MetadataStore};
-use std::cell::RefCell;
+use splitmirror::exec::engine::EngineConfig;
+use splitmirror::metadata::{Binding, MetadataStore};
 use std::io;
-use std::rc::Rc;
 
 const BLOCK: u64 = 4096;
 const TRACK: u64 = 16 * 1024;
@@ -42,17 +40,8 @@ const MAX_STEPS: u64 = 6_000;
 const MAX_CUT_OP: u64 = 700;
 const RECOVERY_STEPS: u64 = 2_000_000;
 
-type Slot<T> = Rc<RefCell<Option<T>>>;
-type Store = Rc<RefCell<MetadataStore<SimMetaDevice>>>;
-
 fn binding() -> Binding {
-    Binding {
-        volume_size: SIZE,
-        track_size: TRACK,
-        primary_size: SIZE,
-        secondary_size: SIZE,
-        ..Binding::default()
-    }
+    common::binding(SIZE, TRACK)
 }
 
 /// The bytes of value `id` in block `block`: (id, block) repeated, so a
@@ -187,12 +176,8 @@ struct CommandRun {
 struct Run {
     seed: u64,
     rng: fastrand::Rng,
-    sched: Scheduler<'static>,
-    vol: Rc<Volume>,
-    b: Rc<SimBackend>,
-    disks: Rc<SimDisks>,
-    meta: SimMetaDevice,
-    power: Rc<Power>,
+    /// The volume, its devices, engine and committer.
+    h: Harness,
     model: Model,
     busy: Vec<bool>,
     next_id: u64,
@@ -212,67 +197,13 @@ fn engine_config() -> EngineConfig {
     }
 }
 
-/// The copy engine, until an I/O error (the power cut) stops it.
-async fn copier(vol: Rc<Volume>, b: Rc<SimBackend>) {
-    let cfg = engine_config();
-    loop {
-        if vol.state().copy_kind().is_some() {
-            let r = engine::copy_batch(&vol, &*b, &cfg).await;
-            if !r.errors.is_empty() || engine::complete_if_done(&vol, &*b).await.is_err() {
-                return;
-            }
-        }
-        splitmirror::backend::Backend::pause(&*b).await;
+/// The harness's engine and committer as the crash test runs them: the
+/// committer also clears idle write intents at random.
+fn options() -> Options {
+    Options {
+        engine: Some(engine_config()),
+        clear_idle_intents: true,
     }
-}
-
-/// The real store, committing on request and whenever something changed,
-/// with other tasks running between taking a commit and writing it.
-async fn committer(
-    vol: Rc<Volume>,
-    b: Rc<SimBackend>,
-    disks: Rc<SimDisks>,
-    store: Store,
-    rng: SimRng,
-) {
-    loop {
-        if rng.borrow_mut().u32(0..16) == 0 {
-            vol.clear_idle_intents();
-        }
-        if b.take_commit_request() || vol.needs_commit() {
-            let batch = store.borrow_mut().begin_commit(&vol);
-            let n = rng.borrow_mut().u32(0..4);
-            sim::YieldNow(n).await;
-            let r = store.borrow_mut().write_commit(&vol, batch, |d| {
-                committer::flush_data_devices(&vol, d, |x| disks.flush_now(x))
-            });
-            match r {
-                Ok(()) => {}
-                // Degraded under this commit: the next one records it.
-                Err(e) if committer::is_secondary_dropped(&e) => {}
-                Err(_) => return,
-            }
-        }
-        splitmirror::backend::Backend::pause(&*b).await;
-    }
-}
-
-fn spawn_engine(
-    sched: &mut Scheduler<'static>,
-    vol: &Rc<Volume>,
-    b: &Rc<SimBackend>,
-    disks: &Rc<SimDisks>,
-    store: Store,
-    rng: &SimRng,
-) {
-    sched.spawn(copier(vol.clone(), b.clone()));
-    sched.spawn(committer(
-        vol.clone(),
-        b.clone(),
-        disks.clone(),
-        store,
-        rng.clone(),
-    ));
 }
 
 impl Run {
@@ -288,34 +219,16 @@ impl Run {
             vec![0xee; SIZE as usize]
         };
         let disks = SimDisks::volatile(primary, secondary, power.clone());
-        let vol = Rc::new(Volume::formatted(
-            Geometry::new(SIZE, TRACK).unwrap(),
-            assume_clean,
-        ));
+        let vol = Volume::formatted(Geometry::new(SIZE, TRACK).unwrap(), assume_clean);
         let meta = SimMetaDevice::new(Vec::new(), power.clone());
         let store = MetadataStore::format_dev(meta.clone(), &binding(), &vol, false)
             .expect("format the sim metadata");
-        let srng = sim::rng(seed);
-        let b = Rc::new(SimBackend::new(disks.clone(), srng.clone(), 3));
-        let mut sched = Scheduler::new(srng.clone());
-        spawn_engine(
-            &mut sched,
-            &vol,
-            &b,
-            &disks,
-            Rc::new(RefCell::new(store)),
-            &srng,
-        );
         power.arm(rng.u64(1..=MAX_CUT_OP));
+        let h = Harness::start(seed, vol, disks, store, meta, power, options());
         Run {
             seed,
             rng,
-            sched,
-            vol,
-            b,
-            disks,
-            meta,
-            power,
+            h,
             model: Model::new(),
             busy: vec![false; BLOCKS as usize],
             next_id: 1,
@@ -331,19 +244,19 @@ impl Run {
     fn until_crash(&mut self) -> Result<(), String> {
         for step in 0..MAX_STEPS {
             if self.flush_fault_at == Some(step) {
-                self.disks.fail_secondary_flushes.set(true);
+                self.h.disks.fail_secondary_flushes.set(true);
                 // Cut soon after: the commits right after the fault are
                 // the ones that could record the secondary's lost data.
-                self.power.arm(self.rng.u64(1..=60));
+                self.h.power.arm(self.rng.u64(1..=60));
             }
             self.maybe_spawn();
-            self.sched.step();
+            self.h.sched.step();
             self.collect()?;
-            if self.power.is_off() {
+            if self.h.power.is_off() {
                 return Ok(());
             }
         }
-        self.power.cut();
+        self.h.power.cut();
         Ok(())
     }
 
@@ -391,10 +304,7 @@ impl Run {
         }
         let data = image(first, (0..n).map(|_| id));
         let fua = self.rng.u32(0..5) == 0;
-        let (vol, b) = (self.vol.clone(), self.b.clone());
-        let slot = self
-            .sched
-            .spawn_with(async move { host::write(&vol, &*b, first * BLOCK, &data, fua).await });
+        let slot = self.h.spawn_write(first * BLOCK, data, fua);
         self.writes.push(Write {
             id,
             first,
@@ -409,13 +319,7 @@ impl Run {
         let before = (first..first + n)
             .map(|b| self.model.blocks[b as usize].candidates())
             .collect();
-        let (vol, b) = (self.vol.clone(), self.b.clone());
-        let slot = self.sched.spawn_with(async move {
-            let mut buf = vec![0u8; (n * BLOCK) as usize];
-            host::read(&vol, &*b, first * BLOCK, &mut buf)
-                .await
-                .map(|()| buf)
-        });
+        let slot = self.h.start_read(first * BLOCK, n * BLOCK);
         self.reads.push(Read {
             first,
             before,
@@ -425,15 +329,12 @@ impl Run {
 
     fn spawn_flush(&mut self) {
         let start = self.model.tick();
-        let (vol, b) = (self.vol.clone(), self.b.clone());
-        let slot = self
-            .sched
-            .spawn_with(async move { host::flush(&vol, &*b).await });
+        let slot = self.h.start_flush();
         self.flushes.push(Flush { start, slot });
     }
 
     fn spawn_command(&mut self) {
-        let cmd = match self.vol.state() {
+        let cmd = match self.h.vol.state() {
             VolumeState::Established => Command::Split,
             VolumeState::Split if self.rng.bool() => Command::Establish {
                 full: self.rng.bool(),
@@ -447,20 +348,17 @@ impl Run {
             },
             _ => return,
         };
-        if self.vol.check(cmd).is_err() {
+        if self.h.vol.check(cmd).is_err() {
             return;
         }
         let start = self.model.tick();
-        let (vol, b) = (self.vol.clone(), self.b.clone());
-        let slot = self
-            .sched
-            .spawn_with(async move { engine::transition(&vol, &*b, |v| v.apply(cmd)).await });
+        let slot = self.h.start_command(cmd);
         self.command = Some(CommandRun { cmd, start, slot });
     }
 
     /// Applies every request that finished in the last step to the model.
     fn collect(&mut self) -> Result<(), String> {
-        let crashed = self.power.is_off();
+        let crashed = self.h.power.is_off();
         for w in take_done(&mut self.writes, |w| &w.slot) {
             self.write_done(w, crashed)?;
         }
@@ -531,7 +429,7 @@ impl Run {
         match result {
             Ok(Ok(())) => {}
             // The secondary failed its flush under the command.
-            Ok(Err(_)) if self.vol.state() == VolumeState::Degraded => return Ok(()),
+            Ok(Err(_)) if self.h.vol.state() == VolumeState::Degraded => return Ok(()),
             Ok(Err(e)) => return Err(format!("{} refused: {e}", c.cmd.name())),
             Err(e) if !crashed => return Err(format!("{} failed: {e}", c.cmd.name())),
             Err(_) => {
@@ -558,7 +456,7 @@ impl Run {
     /// half the seeds crashing once more on the way), then checks.
     fn recover(self) -> Result<(), String> {
         let mut rng = fastrand::Rng::with_seed(self.seed ^ 0xdead_beef);
-        let mut images = Images::take(&self.disks, &self.meta, &mut rng);
+        let mut images = Images::take(&self.h.disks, &self.h.meta, &mut rng);
         let mut r = Resumed::open(&images, self.seed.wrapping_add(1))?;
         let mut model = self.model;
         let mut split_known = true;
@@ -572,15 +470,15 @@ impl Run {
                 _ => {}
             }
         }
-        let mut ctx = format!("crashed {}, reopened {}", self.vol.state(), r.vol.state());
+        let mut ctx = format!("crashed {}, reopened {}", self.h.vol.state(), r.vol.state());
         if rng.bool() {
-            r.power.arm(rng.u64(1..=100));
+            r.h.power.arm(rng.u64(1..=100));
             r.settle();
             // Done before the cut: no cut while the final state change
             // waits for its commit.
-            r.power.disarm();
-            if r.power.is_off() {
-                images = Images::take(&r.disks, &r.meta, &mut rng);
+            r.h.power.disarm();
+            if r.h.power.is_off() {
+                images = Images::take(&r.h.disks, &r.h.meta, &mut rng);
                 r = Resumed::open(&images, self.seed.wrapping_add(2))?;
                 ctx += &format!(", crashed again, reopened {}", r.vol.state());
             }
@@ -601,7 +499,7 @@ impl Run {
             eprintln!("seed {}: {} writes, {ctx}", self.seed, self.next_id - 1);
         }
         check_content(&model, &content).map_err(|e| format!("{ctx}: {e}"))?;
-        check_devices(&model, &r.vol, &r.disks, split_known).map_err(|e| format!("{ctx}: {e}"))
+        check_devices(&model, &r.h.vol, &r.h.disks, split_known).map_err(|e| format!("{ctx}: {e}"))
     }
 }
 
@@ -626,12 +524,8 @@ impl Images {
 
 /// A volume reopened from crash images, with its engine and committer.
 struct Resumed {
-    vol: Rc<Volume>,
-    b: Rc<SimBackend>,
-    disks: Rc<SimDisks>,
-    meta: SimMetaDevice,
-    power: Rc<Power>,
-    sched: Scheduler<'static>,
+    h: Harness,
+    vol: std::rc::Rc<Volume>,
 }
 
 impl Resumed {
@@ -640,40 +534,23 @@ impl Resumed {
         let meta = SimMetaDevice::new(images.meta.clone(), power.clone());
         let (store, vol) = MetadataStore::open_dev(meta.clone(), &binding())
             .map_err(|e| format!("reopen failed: {e}"))?;
-        let vol = Rc::new(vol);
         let disks = SimDisks::volatile(
             images.primary.clone(),
             images.secondary.clone(),
             power.clone(),
         );
-        let srng = sim::rng(seed);
-        let b = Rc::new(SimBackend::new(disks.clone(), srng.clone(), 3));
-        let mut sched = Scheduler::new(srng.clone());
-        spawn_engine(
-            &mut sched,
-            &vol,
-            &b,
-            &disks,
-            Rc::new(RefCell::new(store)),
-            &srng,
-        );
+        let h = Harness::start(seed, vol, disks, store, meta, power, options());
         Ok(Resumed {
-            vol,
-            b,
-            disks,
-            meta,
-            power,
-            sched,
+            vol: h.vol.clone(),
+            h,
         })
     }
 
     /// `establish` on the healed secondary, run to the end.
     fn establish(&mut self) -> Result<(), String> {
-        let (v, b) = (self.vol.clone(), self.b.clone());
-        let slot = self.sched.spawn_with(async move {
-            engine::transition(&v, &*b, |v| v.apply(Command::Establish { full: false })).await
-        });
-        self.sched
+        let slot = self.h.start_command(Command::Establish { full: false });
+        self.h
+            .sched
             .run_until(RECOVERY_STEPS, || slot.borrow().is_some());
         let r = slot.borrow_mut().take().unwrap();
         r.map_err(|e| format!("establish: {e}"))?
@@ -685,20 +562,17 @@ impl Resumed {
     /// Runs until no copy is left or the power is cut.
     fn settle(&mut self) {
         for _ in 0..RECOVERY_STEPS {
-            if self.vol.state().copy_kind().is_none() || self.power.is_off() {
+            if self.vol.state().copy_kind().is_none() || self.h.power.is_off() {
                 return;
             }
-            self.sched.step();
+            self.h.sched.step();
         }
     }
 
     fn read_all(&mut self) -> Result<Vec<u8>, String> {
-        let (v, b) = (self.vol.clone(), self.b.clone());
-        let slot = self.sched.spawn_with(async move {
-            let mut buf = vec![0u8; SIZE as usize];
-            host::read(&v, &*b, 0, &mut buf).await.map(|()| buf)
-        });
-        self.sched
+        let slot = self.h.start_read(0, SIZE);
+        self.h
+            .sched
             .run_until(RECOVERY_STEPS, || slot.borrow().is_some());
         let r = slot.borrow_mut().take().unwrap();
         r.map_err(|e| format!("final read failed: {e}"))

@@ -1,48 +1,33 @@
 //! run_copies over the simulation: it copies exactly the pending tracks,
 //! byte for byte, and follows `on_error`.
 
-use splitmirror::backend::sim::{self, Scheduler, SimBackend, SimDisks};
-use splitmirror::backend::Backend;
-use splitmirror::core::{Command, Dev, Geometry, Volume, VolumeState};
-use splitmirror::exec::engine::{self, EngineConfig, OnError, RunReport};
-use splitmirror::exec::load::HostLoad;
-use std::rc::Rc;
-use std::sync::atomic::AtomicBool;
+mod common;
+
+use common::{pattern, Harness};
+use splitmirror::core::{Command, Dev, TableId, Volume, VolumeState};
+use splitmirror::exec::engine::{EngineConfig, OnError, RunReport};
 
 const TRACK: u64 = 4096;
 const TRACKS: u64 = 64;
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut r = fastrand::Rng::with_seed(seed);
-    (0..len).map(|_| r.u8(..)).collect()
-}
-
 /// A split volume whose primary differs from the secondary everywhere, with
-/// `changed` set on `changed` tracks.
-fn split_volume(
-    seed: u64,
-    changed: &[u64],
-) -> (Rc<Volume>, Rc<SimDisks>, Rc<SimBackend>, sim::SimRng) {
+/// `changed` set on `changed` tracks, with the harness's committer and
+/// store but no engine task.
+fn split_volume(seed: u64, changed: &[u64]) -> Harness {
     let size = TRACK * TRACKS;
-    let disks = SimDisks::new(size as usize);
-    disks
+    let h = Harness::without_engine(seed, size, TRACK, VolumeState::Split);
+    h.disks
         .secondary
         .borrow_mut()
         .copy_from_slice(&pattern(seed, size as usize));
-    disks
+    h.disks
         .primary
         .borrow_mut()
         .copy_from_slice(&pattern(seed + 1, size as usize));
-    let rng = sim::rng(seed);
-    let b = Rc::new(SimBackend::new(disks.clone(), rng.clone(), 3));
-    let vol = Rc::new(Volume::new(
-        Geometry::new(size, TRACK).unwrap(),
-        VolumeState::Split,
-    ));
     for &t in changed {
-        vol.tables.changed.set(t);
+        h.vol.table(TableId::Changed).set(t);
     }
-    (vol, disks, b, rng)
+    h
 }
 
 fn apply(vol: &Volume, cmd: Command) {
@@ -51,43 +36,9 @@ fn apply(vol: &Volume, cmd: Command) {
     vol.open_gate();
 }
 
-/// Runs run_copies with an in-memory committer until it returns.
-fn run(vol: &Rc<Volume>, b: &Rc<SimBackend>, rng: sim::SimRng, cfg: EngineConfig) -> RunReport {
-    run_with(vol, b, rng, cfg, false, false)
-}
-
-/// `busy`: a host request stays in flight throughout (the engine runs at
-/// its shallow depth); `stopped`: the stop flag is set from the start.
-fn run_with(
-    vol: &Rc<Volume>,
-    b: &Rc<SimBackend>,
-    rng: sim::SimRng,
-    cfg: EngineConfig,
-    busy: bool,
-    stopped: bool,
-) -> RunReport {
-    let mut sched = Scheduler::new(rng);
-    let (v, bb) = (vol.clone(), b.clone());
-    sched.spawn(async move {
-        loop {
-            if bb.take_commit_request() || v.needs_commit() {
-                let seq = sim::mem_commit_begin(&v);
-                sim::YieldNow(2).await;
-                v.clock.finish(seq);
-            }
-            bb.pause().await;
-        }
-    });
-    let (v, bb) = (vol.clone(), b.clone());
-    let slot = sched.spawn_with(async move {
-        let stop = AtomicBool::new(stopped);
-        let load = HostLoad::default();
-        let _host = busy.then(|| load.enter());
-        engine::run_copies(&v, &*bb, &cfg, &stop, &load).await
-    });
-    sched.run_until(1_000_000, || slot.borrow().is_some());
-    let r = slot.borrow_mut().take().unwrap();
-    r.expect("run_copies I/O")
+/// Runs run_copies until it returns.
+fn run(h: &mut Harness, cfg: EngineConfig) -> RunReport {
+    h.run_copies(cfg, false, false)
 }
 
 fn cfg(on_error: OnError) -> EngineConfig {
@@ -103,7 +54,8 @@ fn cfg(on_error: OnError) -> EngineConfig {
 #[test]
 fn incremental_restore_copies_exactly_the_changed_tracks() {
     let changed = [0, 1, 2, 7, 30, 31, 63];
-    let (vol, disks, b, rng) = split_volume(7, &changed);
+    let mut h = split_volume(7, &changed);
+    let (vol, disks) = (h.vol.clone(), h.disks.clone());
     let before = disks.primary.borrow().clone();
     let secondary = disks.secondary.borrow().clone();
     apply(
@@ -113,7 +65,7 @@ fn incremental_restore_copies_exactly_the_changed_tracks() {
             protect: true,
         },
     );
-    let r = run(&vol, &b, rng, cfg(OnError::Pause));
+    let r = run(&mut h, cfg(OnError::Pause));
     assert_eq!(r.tracks, changed.len() as u64);
     assert_eq!(r.bytes, changed.len() as u64 * TRACK);
     assert!(r.errors.is_empty() && !r.paused);
@@ -143,7 +95,8 @@ fn incremental_restore_copies_exactly_the_changed_tracks() {
 
 #[test]
 fn full_restore_runs_through_resync_to_established() {
-    let (vol, disks, b, rng) = split_volume(11, &[]);
+    let mut h = split_volume(11, &[]);
+    let (vol, disks) = (h.vol.clone(), h.disks.clone());
     apply(
         &vol,
         Command::Restore {
@@ -151,7 +104,7 @@ fn full_restore_runs_through_resync_to_established() {
             protect: false,
         },
     );
-    let r = run(&vol, &b, rng, cfg(OnError::Pause));
+    let r = run(&mut h, cfg(OnError::Pause));
     assert_eq!(r.tracks, TRACKS);
     assert_eq!(vol.state(), VolumeState::Established);
     assert!(r.completed >= 1);
@@ -160,7 +113,8 @@ fn full_restore_runs_through_resync_to_established() {
 
 #[test]
 fn skip_lists_the_failing_track_and_copies_the_rest() {
-    let (vol, disks, b, rng) = split_volume(13, &[]);
+    let mut h = split_volume(13, &[]);
+    let (vol, disks) = (h.vol.clone(), h.disks.clone());
     disks
         .fail_secondary_reads
         .set(Some((5 * TRACK + 100, 5 * TRACK + 200)));
@@ -172,7 +126,7 @@ fn skip_lists_the_failing_track_and_copies_the_rest() {
             protect: true,
         },
     );
-    let r = run(&vol, &b, rng, cfg(OnError::Skip));
+    let r = run(&mut h, cfg(OnError::Skip));
     assert!(!r.paused);
     // Track 5 may have been coalesced with a neighbour; every error is
     // listed, and 5 is among them.
@@ -199,7 +153,8 @@ fn skip_lists_the_failing_track_and_copies_the_rest() {
 
 #[test]
 fn pause_stops_and_leaves_the_failing_track_pending() {
-    let (vol, disks, b, rng) = split_volume(17, &[]);
+    let mut h = split_volume(17, &[]);
+    let (vol, disks) = (h.vol.clone(), h.disks.clone());
     disks
         .fail_secondary_reads
         .set(Some((9 * TRACK, 9 * TRACK + 1)));
@@ -210,16 +165,17 @@ fn pause_stops_and_leaves_the_failing_track_pending() {
             protect: false,
         },
     );
-    let r = run(&vol, &b, rng, cfg(OnError::Pause));
+    let r = run(&mut h, cfg(OnError::Pause));
     assert!(r.paused);
     assert!(r.errors.iter().any(|e| e.track == 9 && !e.skipped));
-    assert!(vol.tables.pending.get(9));
+    assert!(vol.table(TableId::Pending).get(9));
     assert_eq!(vol.state(), VolumeState::Restoring);
 }
 
 #[test]
 fn under_host_load_it_still_finishes() {
-    let (vol, disks, b, rng) = split_volume(19, &[]);
+    let mut h = split_volume(19, &[]);
+    let (vol, disks) = (h.vol.clone(), h.disks.clone());
     apply(
         &vol,
         Command::Restore {
@@ -231,7 +187,7 @@ fn under_host_load_it_still_finishes() {
         busy_inflight: 1,
         ..cfg(OnError::Pause)
     };
-    let r = run_with(&vol, &b, rng, cfg, true, false);
+    let r = h.run_copies(cfg, true, false);
     assert_eq!(r.tracks, TRACKS);
     assert_eq!(vol.state(), VolumeState::Split);
     assert!(*disks.primary.borrow() == *disks.secondary.borrow());
@@ -239,7 +195,8 @@ fn under_host_load_it_still_finishes() {
 
 #[test]
 fn stop_copies_nothing_more() {
-    let (vol, _disks, b, rng) = split_volume(23, &[]);
+    let mut h = split_volume(23, &[]);
+    let vol = h.vol.clone();
     apply(
         &vol,
         Command::Restore {
@@ -247,9 +204,9 @@ fn stop_copies_nothing_more() {
             protect: false,
         },
     );
-    let r = run_with(&vol, &b, rng, cfg(OnError::Pause), false, true);
+    let r = h.run_copies(cfg(OnError::Pause), false, true);
     assert_eq!(r.tracks, 0);
-    assert_eq!(vol.tables.pending.count(), TRACKS);
+    assert_eq!(vol.table(TableId::Pending).count(), TRACKS);
     assert_eq!(vol.state(), VolumeState::Restoring);
 }
 

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{pattern, Harness};
-use splitmirror::core::{Command, VolumeState};
+use splitmirror::core::{Command, TableId, VolumeState};
 use splitmirror::exec::engine::{EngineConfig, OnError};
 
 const TRACK: u64 = 16 * 1024;
@@ -39,12 +39,12 @@ fn secondary_failure_while_mirroring_degrades_and_establish_resyncs_only_changes
         .expect("host write goes on to the primary");
     assert_eq!(h.vol.state(), VolumeState::Degraded);
     assert!(
-        h.vol.tables.changed.get(3),
+        h.vol.table(TableId::Changed).get(3),
         "the failed mirror write is tracked"
     );
     h.write(7 * TRACK + 512, &[8u8; 512])
         .expect("degraded writes succeed");
-    assert!(h.vol.tables.changed.get(7));
+    assert!(h.vol.table(TableId::Changed).get(7));
     assert_eq!(&h.read(3 * TRACK, 4096)[..], &[9u8; 4096]);
     // Repaired secondary: establish copies only the changed tracks.
     h.disks.fail_secondary_writes.set(false);
@@ -79,8 +79,9 @@ fn restore_read_error_with_pause_fails_only_reads_of_that_track() {
     .unwrap();
     let vol = h.vol.clone();
     let paused = h.engine_paused.clone();
+    let running = h.engine_running.clone();
     h.sched.run_until(common::STEP_LIMIT, || {
-        paused.get() || vol.copy_remaining() <= 1
+        paused.get() || (vol.copy_remaining() <= 1 && !running.get())
     });
     let errs = h.engine_errors.borrow().clone();
     assert!(errs.iter().any(|e| e.track == 5 && !e.skipped), "{errs:?}");
@@ -90,7 +91,7 @@ fn restore_read_error_with_pause_fails_only_reads_of_that_track() {
         "the operation pauses"
     );
     assert!(
-        h.vol.tables.pending.get(5),
+        h.vol.table(TableId::Pending).get(5),
         "the failing track stays pending"
     );
     // Reads of the failing range fail; everything else is served.
@@ -173,7 +174,10 @@ fn primary_write_error_while_mirroring_never_reappears_after_split_and_restore()
         [5u8; TRACK as usize],
         "the simulated secondary took the write (the case that matters)"
     );
-    assert!(h.vol.tables.stale.get(2), "the track is recorded stale");
+    assert!(
+        h.vol.table(TableId::Stale).get(2),
+        "the track is recorded stale"
+    );
     assert_eq!(h.vol.state(), VolumeState::Syncing);
     assert!(
         h.command(Command::Split).is_err(),
@@ -205,7 +209,7 @@ fn a_write_refused_for_a_failed_commit_leaves_the_mirror_alone() {
     h.b.commits_fail.set(true);
     assert!(h.write(2 * TRACK, &[1u8; 4096]).is_err());
     assert_eq!(h.vol.state(), VolumeState::Established);
-    assert!(!h.vol.tables.stale.get(2));
+    assert!(!h.vol.table(TableId::Stale).get(2));
 }
 
 #[test]
@@ -244,8 +248,12 @@ fn secondary_flush_failure_degrades_and_the_host_flush_succeeds() {
         h.disks.fail_secondary_flushes.set(true);
         h.flush();
         assert_eq!(h.vol.state(), VolumeState::Degraded, "syncing {syncing}");
-        assert_eq!(h.vol.tables.changed.count(), TRACKS, "every track changed");
-        assert_eq!(h.vol.tables.stale.count(), 0);
+        assert_eq!(
+            h.vol.table(TableId::Changed).count(),
+            TRACKS,
+            "every track changed"
+        );
+        assert_eq!(h.vol.table(TableId::Stale).count(), 0);
         assert_eq!(h.vol.operation(), None);
         h.write(9 * TRACK, &[4u8; 4096])
             .expect("writes go on to the primary");
@@ -288,7 +296,7 @@ fn secondary_write_or_flush_failure_while_resyncing_degrades() {
         });
         h.engine_paused.set(true);
         assert_eq!(h.vol.state(), VolumeState::Resyncing);
-        assert!(h.vol.tables.stale.count() > 0);
+        assert!(h.vol.table(TableId::Stale).count() > 0);
         if flush {
             h.disks.fail_secondary_flushes.set(true);
             h.flush();
@@ -298,10 +306,10 @@ fn secondary_write_or_flush_failure_while_resyncing_degrades() {
             h.write(0, &[3u8; 4096]).expect("the host write succeeds");
         }
         assert_eq!(h.vol.state(), VolumeState::Degraded, "flush {flush}");
-        assert!(h.vol.tables.changed.get(0));
+        assert!(h.vol.table(TableId::Changed).get(0));
         for t in 2..TRACKS {
             assert!(
-                h.vol.tables.changed.get(t),
+                h.vol.table(TableId::Changed).get(t),
                 "flush {flush}: track {t} still to resync"
             );
         }
@@ -360,7 +368,7 @@ fn commits_go_on_without_a_secondary_that_fails_its_flush() {
     };
     // A mirror write's intent, committed, then cleared once idle: the
     // clear needs both devices flushed.
-    vol.tables.intent.set(3);
+    vol.table(TableId::Intent).set(3);
     commit(&mut store).unwrap();
     assert_eq!(vol.clear_idle_intents(), 1);
     disks.fail_secondary_flushes.set(true);
@@ -368,7 +376,7 @@ fn commits_go_on_without_a_secondary_that_fails_its_flush() {
     assert!(committer::is_secondary_dropped(&e), "{e}");
     assert_eq!(vol.state(), VolumeState::Degraded);
     commit(&mut store).expect("the degraded state commits without the secondary");
-    vol.tables.intent.set(7);
+    vol.table(TableId::Intent).set(7);
     commit(&mut store).expect("and so does every later commit");
     let g = store.generation();
     assert!(g >= 4, "generation {g}");
@@ -413,22 +421,22 @@ fn the_committer_thread_commits_the_degraded_state() {
     );
     let h = c.handle();
     let commit = || {
-        let want = vol.clock.next();
+        let want = vol.next_commit();
         h.request();
         let start = std::time::Instant::now();
-        while !vol.clock.is_durable(want) && h.failed().is_none() {
+        while !vol.is_durable(want) && h.failed().is_none() {
             assert!(start.elapsed().as_secs() < 60, "no commit within a minute");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
     };
-    vol.tables.intent.set(3);
+    vol.table(TableId::Intent).set(3);
     commit();
     assert_eq!(vol.clear_idle_intents(), 1);
     failing.store(true, Ordering::SeqCst);
     commit();
     assert_eq!(h.failed(), None);
     assert_eq!(vol.state(), VolumeState::Degraded);
-    vol.tables.intent.set(9);
+    vol.table(TableId::Intent).set(9);
     commit();
     assert_eq!(h.failed(), None);
     assert!(!vol.needs_commit());
@@ -458,7 +466,11 @@ fn skip_does_not_skip_a_primary_that_cannot_be_written() {
             .all(|e| e.message.contains("writing the primary")),
         "{errs:?}"
     );
-    assert_eq!(h.vol.tables.pending.count(), TRACKS, "nothing dropped");
+    assert_eq!(
+        h.vol.table(TableId::Pending).count(),
+        TRACKS,
+        "nothing dropped"
+    );
     assert_eq!(h.vol.state(), VolumeState::Restoring);
     h.disks.fail_primary_writes.set(false);
     h.settle();
@@ -476,9 +488,11 @@ fn a_secondary_write_error_while_syncing_degrades_instead_of_skipping() {
     h.write(0, &pattern(96, SIZE as usize)).unwrap();
     h.disks.fail_secondary_writes.set(true);
     h.command(Command::Establish { full: false }).unwrap();
-    let vol = h.vol.clone();
-    h.sched
-        .run_until(common::STEP_LIMIT, || vol.state() != VolumeState::Syncing);
+    let (vol, running) = (h.vol.clone(), h.engine_running.clone());
+    // The engine's report (its errors) is recorded when run_copies returns.
+    h.sched.run_until(common::STEP_LIMIT, || {
+        vol.state() != VolumeState::Syncing && !running.get()
+    });
     assert_eq!(h.vol.state(), VolumeState::Degraded);
     let errs = h.engine_errors.borrow().clone();
     assert!(
@@ -487,7 +501,7 @@ fn a_secondary_write_error_while_syncing_degrades_instead_of_skipping() {
         "{errs:?}"
     );
     assert_eq!(
-        h.vol.tables.changed.count(),
+        h.vol.table(TableId::Changed).count(),
         TRACKS,
         "every track still to copy"
     );
@@ -534,7 +548,7 @@ fn a_state_change_that_cannot_commit_holds_host_io_until_it_can() {
     assert!(cmd.borrow_mut().take().unwrap().unwrap().is_ok());
     write.borrow_mut().take().unwrap().unwrap();
     assert_eq!(h.vol.state(), VolumeState::Split);
-    assert!(h.vol.tables.changed.get(6));
+    assert!(h.vol.table(TableId::Changed).get(6));
 }
 
 /// Read repair: a primary read error on a track the secondary holds

@@ -1,7 +1,7 @@
 //! The metadata store on a real file: format, open, commit, the errors a
 //! user sees, recovery from a torn header, and the committer thread.
 
-use splitmirror::core::{DevSet, Geometry, Volume, VolumeState};
+use splitmirror::core::{DevSet, Geometry, TableId, Volume, VolumeState};
 use splitmirror::error::Error;
 use splitmirror::metadata::format::{Header, Layout};
 use splitmirror::metadata::{Binding, Committer, DataFlush, FileMeta, MetaDevice, MetadataStore};
@@ -51,7 +51,7 @@ fn format_then_open_gives_the_formatted_volume() {
     MetadataStore::format(&path, &binding(), &fresh(false), false).unwrap();
     let (store, vol) = MetadataStore::open(&path, &binding()).unwrap();
     assert_eq!(vol.state(), VolumeState::Syncing);
-    assert_eq!(vol.tables.stale.count(), vol.geometry().tracks());
+    assert_eq!(vol.table(TableId::Stale).count(), vol.geometry().tracks());
     assert_eq!(vol.operation().unwrap().total, vol.geometry().tracks());
     assert_eq!(store.generation(), 1);
     assert!(!vol.needs_commit());
@@ -66,8 +66,8 @@ fn commits_survive_reopen() {
     let (s, vol) = MetadataStore::open(&path, &binding()).unwrap();
     store = s;
     for round in 0..3u64 {
-        vol.tables.changed.set(40_000 + round);
-        vol.tables.intent.set(99_999 - round);
+        vol.table(TableId::Changed).set(40_000 + round);
+        vol.table(TableId::Intent).set(99_999 - round);
         let flushed = Arc::new(Mutex::new(Vec::new()));
         let f = flushed.clone();
         let mut flush: DataFlush = Box::new(move |d| {
@@ -75,15 +75,15 @@ fn commits_survive_reopen() {
             Ok(())
         });
         store.commit(&vol, &mut flush).unwrap();
-        assert!(vol.clock.is_durable(round + 2));
+        assert!(vol.is_durable(round + 2));
     }
     drop(store);
     let (_, again) = MetadataStore::open(&path, &binding()).unwrap();
-    assert_eq!(again.tables.changed.count(), 3);
+    assert_eq!(again.table(TableId::Changed).count(), 3);
     // Leftover intent means mirror writes may have been in flight: resync.
     assert_eq!(again.state(), VolumeState::Syncing);
-    assert_eq!(again.tables.stale.count(), 3);
-    assert!(again.tables.stale.get(99_999));
+    assert_eq!(again.table(TableId::Stale).count(), 3);
+    assert!(again.table(TableId::Stale).get(99_999));
 }
 
 #[test]
@@ -92,7 +92,7 @@ fn clearing_intent_flushes_both_devices_first() {
     let path = dir.path().join("vol.meta");
     let vol = fresh(true);
     let mut store = MetadataStore::format(&path, &binding(), &vol, false).unwrap();
-    vol.tables.intent.set(7);
+    vol.table(TableId::Intent).set(7);
     store.commit(&vol, &mut no_flush()).unwrap();
     assert_eq!(vol.clear_idle_intents(), 1);
     let flushed = Arc::new(Mutex::new(DevSet::NONE));
@@ -188,9 +188,9 @@ fn three_generations(path: &Path) -> Vec<u8> {
     let mut store = MetadataStore::format(path, &binding(), &vol, false).unwrap();
     let hb = layout().header_bytes as usize;
     let gen1 = read_at(path, layout().header_offset(1), hb);
-    vol.tables.changed.set(5);
+    vol.table(TableId::Changed).set(5);
     store.commit(&vol, &mut no_flush()).unwrap(); // generation 2, slot 0
-    vol.tables.changed.set(6);
+    vol.table(TableId::Changed).set(6);
     store.commit(&vol, &mut no_flush()).unwrap(); // generation 3, slot 1
     gen1
 }
@@ -205,7 +205,7 @@ fn a_torn_header_falls_back_to_the_previous_commit() {
     write_at(&path, layout().header_offset(1) + 512, &gen1[512..]);
     let (store, vol) = MetadataStore::open(&path, &binding()).unwrap();
     assert_eq!(store.generation(), 2);
-    assert!(vol.tables.changed.get(5) && !vol.tables.changed.get(6));
+    assert!(vol.table(TableId::Changed).get(5) && !vol.table(TableId::Changed).get(6));
     drop(store);
     smash(&path, layout().header_offset(Header::slot(2)) + 40);
     let msg = config_message(MetadataStore::open(&path, &binding()));
@@ -236,7 +236,7 @@ fn a_damaged_older_header_is_passed_over() {
     smash(&path, layout().header_offset(Header::slot(2)) + 3 * 512 + 8);
     let (store, vol) = MetadataStore::open(&path, &binding()).unwrap();
     assert_eq!(store.generation(), 3);
-    assert!(vol.tables.changed.get(5) && vol.tables.changed.get(6));
+    assert!(vol.table(TableId::Changed).get(5) && vol.table(TableId::Changed).get(6));
 }
 
 #[test]
@@ -245,7 +245,7 @@ fn a_page_that_fails_its_checksum_is_reported_by_name() {
     let path = dir.path().join("vol.meta");
     let vol = fresh(true);
     let mut store = MetadataStore::format(&path, &binding(), &vol, false).unwrap();
-    vol.tables.changed.set(40_000); // chunk 1 of table 0: page 1
+    vol.table(TableId::Changed).set(40_000); // chunk 1 of table 0: page 1
     store.commit(&vol, &mut no_flush()).unwrap(); // written to copy 1
     drop(store);
     let page = layout().page_offset(1, true);
@@ -409,8 +409,8 @@ fn replace_secondary_records_the_new_disk_and_copies_every_track() {
         // Split, a few changes: an incremental establish would copy 2 tracks.
         let (mut store, vol) = MetadataStore::open(&path, &binding()).unwrap();
         apply(&vol, splitmirror::core::Command::Split);
-        vol.tables.changed.set(3);
-        vol.tables.changed.set(99_000);
+        vol.table(TableId::Changed).set(3);
+        vol.table(TableId::Changed).set(99_000);
         store.commit(&vol, &mut no_flush()).unwrap();
     }
     let r = MetadataStore::replace_secondary(&path, &new_secondary()).unwrap();
@@ -422,7 +422,11 @@ fn replace_secondary_records_the_new_disk_and_copies_every_track() {
     assert_eq!(vol.state(), VolumeState::Degraded);
     let tracks = vol.geometry().tracks();
     apply(&vol, splitmirror::core::Command::Establish { full: false });
-    assert_eq!(vol.tables.stale.count(), tracks, "every track is copied");
+    assert_eq!(
+        vol.table(TableId::Stale).count(),
+        tracks,
+        "every track is copied"
+    );
     assert_eq!(vol.operation().unwrap().total, tracks);
 }
 
@@ -515,21 +519,21 @@ fn a_failed_commit_is_retried_whole_by_the_next() {
     let vol = fresh(true);
     let (dev, ctl) = flaky(&path);
     let mut store = MetadataStore::format_dev(dev, &binding(), &vol, false).unwrap();
-    vol.tables.changed.set(70_000);
-    let seq = vol.clock.next();
+    vol.table(TableId::Changed).set(70_000);
+    let seq = vol.next_commit();
     ctl.fail_from_now(0, false);
     assert!(store.commit(&vol, &mut no_flush()).is_err());
-    assert!(!vol.clock.is_durable(seq));
+    assert!(!vol.is_durable(seq));
     assert!(
         vol.needs_commit(),
         "the failed commit's chunks are dirty again"
     );
     ctl.heal();
     store.commit(&vol, &mut no_flush()).unwrap();
-    assert!(vol.clock.is_durable(seq));
+    assert!(vol.is_durable(seq));
     drop(store);
     let (_, again) = MetadataStore::open(&path, &binding()).unwrap();
-    assert!(again.tables.changed.get(70_000));
+    assert!(again.table(TableId::Changed).get(70_000));
 }
 
 #[test]
@@ -540,21 +544,21 @@ fn a_failed_header_write_is_resolved_before_the_next_commit() {
         let vol = fresh(true);
         let (dev, ctl) = flaky(&path);
         let mut store = MetadataStore::format_dev(dev, &binding(), &vol, false).unwrap();
-        vol.tables.changed.set(1);
+        vol.table(TableId::Changed).set(1);
         store.commit(&vol, &mut no_flush()).unwrap();
         // One dirty page: its write succeeds, the header write fails.
-        vol.tables.changed.set(2);
+        vol.table(TableId::Changed).set(2);
         ctl.fail_from_now(1, land);
         assert!(store.commit(&vol, &mut no_flush()).is_err());
         ctl.heal();
-        vol.tables.changed.set(3);
+        vol.table(TableId::Changed).set(3);
         store.commit(&vol, &mut no_flush()).unwrap();
         let expect = if land { 4 } else { 3 };
         assert_eq!(store.generation(), expect, "land={land}");
         drop(store);
         let (again_store, again) = MetadataStore::open(&path, &binding()).unwrap();
         assert_eq!(again_store.generation(), expect);
-        assert_eq!(again.tables.changed.count(), 3, "land={land}");
+        assert_eq!(again.table(TableId::Changed).count(), 3, "land={land}");
     }
 }
 
@@ -566,19 +570,19 @@ fn the_committer_commits_on_request_and_at_stop() {
     let store = MetadataStore::format(&path, &binding(), &vol, false).unwrap();
     let c = Committer::start(store, vol.clone(), no_flush(), Duration::from_secs(3600));
     let h = c.handle();
-    vol.tables.changed.set(11);
-    let seq = vol.clock.next();
+    vol.table(TableId::Changed).set(11);
+    let seq = vol.next_commit();
     h.request();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !vol.clock.is_durable(seq) {
+    while !vol.is_durable(seq) {
         assert!(Instant::now() < deadline, "no commit after a request");
         std::thread::sleep(Duration::from_millis(1));
     }
     assert_eq!(h.failed(), None);
-    vol.tables.changed.set(12);
+    vol.table(TableId::Changed).set(12);
     c.stop().unwrap();
     let (_, again) = MetadataStore::open(&path, &binding()).unwrap();
-    assert!(again.tables.changed.get(11) && again.tables.changed.get(12));
+    assert!(again.table(TableId::Changed).get(11) && again.table(TableId::Changed).get(12));
 }
 
 #[test]
@@ -591,7 +595,7 @@ fn the_committer_reports_failures_and_recovers() {
     let c = Committer::start(store, vol.clone(), no_flush(), Duration::from_millis(5));
     let h = c.handle();
     ctl.fail_from_now(0, false);
-    vol.tables.changed.set(3);
+    vol.table(TableId::Changed).set(3);
     h.request();
     let deadline = Instant::now() + Duration::from_secs(10);
     while h.failed().is_none() {
@@ -609,7 +613,7 @@ fn the_committer_reports_failures_and_recovers() {
     }
     c.stop().unwrap();
     let (_, again) = MetadataStore::open(&path, &binding()).unwrap();
-    assert!(again.tables.changed.get(3));
+    assert!(again.table(TableId::Changed).get(3));
 }
 
 #[test]
@@ -640,14 +644,16 @@ fn a_full_restore_is_committed_as_header_flags_not_pages() {
         "only the header: every pending page is an \"all ones\" flag"
     );
     // Restoring one track writes that track's page out for real.
-    assert!(vol.tables.pending.clear(70_000));
+    assert!(vol.table(TableId::Pending).clear(70_000));
     store.commit(&vol, &mut no_flush()).unwrap();
     drop(store);
     let (_, again) = MetadataStore::open(&path, &binding()).unwrap();
     assert_eq!(again.state(), VolumeState::Restoring);
-    assert_eq!(again.tables.pending.count(), tracks - 1);
-    assert!(!again.tables.pending.get(70_000));
-    assert!(again.tables.pending.get(69_999) && again.tables.pending.get(tracks - 1));
+    assert_eq!(again.table(TableId::Pending).count(), tracks - 1);
+    assert!(!again.table(TableId::Pending).get(70_000));
+    assert!(
+        again.table(TableId::Pending).get(69_999) && again.table(TableId::Pending).get(tracks - 1)
+    );
 }
 
 /// Metadata as a splitmirror of format version 2 wrote it: the same first
@@ -755,12 +761,12 @@ fn opening_reads_only_the_pages_that_hold_something() {
         pages_read, 0,
         "an established volume's tables are all clear"
     );
-    vol.tables.changed.set(40_000);
-    vol.tables.changed.set(40_001);
+    vol.table(TableId::Changed).set(40_000);
+    vol.table(TableId::Changed).set(40_001);
     store.commit_with(&vol, |_| Ok(())).unwrap();
     drop((store, vol));
     let (_store, vol, pages_read) = open_counting();
     assert_eq!(pages_read, 1, "one page of one table holds something");
-    assert_eq!(vol.tables.changed.count(), 2);
-    assert!(vol.tables.changed.get(40_000) && vol.tables.changed.get(40_001));
+    assert_eq!(vol.table(TableId::Changed).count(), 2);
+    assert!(vol.table(TableId::Changed).get(40_000) && vol.table(TableId::Changed).get(40_001));
 }

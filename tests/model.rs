@@ -17,7 +17,7 @@
 mod common;
 
 use common::{pattern, Harness};
-use splitmirror::core::{Command, VolumeState};
+use splitmirror::core::{Command, TableId, VolumeState};
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -307,7 +307,7 @@ impl Model {
                         (t * self.track) as usize..((t + 1) * self.track).min(self.size) as usize;
                     if self.bytes[r.clone()] != image[r] {
                         assert!(
-                            self.h.vol.tables.changed.get(t),
+                            self.h.vol.table(TableId::Changed).get(t),
                             "seed {seed}: track {t} differs but is not tracked"
                         );
                     }

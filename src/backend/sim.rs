@@ -265,6 +265,11 @@ pub fn mem_commit_begin(vol: &Volume) -> crate::core::CommitSeq {
     vol.take_commit().seq
 }
 
+/// The second half of an in-memory commit: `seq` is durable.
+pub fn mem_commit_end(vol: &Volume, seq: crate::core::CommitSeq) {
+    vol.finish_commit(seq)
+}
+
 type Task<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
 
 /// Polls tasks one at a time in a seeded random order.
@@ -307,10 +312,6 @@ impl<'a> Scheduler<'a> {
             *s.borrow_mut() = Some(v);
         });
         slot
-    }
-
-    pub fn is_running(&self, id: u64) -> bool {
-        self.tasks.iter().any(|(i, _)| *i == id)
     }
 
     /// Polls one randomly chosen task; returns false when none is left.

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{
     AtomicU64,
-    Ordering::{Relaxed, Release, SeqCst},
+    Ordering::{Relaxed, SeqCst},
 };
 
 pub struct AtomicBitmap {
@@ -23,25 +23,8 @@ impl AtomicBitmap {
         AtomicBitmap { words, bits }
     }
 
-    pub fn len(&self) -> u64 {
-        self.bits
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.bits == 0
-    }
-
-    pub fn words(&self) -> usize {
-        self.words.len()
-    }
-
     fn locate(bit: u64) -> (usize, u64) {
         ((bit / 64) as usize, 1u64 << (bit % 64))
-    }
-
-    pub fn get(&self, bit: u64) -> bool {
-        let (w, m) = Self::locate(bit);
-        self.words[w].load(SeqCst) & m != 0
     }
 
     /// Sets the bit; returns whether it was clear before.
@@ -56,57 +39,17 @@ impl AtomicBitmap {
         self.words[w].fetch_and(!m, SeqCst) & m != 0
     }
 
-    /// The mask of valid bits in word `w` (the last word may be partial).
-    pub fn valid_mask(&self, w: usize) -> u64 {
-        let rem = self.bits - (w as u64) * 64;
-        if rem >= 64 {
-            !0
-        } else {
-            (1u64 << rem) - 1
-        }
-    }
-
     pub fn word(&self, w: usize) -> u64 {
         self.words[w].load(SeqCst)
     }
 
-    pub fn store_word(&self, w: usize, v: u64) {
-        self.words[w].store(v & self.valid_mask(w), SeqCst)
-    }
-
-    pub fn swap_word(&self, w: usize, v: u64) -> u64 {
-        self.words[w].swap(v & self.valid_mask(w), SeqCst)
-    }
-
-    pub fn or_word(&self, w: usize, v: u64) -> u64 {
-        self.words[w].fetch_or(v & self.valid_mask(w), SeqCst)
-    }
-
-    /// Whole-table passes run with the gate closed (or only ever race with
-    /// bit clears), so they use plain loads and stores: a locked
-    /// instruction per word made starting a restore on 1 TiB take
-    /// milliseconds. Callers end their pass with a SeqCst fence.
-    pub fn word_relaxed(&self, w: usize) -> u64 {
-        self.words[w].load(Relaxed)
-    }
-
-    pub fn store_word_relaxed(&self, w: usize, v: u64) {
-        self.words[w].store(v & self.valid_mask(w), Relaxed)
-    }
-
-    /// A plain store on x86 too, but it publishes the stores before it to
-    /// whoever reads this word with acquire (a commit swapping `unsynced`
-    /// must then see the bits it describes).
-    pub fn store_word_release(&self, w: usize, v: u64) {
-        self.words[w].store(v & self.valid_mask(w), Release)
-    }
-
+    /// Sets every bit (tests).
+    #[cfg(test)]
     pub fn fill(&self) {
-        (0..self.words.len()).for_each(|w| self.store_word(w, !0));
-    }
-
-    pub fn clear_all(&self) {
-        (0..self.words.len()).for_each(|w| self.store_word(w, 0));
+        for (w, word) in self.words.iter().enumerate() {
+            let rem = self.bits - w as u64 * 64;
+            word.store(if rem >= 64 { !0 } else { (1u64 << rem) - 1 }, SeqCst);
+        }
     }
 
     pub fn count_ones(&self) -> u64 {
@@ -149,10 +92,12 @@ impl AtomicBitmap {
     }
 
     /// The first set bit at or after `from`, wrapping around once.
+    #[cfg(test)]
     pub fn next_one_wrapping(&self, from: u64) -> Option<u64> {
         self.next_one(from).or_else(|| self.next_one(0))
     }
 
+    #[cfg(test)]
     pub fn iter_ones(&self) -> impl Iterator<Item = u64> + '_ {
         let mut next = 0;
         std::iter::from_fn(move || {

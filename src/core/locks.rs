@@ -104,11 +104,13 @@ impl TrackLocks {
         }
     }
 
+    #[cfg(test)]
     pub fn is_free(&self, t: Track) -> bool {
         Self::find(&self.shard(t), t).is_none()
     }
 
     /// Tracks held now (for tests and memory accounting).
+    #[cfg(test)]
     pub fn held(&self) -> usize {
         self.shards
             .iter()

@@ -42,17 +42,18 @@
 //! (claims 1E, 2), or to split with a protected restore; syncing and
 //! resyncing move to established.
 
-pub mod bitmap;
-pub mod commit;
-pub mod geometry;
-pub mod locks;
-pub mod plan;
-pub mod state;
-pub mod table;
-pub mod volume;
+pub(crate) mod bitmap;
+pub(crate) mod commit;
+pub(crate) mod geometry;
+pub(crate) mod locks;
+pub(crate) mod plan;
+pub(crate) mod state;
+pub(crate) mod table;
+pub(crate) mod volume;
 
-pub use commit::CommitSeq;
+pub use commit::{CommitSeq, CommitWaiter};
 pub use geometry::{Geometry, Track, TrackSpan};
 pub use plan::*;
 pub use state::{Command, Operation, OperationKind, TransitionError, VolumeState};
-pub use volume::{Ticket, VerifyLock, Volume, Wait};
+pub use table::{TrackTable, CHUNK_WORDS};
+pub use volume::{TableCounts, TableId, Ticket, VerifyLock, Volume, Wait};

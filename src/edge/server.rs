@@ -650,7 +650,7 @@ impl ControlTarget for Server {
     fn status(&self) -> Status {
         let vol = &*self.vol;
         let g = vol.geometry();
-        let t = &vol.tables;
+        let t = vol.counts();
         let operation = vol.operation().map(|op| {
             let remaining = vol.copy_remaining();
             let done = op.total.saturating_sub(remaining);
@@ -697,9 +697,9 @@ impl ControlTarget for Server {
             state: vol.state(),
             track_size: g.track_size(),
             tracks: g.tracks(),
-            changed_since_split: t.changed.count(),
-            restore_pending: t.pending.count(),
-            secondary_stale: t.stale.count(),
+            changed_since_split: t.changed,
+            restore_pending: t.pending,
+            secondary_stale: t.stale,
             operation,
             errors,
             read_repairs: vol.read_repairs(),

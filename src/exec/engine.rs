@@ -1,5 +1,5 @@
 //! The copy engine: restore (secondary→primary), establish and resync
-//! (primary→secondary), one batch at a time, plus the state changes that
+//! (primary→secondary), in concurrent batches ([`run_copies`]), plus the state changes that
 //! start and end them. It is async over a [`Backend`] like the host path,
 //! so the same code runs on an io_uring thread and in the simulation.
 
@@ -87,23 +87,12 @@ pub struct CopyError {
     pub degraded: bool,
 }
 
+/// What one batch of [`run_copies`] did.
 #[derive(Debug, Default, Clone)]
-pub struct BatchResult {
+struct BatchResult {
     pub tracks: u64,
     pub bytes: u64,
     pub errors: Vec<CopyError>,
-}
-
-/// Copies one batch of tracks (the host's waiting tracks first) and asks
-/// for a commit. The destination is not flushed here: the commit that
-/// records the copy flushes it first (see the metadata store), once per
-/// group of batches.
-pub async fn copy_batch<B: Backend>(vol: &Volume, b: &B, cfg: &EngineConfig) -> BatchResult {
-    let out = copy_tracks(vol, b, cfg.batch, cfg).await;
-    if out.changed_tables() {
-        b.request_commit();
-    }
-    out
 }
 
 /// Copies up to `max` tracks; leaves commits to the caller.
@@ -217,7 +206,7 @@ pub async fn run_copies<B: Backend>(
         .max(1);
         // A host request waits for a commit (whose flush writes back every
         // copy issued before it): issue nothing new until it is through.
-        let cap = if vol.clock.waiters() > 0 { 0 } else { cap };
+        let cap = if vol.commit_waiters() > 0 { 0 } else { cap };
         // Under load, two half-size batches keep the devices busy while one
         // of them is between its read and its write.
         let size = if busy { (cap / 2).max(1) } else { cfg.batch };
@@ -235,6 +224,11 @@ pub async fn run_copies<B: Backend>(
                 if vol.copy_remaining() == 0 {
                     if complete_if_done(vol, b).await? {
                         report.completed += 1;
+                        // The next operation (a restore's resync) starts
+                        // after the requests the state change held have
+                        // had their turn, and after a stop that came
+                        // meanwhile.
+                        b.pause().await;
                     }
                     since_commit = 0;
                     continue;
@@ -357,7 +351,7 @@ impl TokenBucket {
 
 impl BatchResult {
     /// Whether the batch changed the tables (a commit has work to do).
-    pub fn changed_tables(&self) -> bool {
+    fn changed_tables(&self) -> bool {
         self.tracks > 0 || self.errors.iter().any(|e| e.skipped)
     }
 }
@@ -463,7 +457,7 @@ async fn make_durable<B: Backend>(vol: &Volume, b: &B) {
             crate::exec::host::secondary_flush_failed(vol, &e);
         }
         let r = match p {
-            Ok(()) => wait_commit(vol, b, vol.clock.next()).await,
+            Ok(()) => wait_commit(vol, b, vol.next_commit()).await,
             Err(e) => Err(e),
         };
         match r {

@@ -23,11 +23,11 @@ pub async fn admit<'v, B: Backend>(vol: &'v Volume, b: &B) -> crate::core::Ticke
 
 /// Waits until commit `seq` is durable.
 pub async fn wait_commit<B: Backend>(vol: &Volume, b: &B, seq: CommitSeq) -> io::Result<()> {
-    if vol.clock.is_durable(seq) {
+    if vol.is_durable(seq) {
         return Ok(());
     }
-    let _waiting = vol.clock.wait_guard();
-    while !vol.clock.is_durable(seq) {
+    let _waiting = vol.wait_guard();
+    while !vol.is_durable(seq) {
         if b.commit_failed() {
             return Err(io::Error::other("metadata commit failed"));
         }

@@ -52,7 +52,7 @@ impl CommitHandle {
     /// Asks for a commit covering everything changed up to now. Waiters
     /// call this repeatedly; it wakes the thread only for a new need.
     pub fn request(&self) {
-        let want = self.vol.clock.next();
+        let want = self.vol.next_commit();
         let mut ctl = self.shared.ctl();
         if want > ctl.want {
             ctl.want = want;
@@ -121,7 +121,7 @@ fn run<D: MetaDevice>(
         if wake.timed_out {
             vol.clear_idle_intents();
         }
-        let requested = shared.ctl().want > vol.clock.done();
+        let requested = shared.ctl().want > vol.commits_done();
         let failing = shared.failed().is_some();
         let result = if wake.stop || requested || failing || vol.needs_commit() {
             let mut r = commit_once(&mut store, vol, &mut flush_data);
@@ -204,7 +204,7 @@ fn wait(shared: &Shared, vol: &Volume, interval: Duration) -> Wake {
     let deadline = Instant::now() + interval;
     let mut ctl = shared.ctl();
     loop {
-        let requested = ctl.want > vol.clock.done() && shared.failed().is_none();
+        let requested = ctl.want > vol.commits_done() && shared.failed().is_none();
         if ctl.stop || requested {
             return Wake {
                 stop: ctl.stop,

@@ -22,10 +22,10 @@
 //! ```
 
 pub mod committer;
-pub mod device;
+pub(crate) mod device;
 pub mod format;
-pub mod identity;
-pub mod store;
+pub(crate) mod identity;
+pub(crate) mod store;
 
 use crate::core::DevSet;
 use std::io;

@@ -46,7 +46,7 @@ use super::{Binding, DataFlush};
 use crate::backend::buf::AlignedBuf;
 use crate::core::commit::CommitTake;
 use crate::core::table::CHUNK_WORDS;
-use crate::core::{DevSet, Geometry, Volume, VolumeState};
+use crate::core::{DevSet, Geometry, TableId, Volume, VolumeState};
 use crate::error::{Error, Result};
 use std::io;
 use std::path::Path;
@@ -189,7 +189,7 @@ impl<D: MetaDevice> MetadataStore<D> {
                 "internal: the volume to format does not match its binding",
             ));
         }
-        let layout = Layout::new(geometry.tracks(), vol.tables.all().len() as u32);
+        let layout = Layout::new(geometry.tracks(), vol.tables_on_disk().len() as u32);
         check_format_target(&mut dev, &layout, opts)?;
         ensure_len(&mut dev, layout.total_bytes())?;
         let sb = Superblock {
@@ -198,7 +198,7 @@ impl<D: MetaDevice> MetadataStore<D> {
             layout,
         };
         let current = write_fresh(&mut dev, &sb, vol)?;
-        vol.clock.reset(current.generation);
+        vol.reset_commits(current.generation);
         Ok(MetadataStore {
             dev,
             sb,
@@ -240,7 +240,7 @@ impl<D: MetaDevice> MetadataStore<D> {
                 "cannot replace the secondary while the volume is restoring: the old secondary \
                  holds the split image, which is not yet all on the primary ({} tracks to go); \
                  let the restore finish (`splitmirror wait`), then replace it",
-                old.tables.pending.count()
+                old.counts().pending
             )));
         }
         let replaced = Replaced {
@@ -250,13 +250,13 @@ impl<D: MetaDevice> MetadataStore<D> {
         };
         // The new disk's content is unknown: every track differs from it.
         let vol = Volume::new(old.geometry(), VolumeState::Degraded);
-        vol.tables.changed.fill();
-        for table in vol.tables.all() {
+        vol.table(TableId::Changed).fill();
+        for table in vol.tables_on_disk() {
             for c in 0..table.chunks() {
                 table.mark_chunk_dirty(c);
             }
         }
-        vol.clock.reset(header.generation);
+        vol.reset_commits(header.generation);
         let mut store = MetadataStore {
             dev,
             sb: sb.clone(),
@@ -309,7 +309,7 @@ impl<D: MetaDevice> MetadataStore<D> {
     ) -> io::Result<()> {
         match self.write_batch(&batch, flush_data) {
             Ok(()) => {
-                vol.clock.finish(batch.seq);
+                vol.finish_commit(batch.seq);
                 Ok(())
             }
             Err(e) => {
@@ -423,7 +423,7 @@ fn load_volume<D: MetaDevice>(
     let vol = Volume::new(geometry, header.state);
     load_pages(dev, &layout, &header, &vol)?;
     vol.load_header(header.state, header.operation);
-    vol.clock.reset(header.generation);
+    vol.reset_commits(header.generation);
     Ok((header, vol))
 }
 
@@ -596,7 +596,7 @@ fn write_fresh<D: MetaDevice>(dev: &mut D, sb: &Superblock, vol: &Volume) -> Res
         zeros: vec![false; layout.pages()],
         crcs: vec![0u32; layout.pages()],
     };
-    for (t, table) in vol.tables.all().iter().enumerate() {
+    for (t, table) in vol.tables_on_disk().iter().enumerate() {
         for c in 0..table.chunks() {
             if !table.take_dirty_chunk(c, &mut words) {
                 table.snapshot_chunk(c, &mut words, true);
@@ -851,7 +851,7 @@ fn load_pages<D: MetaDevice>(
 ) -> Result<()> {
     let mut b = AlignedBuf::new(BLOCK as usize);
     let mut words = vec![0u64; CHUNK_WORDS];
-    for (t, table) in vol.tables.all().iter().enumerate() {
+    for (t, table) in vol.tables_on_disk().iter().enumerate() {
         for c in 0..table.chunks() {
             let i = layout.page_index(t, c);
             if header.ones[i] {

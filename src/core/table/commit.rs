@@ -185,14 +185,4 @@ impl TrackTable {
             .filter(|&c| matches!(self.read(c).bits, Bits::Page(_)))
             .count()
     }
-
-    /// A plain copy of the bits, for status, tests and verification.
-    pub fn snapshot(&self) -> bitvec::vec::BitVec<u64> {
-        let mut v = bitvec::vec::BitVec::<u64>::with_capacity(self.tracks as usize);
-        v.resize(self.tracks as usize, false);
-        for t in self.iter_set() {
-            v.set(t as usize, true);
-        }
-        v
-    }
 }

@@ -24,7 +24,7 @@ pub use gate::{Ticket, Wait};
 pub use repair::VerifyLock;
 
 use super::bitmap::AtomicBitmap;
-use super::commit::CommitClock;
+use super::commit::{CommitClock, CommitSeq};
 use super::geometry::Geometry;
 use super::locks::TrackLocks;
 use super::plan::*;
@@ -49,8 +49,22 @@ pub struct Tables {
     pub intent: TrackTable,
 }
 
-/// Table identifiers, in their on-disk order.
-pub const TABLE_NAMES: [&str; 4] = ["changed", "pending", "stale", "intent"];
+/// Names a track table (for [`Volume::table`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableId {
+    Changed,
+    Pending,
+    Stale,
+    Intent,
+}
+
+/// Bits set in the tables `status` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableCounts {
+    pub changed: u64,
+    pub pending: u64,
+    pub stale: u64,
+}
 
 impl Tables {
     fn new(tracks: u64) -> Self {
@@ -71,7 +85,9 @@ pub struct Volume {
     geometry: Geometry,
     state: AtomicU8,
     operation: Mutex<Option<Operation>>,
-    pub tables: Tables,
+    /// Private to the core: outside it, see the accessors at the end of
+    /// `impl Volume`.
+    pub(super) tables: Tables,
     locks: TrackLocks,
     /// Pending tracks the host is reading: the copy engine takes them first.
     hot: AtomicBitmap,
@@ -79,7 +95,7 @@ pub struct Volume {
     /// bitmap (128K words at 1 TiB) on every batch when none is.
     hot_count: AtomicU64,
     copy_cursor: AtomicU64,
-    pub clock: CommitClock,
+    pub(super) clock: CommitClock,
     header_dirty: AtomicBool,
     /// Data devices the next commit must flush first (bits: 1 primary,
     /// 2 secondary): set *before* a bit is cleared that claims data is on a
@@ -220,5 +236,75 @@ impl Volume {
 
     fn bump(&self) {
         self.progress.fetch_add(1, SeqCst);
+    }
+
+    // ---- Accessors for the executors, the store, the edges and tests ----
+    //
+    // The tables and the commit clock are private to the core; the rest of
+    // the crate, the tests and the benches see them only through these.
+
+    /// One track table: for status counts, and for tests that read a bit
+    /// or set one up (its bit operations take `&self`, as the core's own
+    /// do; the volume's methods are what keep the rules between tables).
+    pub fn table(&self, id: TableId) -> &TrackTable {
+        let t = &self.tables;
+        match id {
+            TableId::Changed => &t.changed,
+            TableId::Pending => &t.pending,
+            TableId::Stale => &t.stale,
+            TableId::Intent => &t.intent,
+        }
+    }
+
+    /// The tables in their on-disk order (the store loads and encodes them).
+    pub(crate) fn tables_on_disk(&self) -> [&TrackTable; 4] {
+        self.tables.all()
+    }
+
+    /// Tracks changed since the split, restore-pending and secondary-stale
+    /// (`status`).
+    pub fn counts(&self) -> TableCounts {
+        TableCounts {
+            changed: self.tables.changed.count(),
+            pending: self.tables.pending.count(),
+            stale: self.tables.stale.count(),
+        }
+    }
+
+    /// Whether commit `seq` is durable.
+    pub fn is_durable(&self, seq: CommitSeq) -> bool {
+        self.clock.is_durable(seq)
+    }
+
+    /// Held by a request while it waits for a commit: the copy engine
+    /// issues no new copies meanwhile (see [`Volume::commit_waiters`]).
+    pub fn wait_guard(&self) -> crate::core::commit::CommitWaiter<'_> {
+        self.clock.wait_guard()
+    }
+
+    /// Requests waiting for a commit now.
+    pub fn commit_waiters(&self) -> u64 {
+        self.clock.waiters()
+    }
+
+    /// The commit that will cover everything changed up to now.
+    pub fn next_commit(&self) -> CommitSeq {
+        self.clock.next()
+    }
+
+    /// The last durable commit.
+    pub fn commits_done(&self) -> CommitSeq {
+        self.clock.done()
+    }
+
+    /// Commit `seq` is on stable storage (the store, or the simulation's
+    /// in-memory commit).
+    pub(crate) fn finish_commit(&self, seq: CommitSeq) {
+        self.clock.finish(seq)
+    }
+
+    /// The store formatted or opened the metadata at `generation`.
+    pub(crate) fn reset_commits(&self, generation: CommitSeq) {
+        self.clock.reset(generation)
     }
 }

@@ -75,6 +75,9 @@ pub struct UringBackend {
     free: RefCell<Vec<usize>>,
     /// Operations in the ring whose completion has not been reaped.
     inflight: Cell<usize>,
+    /// The most operations that were in the ring at once (tests check
+    /// that concurrent waits really wait together).
+    peak_inflight: Cell<usize>,
     pool: Arc<BufPool>,
     /// Whether the pool is registered (registration can fail, e.g. under a
     /// small RLIMIT_MEMLOCK; the pool then still serves plain I/O).
@@ -115,6 +118,7 @@ impl UringBackend {
             slots: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             inflight: Cell::new(0),
+            peak_inflight: Cell::new(0),
             pool,
             fixed,
             fixed_ops: Cell::new(0),
@@ -139,6 +143,11 @@ impl UringBackend {
     /// Whether pool buffers go through READ_FIXED/WRITE_FIXED.
     pub fn uses_fixed_buffers(&self) -> bool {
         self.fixed
+    }
+
+    /// The most operations that were in flight at once so far.
+    pub fn peak_inflight(&self) -> usize {
+        self.peak_inflight.get()
     }
 
     /// How many transfers went through READ_FIXED/WRITE_FIXED so far.
@@ -236,6 +245,8 @@ impl UringBackend {
             self.submit(0);
         }
         self.inflight.set(self.inflight.get() + 1);
+        self.peak_inflight
+            .set(self.peak_inflight.get().max(self.inflight.get()));
         i
     }
 

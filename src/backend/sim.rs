@@ -54,33 +54,25 @@ pub struct Volatile {
 
 impl SimDisks {
     pub fn new(size: usize) -> Rc<Self> {
-        Rc::new(SimDisks {
-            primary: RefCell::new(vec![0; size]),
-            secondary: RefCell::new(vec![0; size]),
-            secondary_written: Cell::new(0),
-            fail_secondary_reads: Cell::new(None),
-            fail_secondary_writes: Cell::new(false),
-            fail_primary_writes: Cell::new(false),
-            primary_write_errno: Cell::new(libc::EIO),
-            fail_primary_reads: Cell::new(None),
-            fail_primary_flushes: Cell::new(false),
-            fail_secondary_flushes: Cell::new(false),
-            write_log: RefCell::new(Vec::new()),
-            volatile: None,
-        })
+        Rc::new(Self::healthy(vec![0; size], vec![0; size], None))
     }
 
     /// Devices with volatile write caches holding these durable images;
     /// every write and flush draws on `power`.
     pub fn volatile(primary: Vec<u8>, secondary: Vec<u8>, power: Rc<Power>) -> Rc<Self> {
-        Rc::new(SimDisks {
-            volatile: Some(Volatile {
-                power,
-                caches: [
-                    WriteCache::new(primary.clone()),
-                    WriteCache::new(secondary.clone()),
-                ],
-            }),
+        let volatile = Volatile {
+            power,
+            caches: [
+                WriteCache::new(primary.clone()),
+                WriteCache::new(secondary.clone()),
+            ],
+        };
+        Rc::new(Self::healthy(primary, secondary, Some(volatile)))
+    }
+
+    /// Disks holding these images, with no fault injected.
+    fn healthy(primary: Vec<u8>, secondary: Vec<u8>, volatile: Option<Volatile>) -> Self {
+        SimDisks {
             primary: RefCell::new(primary),
             secondary: RefCell::new(secondary),
             secondary_written: Cell::new(0),
@@ -92,7 +84,8 @@ impl SimDisks {
             fail_primary_flushes: Cell::new(false),
             fail_secondary_flushes: Cell::new(false),
             write_log: RefCell::new(Vec::new()),
-        })
+            volatile,
+        }
     }
 
     /// Flushes `devs` at once (for a metadata commit's data flush).

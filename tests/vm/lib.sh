@@ -435,3 +435,27 @@ write_iops() { awk -F';' '{ printf "%d", $49 }' ${1:+"$1"}; }
 
 # proc_ticks PID: user + system CPU ticks (1/100 s) of a process
 proc_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
+
+# ---- acknowledged files on a mounted filesystem (restart and crash scenarios)
+# The caller sets MNT (mount point), ACKED (a file outside it listing the
+# names acknowledged so far) and SERVER_ERR (the server's stderr).
+
+# put NAME: a 64 KiB file of NAME lines on $MNT
+put() { yes "$1" | head -c 65536 >"$MNT/$1"; }
+# good NAME: $MNT/NAME exists with the content `put` wrote
+good() { yes "$1" | head -c 65536 | cmp -s - "$MNT/$1"; }
+# writer PREFIX COUNT: PREFIX1..COUNT, each synced, then acknowledged
+writer() {
+    _w=1
+    while [ $_w -le "$2" ]; do
+        put "$1$_w" || exit 1
+        sync || exit 1
+        echo "$1$_w" >>"$ACKED"
+        _w=$((_w + 1))
+        sleep 0.1
+    done
+}
+# acked: how many files are acknowledged so far
+acked() { if [ -f "$ACKED" ]; then wc -l <"$ACKED" | tr -d ' '; else echo 0; fi; }
+# show_log WHEN: the server's stderr, framed
+show_log() { echo "--- server log ($1):"; cat "$SERVER_ERR"; echo "---"; }

@@ -18,26 +18,7 @@ MNT=/mnt
 ACKED=/dev/shm/acked      # tmpfs: outside the device
 W_FILES=60
 
-# put NAME: a 64 KiB file of NAME lines on $MNT
-put() { yes "$1" | head -c 65536 >"$MNT/$1"; }
-# good NAME: $MNT/NAME exists with the content `put` wrote
-good() { yes "$1" | head -c 65536 | cmp -s - "$MNT/$1"; }
-
-# writer PREFIX COUNT: PREFIX1..COUNT, each synced, then acknowledged
-writer() {
-    _w=1
-    while [ $_w -le "$2" ]; do
-        put "$1$_w" || exit 1
-        sync || exit 1
-        echo "$1$_w" >>"$ACKED"
-        _w=$((_w + 1))
-        sleep 0.1
-    done
-}
-
-acked() { if [ -f "$ACKED" ]; then wc -l <"$ACKED" | tr -d ' '; else echo 0; fi; }
-
-show_log() { echo "--- server log ($1):"; cat "$SERVER_ERR"; echo "---"; }
+# put, good, writer, acked, show_log: tests/vm/lib.sh
 
 step "format --assume-clean; restore at 4 MiB/s; run"
 run splitmirror format -c "$CONFIG" --assume-clean

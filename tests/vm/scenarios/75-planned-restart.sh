@@ -19,20 +19,7 @@ ACKED=/dev/shm/acked
 EVENTS=/dev/shm/events
 W_FILES=80
 
-put() { yes "$1" | head -c 65536 >"$MNT/$1"; }
-good() { yes "$1" | head -c 65536 | cmp -s - "$MNT/$1"; }
-writer() {
-    _w=1
-    while [ $_w -le "$2" ]; do
-        put "$1$_w" || exit 1
-        sync || exit 1
-        echo "$1$_w" >>"$ACKED"
-        _w=$((_w + 1))
-        sleep 0.1
-    done
-}
-acked() { if [ -f "$ACKED" ]; then wc -l <"$ACKED" | tr -d ' '; else echo 0; fi; }
-show_log() { echo "--- server log ($1):"; cat "$SERVER_ERR"; echo "---"; }
+# put, good, writer, acked, show_log: tests/vm/lib.sh
 
 # planned_restart LABEL [SIGNAL]: SIGUSR1 (or SIGNAL), exit 75, device and
 # mount stay, a new server (whatever `splitmirror` is first in PATH)

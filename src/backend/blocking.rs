@@ -91,6 +91,22 @@ impl Backend for BlockingBackend {
         self.devs.get(dev).file.sync_data()
     }
 
+    async fn fallocate(&self, dev: Dev, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: plain syscall on an fd the devices keep open.
+        let r = unsafe {
+            libc::fallocate(
+                self.fd(dev),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     async fn pause(&self) {
         std::thread::sleep(Duration::from_micros(100));
     }

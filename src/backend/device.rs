@@ -49,7 +49,81 @@ pub struct DataDev {
     /// Who the device is, as the metadata records it
     /// ([`crate::metadata::identity`]).
     pub stable_id: String,
+    /// Whether the device zeroes ranges without writing them.
+    pub zeroing: Zeroing,
     identity: Identity,
+}
+
+/// What a device can do to zero a range without writing it (see
+/// [`crate::backend::zero`] for how a range is zeroed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Zeroing {
+    /// A discard that reads back as zeros: a block device with both
+    /// discard and write-zeroes (the kernel's hole punch on a block device
+    /// is a write-zeroes allowed to unmap), or a file whose filesystem
+    /// punches holes.
+    pub discard: bool,
+    /// Write-zeroes: a block device with write-zeroes, or a file whose
+    /// filesystem punches holes.
+    pub write_zeroes: bool,
+    /// The device's discard granularity in bytes (0: none stated).
+    pub granularity: u32,
+}
+
+impl Zeroing {
+    /// What both devices can do.
+    pub fn both(self, o: Zeroing) -> Zeroing {
+        Zeroing {
+            discard: self.discard && o.discard,
+            write_zeroes: self.write_zeroes && o.write_zeroes,
+            granularity: self.granularity.max(o.granularity),
+        }
+    }
+
+    /// A block device's, from its queue limits in sysfs.
+    fn of_block(meta: &std::fs::Metadata) -> Zeroing {
+        let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+        let dev = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+        // A partition has no queue of its own: its disk's applies.
+        let queue = [dev.join("queue"), dev.join("../queue")]
+            .into_iter()
+            .find(|q| q.is_dir());
+        let limit = |name: &str| -> u64 {
+            queue
+                .as_ref()
+                .and_then(|q| std::fs::read_to_string(q.join(name)).ok())
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let write_zeroes = limit("write_zeroes_max_bytes") > 0;
+        Zeroing {
+            discard: write_zeroes && limit("discard_max_bytes") > 0,
+            write_zeroes,
+            granularity: limit("discard_granularity").min(u64::from(u32::MAX)) as u32,
+        }
+    }
+
+    /// A regular file's: whether its filesystem punches holes, tried past
+    /// its end (where no data is) with its size kept.
+    fn of_file(file: &File, size: u64) -> Zeroing {
+        let past_end = size.next_multiple_of(4096) as libc::off_t;
+        // SAFETY: plain syscall on an open fd; KEEP_SIZE past the end
+        // changes neither the size nor any data.
+        let r = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                crate::backend::zero::PUNCH_HOLE,
+                past_end,
+                4096,
+            )
+        };
+        let holes = r == 0;
+        Zeroing {
+            discard: holes,
+            write_zeroes: holes,
+            granularity: 4096,
+        }
+    }
 }
 
 impl DataDev {
@@ -101,6 +175,11 @@ impl DataDev {
         } else {
             (meta.len(), 512)
         };
+        let zeroing = if is_block {
+            Zeroing::of_block(&meta)
+        } else {
+            Zeroing::of_file(&file, size)
+        };
         Ok(DataDev {
             role,
             path: path.to_path_buf(),
@@ -108,6 +187,7 @@ impl DataDev {
             size,
             logical_block,
             stable_id: crate::metadata::identity::of(&meta),
+            zeroing,
             identity,
         })
     }
@@ -150,6 +230,13 @@ impl Devices {
     /// is unused.
     pub fn volume_size(&self) -> u64 {
         self.primary.size
+    }
+
+    /// What both devices can zero without writing: the volume offers
+    /// discard and write-zeroes only where both can (a discard that had to
+    /// write zeros would make `fstrim` rewrite all free space).
+    pub fn zeroing(&self) -> Zeroing {
+        self.primary.zeroing.both(self.secondary.zeroing)
     }
 
     /// The smallest direct I/O both devices take.

@@ -6,7 +6,8 @@
 //! ([`sim`], built only for tests and with the `sim` feature). The ublk
 //! queue's own ring lives with the queue loop in [`crate::ublk`].
 //! [`device`] opens the primary and secondary and checks their layout;
-//! [`buf`] has the aligned buffers direct I/O needs.
+//! [`buf`] has the aligned buffers direct I/O needs; [`zero`] what zeroing a
+//! range (discard, write-zeroes) does on a device.
 
 use crate::core::Dev;
 use buf::AlignedBuf;
@@ -20,6 +21,7 @@ pub mod device;
 pub mod sim;
 pub(crate) mod transfer;
 pub mod uring;
+pub mod zero;
 
 /// The raw fds of the primary and the secondary, by [`Dev`] (not owned: the
 /// server keeps the devices open while any backend uses them).
@@ -43,6 +45,23 @@ pub trait Backend {
     async fn read(&self, dev: Dev, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     async fn write(&self, dev: Dev, offset: u64, buf: &[u8], fua: bool) -> io::Result<()>;
     async fn flush(&self, dev: Dev) -> io::Result<()>;
+    /// `fallocate(2)` on a device (`mode`: [`zero::PUNCH_HOLE`] or
+    /// [`zero::ZERO_RANGE`]). A backend without it says `EOPNOTSUPP`.
+    async fn fallocate(&self, _dev: Dev, _mode: i32, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+    /// Makes the range read back as zeros (a discard or write-zeroes, see
+    /// [`zero`]); `unmap`: it may be deallocated; `fua`: durable on return.
+    async fn zero(
+        &self,
+        dev: Dev,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        fua: bool,
+    ) -> io::Result<()> {
+        zero::zero(self, dev, offset, len, unmap, fua).await
+    }
     /// Yields for a short while: something the caller waits for (a track
     /// lock, a commit, a state change) is being done elsewhere.
     async fn pause(&self);

@@ -40,8 +40,15 @@ pub struct SimDisks {
     /// (their data stays in the volatile cache, if any).
     pub fail_primary_flushes: Cell<bool>,
     pub fail_secondary_flushes: Cell<bool>,
-    /// Every completed write: (device, offset, length).
+    /// Every completed write: (device, offset, length). Zeroing by
+    /// `fallocate` is a write of zeros here too.
     pub write_log: RefCell<Vec<(Dev, u64, u64)>>,
+    /// Every completed `fallocate` (discard, write-zeroes): (device,
+    /// offset, length).
+    pub zero_log: RefCell<Vec<(Dev, u64, u64)>>,
+    /// `fallocate` fails with EOPNOTSUPP, as on a device or filesystem
+    /// without it: zeroing falls back to writing zero buffers.
+    pub fallocate_unsupported: Cell<bool>,
     /// Crash tests: volatile write caches and the power they depend on.
     pub volatile: Option<Volatile>,
 }
@@ -84,6 +91,8 @@ impl SimDisks {
             fail_primary_flushes: Cell::new(false),
             fail_secondary_flushes: Cell::new(false),
             write_log: RefCell::new(Vec::new()),
+            zero_log: RefCell::new(Vec::new()),
+            fallocate_unsupported: Cell::new(false),
             volatile,
         }
     }
@@ -185,6 +194,50 @@ impl Backend for SimBackend {
 
     async fn write(&self, dev: Dev, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
         self.jitter().await;
+        self.put(dev, offset, buf, fua)
+    }
+
+    /// Both zeroing modes make the range zeros, with the faults and the
+    /// volatile cache of a write (a real device's write-zeroes or discard
+    /// sits in its cache until a flush too).
+    async fn fallocate(&self, dev: Dev, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        self.jitter().await;
+        if self.disks.fallocate_unsupported.get() {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
+        if mode != crate::backend::zero::PUNCH_HOLE && mode != crate::backend::zero::ZERO_RANGE {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        self.put(dev, offset, &vec![0; len as usize], false)?;
+        self.disks.zero_log.borrow_mut().push((dev, offset, len));
+        Ok(())
+    }
+
+    async fn flush(&self, dev: Dev) -> io::Result<()> {
+        self.jitter().await;
+        self.disks.flush_now(match dev {
+            Dev::Primary => crate::core::DevSet::PRIMARY,
+            Dev::Secondary => crate::core::DevSet::SECONDARY,
+        })
+    }
+
+    async fn pause(&self) {
+        YieldNow(1).await
+    }
+
+    fn request_commit(&self) {
+        self.commit_wanted.set(true);
+    }
+
+    fn commit_failed(&self) -> bool {
+        self.commits_fail.get()
+    }
+}
+
+impl SimBackend {
+    /// A write's effect on the disks: fault injection, the volatile cache,
+    /// the logs, the bytes.
+    fn put(&self, dev: Dev, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
         let failing = match dev {
             Dev::Primary => self.disks.fail_primary_writes.get(),
             Dev::Secondary => self.disks.fail_secondary_writes.get(),
@@ -213,26 +266,6 @@ impl Backend for SimBackend {
         let mut d = self.disks.dev(dev).borrow_mut();
         d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
         Ok(())
-    }
-
-    async fn flush(&self, dev: Dev) -> io::Result<()> {
-        self.jitter().await;
-        self.disks.flush_now(match dev {
-            Dev::Primary => crate::core::DevSet::PRIMARY,
-            Dev::Secondary => crate::core::DevSet::SECONDARY,
-        })
-    }
-
-    async fn pause(&self) {
-        YieldNow(1).await
-    }
-
-    fn request_commit(&self) {
-        self.commit_wanted.set(true);
-    }
-
-    fn commit_failed(&self) -> bool {
-        self.commits_fail.get()
     }
 }
 

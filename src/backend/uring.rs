@@ -331,6 +331,18 @@ impl Backend for UringBackend {
         Ok(())
     }
 
+    async fn fallocate(&self, dev: Dev, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        let entry = opcode::Fallocate::new(self.fd(dev), len)
+            .offset(offset)
+            .mode(mode)
+            .build();
+        let res = self.op(entry).await;
+        if res < 0 {
+            return Err(io::Error::from_raw_os_error(-res));
+        }
+        Ok(())
+    }
+
     async fn pause(&self) {
         self.sleep(self.pause).await
     }

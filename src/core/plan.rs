@@ -93,6 +93,18 @@ pub enum WriteStep {
     },
 }
 
+/// What a host write puts on its range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// The request's own bytes.
+    Data,
+    /// Zeros: a discard or a write-zeroes. Both mean "the range reads back
+    /// as zeros" on both devices, so the mirror stays byte-identical;
+    /// `unmap`: the devices may deallocate the range (a discard, or a
+    /// write-zeroes without NOUNMAP) instead of writing it.
+    Zeros { unmap: bool },
+}
+
 /// How a request holds one track while it is in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Hold {
@@ -102,9 +114,12 @@ pub(crate) enum Hold {
 
 /// A planned host write. Run [`WritePlan::steps`] (after
 /// `commit_before_issue` is durable), then hand the plan back to
-/// [`super::Volume::finish_write`].
+/// [`super::Volume::finish_write`]. Each step puts [`WritePlan::payload`]
+/// on its range: the host's bytes, or zeros (a `Direct` step then zeroes
+/// the range on its devices, a `Merge` overlays zeros instead of host bytes).
 #[derive(Debug)]
 pub struct WritePlan {
+    pub payload: Payload,
     pub steps: Vec<WriteStep>,
     /// Bits this write set (changed since split, write intent, ...) must be
     /// durable before any data reaches a device: wait for this commit.

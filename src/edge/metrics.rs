@@ -31,15 +31,25 @@ pub enum HostOp {
     Read,
     Write,
     Flush,
+    Discard,
+    WriteZeroes,
 }
 
 impl HostOp {
-    const ALL: [HostOp; 3] = [HostOp::Read, HostOp::Write, HostOp::Flush];
+    const ALL: [HostOp; 5] = [
+        HostOp::Read,
+        HostOp::Write,
+        HostOp::Flush,
+        HostOp::Discard,
+        HostOp::WriteZeroes,
+    ];
     fn name(self) -> &'static str {
         match self {
             HostOp::Read => "read",
             HostOp::Write => "write",
             HostOp::Flush => "flush",
+            HostOp::Discard => "discard",
+            HostOp::WriteZeroes => "write_zeroes",
         }
     }
 }
@@ -57,7 +67,7 @@ struct OpCounters {
 /// Everything the server counts.
 #[derive(Default)]
 pub struct Metrics {
-    ops: [OpCounters; 3],
+    ops: [OpCounters; 5],
     copied_tracks: AtomicU64,
     copied_bytes: AtomicU64,
     copy_errors: AtomicU64,

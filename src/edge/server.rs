@@ -230,6 +230,8 @@ pub fn run(cfg: &Config) -> Result<()> {
             max_io: cfg.ublk.max_io,
             size: devs.volume_size(),
             logical_block: devs.logical_block(),
+            zeroing: devs.zeroing(),
+            track_size: vol.geometry().track_size(),
         };
         let ctx = QueueCtx {
             vol: vol.clone(),

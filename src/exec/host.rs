@@ -7,7 +7,8 @@
 
 use crate::backend::Backend;
 use crate::core::{
-    CommitSeq, Dev, ReadSeg, RepairLock, Ticket, Volume, Wait, WriteOutcome, WritePlan, WriteStep,
+    CommitSeq, Dev, Payload, ReadSeg, RepairLock, Ticket, Volume, Wait, WriteOutcome, WritePlan,
+    WriteStep,
 };
 use std::io;
 
@@ -132,9 +133,36 @@ pub async fn write<B: Backend>(
     buf: &[u8],
     fua: bool,
 ) -> io::Result<()> {
+    let len = buf.len() as u64;
+    run_write(vol, b, buf, fua, |t| vol.plan_write(t, offset, len)).await
+}
+
+/// Host discard (`unmap`) or write-zeroes of `offset..offset+len`: the range
+/// reads back as zeros afterwards, on both devices where the state mirrors
+/// (see [`Volume::plan_zero`] for what each state does).
+pub async fn zero<B: Backend>(
+    vol: &Volume,
+    b: &B,
+    offset: u64,
+    len: u64,
+    unmap: bool,
+    fua: bool,
+) -> io::Result<()> {
+    run_write(vol, b, &[], fua, |t| vol.plan_zero(t, offset, len, unmap)).await
+}
+
+/// A host write or zeroing, from its plan to its acknowledgement; `buf`
+/// holds the bytes of a [`Payload::Data`] plan.
+async fn run_write<B: Backend>(
+    vol: &Volume,
+    b: &B,
+    buf: &[u8],
+    fua: bool,
+    plan_it: impl Fn(&Ticket<'_>) -> Result<WritePlan, Wait>,
+) -> io::Result<()> {
     loop {
         let ticket = admit(vol, b).await;
-        let plan = match vol.plan_write(&ticket, offset, buf.len() as u64) {
+        let plan = match plan_it(&ticket) {
             Ok(plan) => plan,
             Err(Wait::Track(_)) | Err(Wait::Transition) => {
                 drop(ticket);
@@ -188,18 +216,20 @@ async fn run_steps<B: Backend>(
                 len,
                 buf_offset,
             } => {
-                let data = &buf[buf_offset as usize..(buf_offset + len) as usize];
+                let data = match plan.payload {
+                    Payload::Data => &buf[buf_offset as usize..(buf_offset + len) as usize],
+                    Payload::Zeros { .. } => &[],
+                };
+                let put = |dev| put(b, dev, plan.payload, offset, len, data, fua);
                 let (p, s) = smol::future::zip(
                     async {
                         if devs.primary {
-                            b.write(Dev::Primary, offset, data, fua).await
+                            put(Dev::Primary).await
                         } else {
                             Ok(())
                         }
                     },
-                    async {
-                        !devs.secondary || b.write(Dev::Secondary, offset, data, fua).await.is_ok()
-                    },
+                    async { !devs.secondary || put(Dev::Secondary).await.is_ok() },
                 )
                 .await;
                 if let Err(e) = p {
@@ -216,8 +246,11 @@ async fn run_steps<B: Backend>(
                 buf_offset,
                 ..
             } => {
-                let host = &buf[buf_offset as usize..(buf_offset + len) as usize];
-                if let Err(e) = merge(b, track_offset, track_len, offset, host, fua).await {
+                let host = match plan.payload {
+                    Payload::Data => Some(&buf[buf_offset as usize..(buf_offset + len) as usize]),
+                    Payload::Zeros { .. } => None,
+                };
+                if let Err(e) = merge(b, track_offset, track_len, offset, len, host, fua).await {
                     out.primary_failed = true;
                     primary_error = Some(e);
                 }
@@ -230,20 +263,41 @@ async fn run_steps<B: Backend>(
     (out, primary_error)
 }
 
-/// Claim 6: the secondary's track combined with the host's bytes lands on
-/// the primary as one whole track.
+/// One device's part of a `Direct` step: the host's bytes, or zeros.
+async fn put<B: Backend>(
+    b: &B,
+    dev: Dev,
+    payload: Payload,
+    offset: u64,
+    len: u64,
+    data: &[u8],
+    fua: bool,
+) -> io::Result<()> {
+    match payload {
+        Payload::Data => b.write(dev, offset, data, fua).await,
+        Payload::Zeros { unmap } => b.zero(dev, offset, len, unmap, fua).await,
+    }
+}
+
+/// Claim 6: the secondary's track combined with the host's bytes (`host`;
+/// `None`: zeros, for a discard or write-zeroes) at `offset..offset+len`
+/// lands on the primary as one whole track.
 async fn merge<B: Backend>(
     b: &B,
     track_offset: u64,
     track_len: u64,
     offset: u64,
-    host: &[u8],
+    len: u64,
+    host: Option<&[u8]>,
     fua: bool,
 ) -> io::Result<()> {
     let mut track = b.buffer(track_len as usize);
     b.read(Dev::Secondary, track_offset, &mut track).await?;
-    let at = (offset - track_offset) as usize;
-    track[at..at + host.len()].copy_from_slice(host);
+    let range = (offset - track_offset) as usize..(offset - track_offset + len) as usize;
+    match host {
+        Some(host) => track[range].copy_from_slice(host),
+        None => track[range].fill(0),
+    }
     b.write(Dev::Primary, track_offset, &track, fua).await
 }
 

@@ -13,6 +13,7 @@ mod device;
 mod queue;
 mod ring;
 
+use crate::backend::device::Zeroing;
 use crate::backend::DevFds;
 use crate::core::Volume;
 use crate::edge::metrics::Metrics;
@@ -40,6 +41,38 @@ pub struct DeviceParams {
     /// requests are passed through unsplit, so the device must not accept
     /// anything smaller.
     pub logical_block: u32,
+    /// What both data devices can zero without writing; discard and
+    /// write-zeroes are offered only as far as they can.
+    pub zeroing: Zeroing,
+    /// The volume's track size: bounds how many tracks one discard or
+    /// write-zeroes request spans.
+    pub track_size: u64,
+}
+
+/// Tracks one discard or write-zeroes request may span: each is planned
+/// and locked like a write, so a request stays a bounded piece of work
+/// (the kernel splits larger ones).
+const MAX_ZERO_TRACKS: u64 = 256;
+
+/// The discard / write-zeroes parameters of the device, or `None` when
+/// neither is offered (then the kernel never sends either, and
+/// write-zeroes users such as `BLKZEROOUT` write zero pages themselves).
+fn discard_params(p: &DeviceParams) -> Option<sys::ublk_param_discard> {
+    let z = p.zeroing;
+    if !z.discard && !z.write_zeroes {
+        return None;
+    }
+    let max_sectors = ((MAX_ZERO_TRACKS * p.track_size) >> 9).min(u64::from(u32::MAX)) as u32;
+    Some(sys::ublk_param_discard {
+        discard_alignment: 0,
+        // At least a logical block and 4 KiB; a device's own coarser
+        // granularity keeps discards it would only half honour away.
+        discard_granularity: z.granularity.max(p.logical_block).max(4096),
+        max_discard_sectors: if z.discard { max_sectors } else { 0 },
+        max_write_zeroes_sectors: if z.write_zeroes { max_sectors } else { 0 },
+        max_discard_segments: 1,
+        ..Default::default()
+    })
 }
 
 /// What every queue thread needs; cheap to clone.
@@ -159,8 +192,27 @@ where
         tgt.sq_depth = (u32::from(p.depth) * 4).min(32768) as u16;
         tgt.cq_depth = tgt.sq_depth;
         let lbs_shift = p.logical_block.trailing_zeros() as u8;
+        let discard = discard_params(&p);
+        match discard {
+            Some(d) => log::info!(
+                "offering discard: {}, write-zeroes: {} (up to {} bytes a request, granularity {})",
+                d.max_discard_sectors > 0,
+                d.max_write_zeroes_sectors > 0,
+                u64::from(d.max_discard_sectors.max(d.max_write_zeroes_sectors)) << 9,
+                d.discard_granularity
+            ),
+            None => log::info!(
+                "not offering discard or write-zeroes: the data devices cannot both zero a range without writing it"
+            ),
+        }
         tgt.params = sys::ublk_params {
-            types: sys::UBLK_PARAM_TYPE_BASIC,
+            types: sys::UBLK_PARAM_TYPE_BASIC
+                | if discard.is_some() {
+                    sys::UBLK_PARAM_TYPE_DISCARD
+                } else {
+                    0
+                },
+            discard: discard.unwrap_or_default(),
             basic: sys::ublk_param_basic {
                 // A volatile write cache with FUA: the kernel sends flushes
                 // and FUA writes, which reach the data devices.

@@ -78,25 +78,35 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, vol: &Volume, b: &RingBackend, buf:
     let in_range = len <= buf.len() && vol.geometry().contains(offset, len as u64);
     let _busy = b.load.enter();
     let started = std::time::Instant::now();
+    let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
     let kind = match op {
         sys::UBLK_IO_OP_READ => HostOp::Read,
         sys::UBLK_IO_OP_WRITE => HostOp::Write,
+        sys::UBLK_IO_OP_DISCARD => HostOp::Discard,
+        sys::UBLK_IO_OP_WRITE_ZEROES => HostOp::WriteZeroes,
         _ => HostOp::Flush,
     };
     let res = match op {
         sys::UBLK_IO_OP_READ if in_range => host::read(vol, b, offset, &mut buf[..len]).await,
-        sys::UBLK_IO_OP_WRITE if in_range => {
-            let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
-            host::write(vol, b, offset, &buf[..len], fua).await
-        }
+        sys::UBLK_IO_OP_WRITE if in_range => host::write(vol, b, offset, &buf[..len], fua).await,
         sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => return -libc::EINVAL,
         sys::UBLK_IO_OP_FLUSH => host::flush(vol, b).await,
-        // Discard and write-zeroes are not advertised.
+        // No data buffer: the length is bounded by the device's discard
+        // limits, not by the buffer.
+        sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES
+            if vol.geometry().contains(offset, len as u64) =>
+        {
+            // A discard may unmap; so may a write-zeroes unless the
+            // caller asked to keep the range allocated.
+            let unmap = op == sys::UBLK_IO_OP_DISCARD || iod.op_flags & sys::UBLK_IO_F_NOUNMAP == 0;
+            host::zero(vol, b, offset, len as u64, unmap, fua).await
+        }
+        sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => return -libc::EINVAL,
         _ => return -libc::EOPNOTSUPP,
     };
     b.metrics
         .host(kind, len as u64, started.elapsed(), res.is_ok());
-    if kind == HostOp::Write
+    if matches!(kind, HostOp::Write | HostOp::Discard | HostOp::WriteZeroes)
         && vol.state() == VolumeState::Degraded
         && !b.degraded_logged.replace(true)
     {
@@ -106,6 +116,8 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, vol: &Volume, b: &RingBackend, buf:
         );
     }
     match res {
+        // The kernel reads no byte count for discard and write-zeroes.
+        Ok(()) if matches!(kind, HostOp::Discard | HostOp::WriteZeroes) => 0,
         Ok(()) => len as i32,
         Err(e) => {
             log::warn!("host request op {op} at {offset}+{len} failed: {e}");

@@ -81,6 +81,14 @@ impl Backend for RingBackend {
         submit(sqe).await.map(|_| ())
     }
 
+    async fn fallocate(&self, dev: Dev, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        let sqe = opcode::Fallocate::new(self.fd(dev), len)
+            .offset(offset)
+            .mode(mode)
+            .build();
+        submit(sqe).await.map(|_| ())
+    }
+
     async fn pause(&self) {
         // The timespec lives in this future until the timeout completes.
         let ts = types::Timespec::new().nsec(100_000);

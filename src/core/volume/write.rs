@@ -12,7 +12,39 @@ use crate::core::table::TrackTable;
 impl Volume {
     /// Plans a host write, locking the tracks it touches. On `Err(track)`
     /// nothing is held: wait for that track and plan again.
-    pub fn plan_write(&self, _t: &Ticket, offset: u64, len: u64) -> Result<WritePlan, Wait> {
+    pub fn plan_write(&self, t: &Ticket, offset: u64, len: u64) -> Result<WritePlan, Wait> {
+        self.plan(t, offset, len, Payload::Data)
+    }
+
+    /// Plans a discard or write-zeroes of `offset..offset+len`: a write of
+    /// zeros under exactly the rules of [`Volume::plan_write`], in every
+    /// state. So a zeroed range is mirrored (established), recorded as
+    /// changed (split, degraded), and during a restore a pending track it
+    /// covers whole is restored without a copy (claim 5) while one it covers
+    /// in part is merged (claim 6: the secondary's track with the range
+    /// zeroed goes to the primary); either way the track is restored and
+    /// changed, so nothing zeroed on the primary can come back from the
+    /// secondary (a copy of the track waits for its lock, then finds it
+    /// restored). Deterministic zeros rather than "contents undefined" keep
+    /// the two devices byte-identical, which `verify` and every later copy
+    /// rely on.
+    pub fn plan_zero(
+        &self,
+        t: &Ticket,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<WritePlan, Wait> {
+        self.plan(t, offset, len, Payload::Zeros { unmap })
+    }
+
+    fn plan(
+        &self,
+        _t: &Ticket,
+        offset: u64,
+        len: u64,
+        payload: Payload,
+    ) -> Result<WritePlan, Wait> {
         let state = self.state();
         let spans: Vec<TrackSpan> = self.geometry.spans(offset, len).collect();
         let actions: Vec<Action> = spans.iter().map(|s| self.action_for(state, s)).collect();
@@ -22,9 +54,9 @@ impl Volume {
         let recheck: Vec<Action> = spans.iter().map(|s| self.action_for(state, s)).collect();
         if recheck != actions {
             self.release(&holds);
-            return self.plan_write(_t, offset, len);
+            return self.plan(_t, offset, len, payload);
         }
-        Ok(self.build_write(&spans, &actions, holds))
+        Ok(self.build_write(&spans, &actions, holds, payload))
     }
 
     /// What a write does to one track in `state` (the rules, by claim).
@@ -94,8 +126,10 @@ impl Volume {
         spans: &[TrackSpan],
         actions: &[Action],
         holds: Vec<(Track, Hold)>,
+        payload: Payload,
     ) -> WritePlan {
         let mut plan = WritePlan {
+            payload,
             steps: Vec::new(),
             commit_before_issue: None,
             holds,

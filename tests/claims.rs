@@ -6,7 +6,7 @@ mod common;
 
 use common::{pattern, Harness};
 use splitmirror::core::{
-    Command, Dev, DevSet, TableId, VolumeState, Wait, WriteOutcome, WriteStep,
+    Command, Dev, DevSet, Payload, TableId, VolumeState, Wait, WriteOutcome, WriteStep,
 };
 
 const TRACK: u64 = 16 * 1024;
@@ -371,4 +371,160 @@ fn claim_11_incremental_restore_copies_only_changed_tracks() {
     );
     assert_eq!(h.primary(), base);
     assert_eq!(h.secondary(), base);
+}
+
+// ---- Discard and write-zeroes: the same rules, with zeros as the data ----
+
+/// The bytes of a discarded track.
+fn zeros(len: u64) -> Vec<u8> {
+    vec![0; len as usize]
+}
+
+#[test]
+fn claim_5_discard_of_a_whole_pending_track_restores_it_without_a_copy() {
+    let (mut h, base, _) = split_and_overwrite(20);
+    held_restore(&mut h, RESTORE_FULL);
+    let vol = h.vol.clone();
+    let ticket = vol.enter().unwrap();
+    let plan = vol.plan_zero(&ticket, 4 * TRACK, TRACK, true).unwrap();
+    assert_eq!(plan.payload, Payload::Zeros { unmap: true });
+    assert!(
+        matches!(plan.steps[..], [WriteStep::Direct { devs: DevSet::PRIMARY, offset, len, .. }] if offset == 4 * TRACK && len == TRACK)
+    );
+    assert_eq!(plan.restores(), &[4]);
+    vol.finish_write(plan, WriteOutcome::default());
+    drop(ticket);
+    // Through the host path: track 5 discarded whole, track 8 zeroed whole.
+    h.discard(5 * TRACK, TRACK).unwrap();
+    h.write_zeroes(8 * TRACK, TRACK).unwrap();
+    for t in [5, 8] {
+        assert!(!vol.table(TableId::Pending).get(t), "track {t} restored");
+        assert!(vol.table(TableId::Changed).get(t), "track {t} changed");
+        assert_eq!(h.read(t * TRACK, TRACK), zeros(TRACK), "track {t}");
+    }
+    let zeroed: Vec<_> = h.disks.zero_log.borrow().clone();
+    assert!(zeroed.contains(&(Dev::Primary, 5 * TRACK, TRACK)));
+    assert!(zeroed.iter().all(|z| z.0 == Dev::Primary), "{zeroed:?}");
+    let writes_before = h.primary_writes_to(5 * TRACK, TRACK);
+    h.engine_paused.set(false);
+    let vol2 = vol.clone();
+    h.sched.run_until(common::STEP_LIMIT, || {
+        vol2.state() != VolumeState::Restoring
+    });
+    assert_eq!(
+        h.primary_writes_to(5 * TRACK, TRACK),
+        writes_before,
+        "no copy ever touched the discarded track"
+    );
+    assert_eq!(&h.primary()[track_range(5)], &zeros(TRACK)[..]);
+    assert_eq!(
+        &h.secondary()[track_range(5)],
+        &base[track_range(5)],
+        "the secondary keeps the split image while restoring"
+    );
+    h.settle();
+    assert_eq!(
+        &h.secondary()[track_range(5)],
+        &zeros(TRACK)[..],
+        "the resync copies the discard to the secondary"
+    );
+}
+
+#[test]
+fn claim_6_partial_discard_merges_the_secondary_track() {
+    let (mut h, base, _) = split_and_overwrite(21);
+    held_restore(&mut h, RESTORE_FULL);
+    let vol = h.vol.clone();
+    let ticket = vol.enter().unwrap();
+    let plan = vol
+        .plan_zero(&ticket, 6 * TRACK + 1024, 2048, true)
+        .unwrap();
+    assert!(
+        matches!(plan.steps[..], [WriteStep::Merge { track: 6, track_offset, track_len, .. }] if track_offset == 6 * TRACK && track_len == TRACK)
+    );
+    vol.finish_write(
+        plan,
+        WriteOutcome {
+            primary_failed: true,
+            ..Default::default()
+        },
+    );
+    drop(ticket);
+    // A discard over the end of track 6 and the start of track 7, both
+    // partial: each is merged.
+    let (from, len) = (6 * TRACK + 4096, TRACK);
+    h.discard(from, len).unwrap();
+    let mut expect = base[6 * TRACK as usize..8 * TRACK as usize].to_vec();
+    expect[4096..4096 + TRACK as usize].fill(0);
+    assert_eq!(
+        &h.primary()[6 * TRACK as usize..8 * TRACK as usize],
+        &expect[..],
+        "secondary tracks with the range zeroed on primary"
+    );
+    assert!(!vol.table(TableId::Pending).get(6));
+    assert!(!vol.table(TableId::Pending).get(7));
+    assert!(vol.table(TableId::Changed).get(6) && vol.table(TableId::Changed).get(7));
+    assert_eq!(h.read(6 * TRACK, 2 * TRACK), expect);
+    assert_eq!(h.secondary(), base, "the secondary is never written");
+}
+
+#[test]
+fn claim_9_discarded_range_never_reappears_from_the_secondary() {
+    let (mut h, base, _) = split_and_overwrite(22);
+    held_restore(&mut h, RESTORE_FULL);
+    let vol = h.vol.clone();
+    // A copy of track 3 is in flight (locked) when the discard arrives.
+    let ticket = vol.enter().unwrap();
+    let (mut mine, others): (Vec<_>, Vec<_>) = vol
+        .next_copies(&ticket, TRACKS as usize)
+        .into_iter()
+        .partition(|j| j.track == 3);
+    others.into_iter().for_each(|j| vol.finish_copy(j, false));
+    let job = mine.pop().unwrap();
+    drop(ticket);
+    let discard = h.spawn_zero(3 * TRACK + 512, 1024, true, false);
+    h.steps(500);
+    assert!(discard.borrow().is_none(), "the discard waits for the copy");
+    // The copy lands (the split image), then the discard goes on.
+    h.disks.primary.borrow_mut()[track_range(3)].copy_from_slice(&base[track_range(3)]);
+    vol.finish_copy(job, true);
+    h.wait(&discard).unwrap();
+    let mut expect = base[track_range(3)].to_vec();
+    expect[512..1536].fill(0);
+    assert_eq!(h.read(3 * TRACK, TRACK), expect);
+    // A whole-track discard during the restore, then the restore's end,
+    // the resync and a later full restore: nothing brings the data back.
+    h.discard(12 * TRACK, TRACK).unwrap();
+    h.settle();
+    assert_eq!(h.vol.state(), VolumeState::Established);
+    assert_eq!(&h.primary()[track_range(3)], &expect[..]);
+    assert_eq!(&h.primary()[track_range(12)], &zeros(TRACK)[..]);
+    assert_eq!(&h.secondary()[track_range(12)], &zeros(TRACK)[..]);
+    h.command(Command::Split).unwrap();
+    held_restore(&mut h, RESTORE_FULL);
+    assert_eq!(h.read(12 * TRACK, TRACK), zeros(TRACK), "the split image");
+    h.settle();
+    assert_eq!(&h.primary()[track_range(12)], &zeros(TRACK)[..]);
+}
+
+#[test]
+fn claim_2_discard_during_a_protected_restore_is_recorded_and_the_secondary_kept() {
+    let (mut h, base, _) = split_and_overwrite(23);
+    held_restore(
+        &mut h,
+        Command::Restore {
+            incremental: false,
+            protect: true,
+        },
+    );
+    h.discard(2 * TRACK, TRACK).unwrap();
+    h.write_zeroes(9 * TRACK + 1024, 512).unwrap();
+    let changed: Vec<u64> = h.vol.table(TableId::Changed).iter_set().collect();
+    assert_eq!(changed, vec![2, 9]);
+    h.settle();
+    assert_eq!(h.vol.state(), VolumeState::Split);
+    assert_eq!(h.secondary(), base, "protected: the secondary is untouched");
+    let changed: Vec<u64> = h.vol.table(TableId::Changed).iter_set().collect();
+    assert_eq!(changed, vec![2, 9], "the zeroed tracks differ from it");
+    assert_eq!(&h.primary()[track_range(2)], &zeros(TRACK)[..]);
 }

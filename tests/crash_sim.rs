@@ -1,6 +1,7 @@
 //! Deterministic crash simulation: the real host path, copy engine and
 //! metadata store over devices with volatile write caches. A seeded random
-//! workload (writes, reads, flushes, split/establish/restore) runs until the
+//! workload (writes, discards and write-zeroes, reads, flushes,
+//! split/establish/restore) runs until the
 //! power is cut at a random device write or flush, in the middle of a
 //! commit as often as not; each unflushed 4 KiB unit is then kept or lost at
 //! random. The volume is reopened from what survived, its operation run to
@@ -44,9 +45,16 @@ fn binding() -> Binding {
     common::binding(SIZE, TRACK)
 }
 
+/// Values with this bit set were written by a discard or write-zeroes: the
+/// block is zeros.
+const ZEROS: u64 = 1 << 63;
+
 /// The bytes of value `id` in block `block`: (id, block) repeated, so a
-/// mismatch can be decoded from the first 16 bytes.
+/// mismatch can be decoded from the first 16 bytes; zeros for a zeroing.
 fn block_bytes(id: u64, block: u64) -> Vec<u8> {
+    if id & ZEROS != 0 {
+        return vec![0; BLOCK as usize];
+    }
     let mut pair = [0u8; 16];
     pair[..8].copy_from_slice(&id.to_le_bytes());
     pair[8..].copy_from_slice(&block.to_le_bytes());
@@ -296,15 +304,21 @@ impl Run {
         if self.busy[range.clone()].iter().any(|&b| b) {
             return;
         }
-        let id = self.next_id;
+        // One write in six is a discard or write-zeroes.
+        let id = self.next_id | if self.rng.u32(0..6) == 0 { ZEROS } else { 0 };
         self.next_id += 1;
         for b in range {
             self.busy[b] = true;
             self.model.blocks[b].since.push(Entry { id, acked: None });
         }
-        let data = image(first, (0..n).map(|_| id));
         let fua = self.rng.u32(0..5) == 0;
-        let slot = self.h.spawn_write(first * BLOCK, data, fua);
+        let slot = if id & ZEROS != 0 {
+            let unmap = self.rng.bool();
+            self.h.spawn_zero(first * BLOCK, n * BLOCK, unmap, fua)
+        } else {
+            let data = image(first, (0..n).map(|_| id));
+            self.h.spawn_write(first * BLOCK, data, fua)
+        };
         self.writes.push(Write {
             id,
             first,

@@ -1,4 +1,5 @@
-//! Model test of the whole volume: random host reads and writes, run
+//! Model test of the whole volume: random host reads, writes, discards and
+//! write-zeroes (zeros to the model), run
 //! concurrently (random interleavings from the seeded scheduler) with the
 //! copy engine and with random operator commands, checked against a plain
 //! byte-array model of what the host must see.
@@ -78,6 +79,8 @@ impl Model {
         let h = Harness::new(seed, size, track, VolumeState::Established);
         let base = pattern(seed, size as usize);
         h.preload(&base);
+        // Now and then devices without fallocate: zeroing writes zeros.
+        h.disks.fallocate_unsupported.set(rng.u8(0..4) == 0);
         Model {
             h,
             seed,
@@ -121,9 +124,22 @@ impl Model {
         if self.overlaps_inflight(start, end) {
             return;
         }
-        if self.rng.bool() {
+        let op = self.rng.u8(0..8);
+        if op < 4 {
             let data = pattern(self.rng.u64(..), (end - start) as usize);
             let slot = self.h.start_write(start, data.clone());
+            self.inflight.push(InFlight::Write {
+                offset: start,
+                data,
+                slot,
+            });
+        } else if op == 4 {
+            // A discard (unmap) or a write-zeroes: to the model a write of
+            // zeros, of whole tracks, parts of tracks or across two.
+            let unmap = self.rng.bool();
+            let fua = self.rng.u8(0..4) == 0;
+            let slot = self.h.spawn_zero(start, end - start, unmap, fua);
+            let data = vec![0; (end - start) as usize];
             self.inflight.push(InFlight::Write {
                 offset: start,
                 data,

@@ -194,3 +194,53 @@ fn read_errors_are_reported() {
     let r = be.block_on(be.read(Dev::Primary, SIZE, &mut buf));
     assert!(r.is_err(), "a read past the end fails");
 }
+
+/// Blocks of a file actually allocated (st_blocks, 512-byte units).
+fn allocated(f: &File) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    f.metadata().unwrap().blocks()
+}
+
+#[test]
+fn zero_punches_a_hole_or_zeroes_a_range_and_reads_back_zeros() {
+    let (_d, p, s) = setup();
+    let be = UringBackend::new(p.as_raw_fd(), s.as_raw_fd(), UringOptions::default()).unwrap();
+    let data = filled(1 << 20, 5);
+    be.block_on(async {
+        be.write(Dev::Primary, 0, &data, false).await.unwrap();
+        be.write(Dev::Secondary, 0, &data, false).await.unwrap();
+        be.flush(Dev::Primary).await.unwrap();
+    });
+    let before = allocated(&p);
+    be.block_on(async {
+        // A discard (may unmap) of 256 KiB on the primary, a write-zeroes
+        // (kept allocated) of 64 KiB at an odd 4 KiB offset on the secondary.
+        be.zero(Dev::Primary, 128 << 10, 256 << 10, true, false)
+            .await
+            .unwrap();
+        be.zero(Dev::Secondary, 12 << 10, 64 << 10, false, true)
+            .await
+            .unwrap();
+    });
+    let mut got = AlignedBuf::new(1 << 20);
+    be.block_on(be.read(Dev::Primary, 0, &mut got)).unwrap();
+    let mut want = data.to_vec();
+    want[128 << 10..384 << 10].fill(0);
+    assert!(
+        got[..] == want[..],
+        "primary: the discarded range reads zeros"
+    );
+    assert!(
+        allocated(&p) < before,
+        "the discard deallocated the range ({} -> {} blocks)",
+        before,
+        allocated(&p)
+    );
+    be.block_on(be.read(Dev::Secondary, 0, &mut got)).unwrap();
+    let mut want = data.to_vec();
+    want[12 << 10..76 << 10].fill(0);
+    assert!(
+        got[..] == want[..],
+        "secondary: the zeroed range reads zeros"
+    );
+}

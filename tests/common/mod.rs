@@ -215,6 +215,33 @@ impl Harness {
         })
     }
 
+    /// A host discard (`unmap`) or write-zeroes, counted in the host load.
+    pub fn spawn_zero(
+        &mut self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        fua: bool,
+    ) -> Slot<io::Result<()>> {
+        let (vol, b, load) = (self.vol.clone(), self.b.clone(), self.load.clone());
+        self.sched.spawn_with(async move {
+            let _busy = load.enter();
+            host::zero(&vol, &*b, offset, len, unmap, fua).await
+        })
+    }
+
+    /// A discard of `offset..offset+len`, run to its end.
+    pub fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let slot = self.spawn_zero(offset, len, true, false);
+        self.wait(&slot)
+    }
+
+    /// A write-zeroes (keeping the range allocated), run to its end.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let slot = self.spawn_zero(offset, len, false, false);
+        self.wait(&slot)
+    }
+
     pub fn start_read(&mut self, offset: u64, len: u64) -> Slot<io::Result<Vec<u8>>> {
         let (vol, b, load) = (self.vol.clone(), self.b.clone(), self.load.clone());
         self.sched.spawn_with(async move {

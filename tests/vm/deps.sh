@@ -16,7 +16,7 @@ PKGS=(
   binutils          # strip: keeps the per-run initramfs small
   shellcheck        # tests/run-all.sh lints these scripts
   systemd           # systemd-analyze verify in tests/deploy.sh
-  coreutils findutils sed grep util-linux  # host-side script tools (flock)
+  coreutils findutils sed grep util-linux  # host-side script tools (flock); blkdiscard, fstrim for the VM
   apt dpkg          # apt-get download / dpkg-deb -x for the kernel package
 )
 

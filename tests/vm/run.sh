@@ -67,7 +67,7 @@ mkdir -p "$CACHE" "$LOGDIR" || setup_fail "cannot create $CACHE or $LOGDIR"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/splitmirror-vm.XXXXXX") || setup_fail "mktemp"
 trap 'rm -rf "$WORK"' EXIT
 
-for t in qemu-system-x86_64 busybox fio mke2fs e2fsck dmsetup cpio gzip xz dpkg-deb apt-get apt-cache flock ldd; do
+for t in qemu-system-x86_64 busybox fio mke2fs e2fsck dmsetup blkdiscard fstrim cpio gzip xz dpkg-deb apt-get apt-cache flock ldd; do
   command -v "$t" >/dev/null 2>&1 || setup_fail "$t not found (run tests/vm/deps.sh)"
 done
 
@@ -204,7 +204,7 @@ copy_with_libs() { # $1 = tree, then binaries (copied to their own path)
 base_inputs() { # everything the base initramfs is made of, for the cache key
   echo "format=$BASE_FORMAT kver=$KVER"
   cat "$KDIR/modules/load.list"
-  dpkg-query -W busybox-static fio e2fsprogs dmsetup libc6 libgcc-s1 2>/dev/null
+  dpkg-query -W busybox-static fio e2fsprogs dmsetup util-linux libc6 libgcc-s1 2>/dev/null
   declare -f build_base copy_with_libs
 }
 
@@ -219,6 +219,9 @@ build_base() { # $1 = output .cpio (uncompressed, see below)
     [ -e "$tree/bin/$a" ] || ln -s busybox "$tree/bin/$a"
   done
   copy_with_libs "$tree" "$(command -v fio)" "$(command -v mke2fs)" "$(command -v e2fsck)" "$(command -v dmsetup)"
+  # util-linux's blkdiscard (busybox's has no -z, BLKZEROOUT) and fstrim:
+  # in /usr/sbin, ahead of busybox's applets in the VM's PATH
+  copy_with_libs "$tree" "$(command -v blkdiscard)" "$(command -v fstrim)"
   for b in mkfs.ext4 mkfs.ext3 mkfs.ext2; do ln -sf mke2fs "$tree$(dirname "$(command -v mke2fs)")/$b"; done
   ln -sf e2fsck "$tree$(dirname "$(command -v e2fsck)")/fsck.ext4"
   # glibc dlopens libgcc_s for thread cancellation / unwinding

@@ -29,6 +29,10 @@
 //! | split, degraded | primary                    | primary, `changed` durable first                          | primary |
 //! | restoring    | pending: secondary; else primary | pending+full: primary, then restored (5); pending+partial: merge secondary track + host bytes → primary, then restored (6, 8, 9); restored: primary, `changed` durable first (7) | primary |
 //!
+//! A discard or write-zeroes is a write of zeros under the same rules
+//! (`Volume::plan_zero`): the range reads back as zeros on every device
+//! the state writes, so the mirror stays byte-identical.
+//!
 //! The secondary is never written while restoring (claim 1A). Writes to a
 //! track locked exclusive wait for that track only (claim 3); reads never
 //! wait. A write that restores a track is acknowledged only after the

@@ -18,6 +18,10 @@
 . "${VMLIB:?run me through tests/vm/run.sh}"
 
 MIB=1048576
+# util-linux's tools by path: busybox's shell runs its own applets first,
+# and busybox's blkdiscard has no -z
+BLKDISCARD=/usr/sbin/blkdiscard FSTRIM=/usr/sbin/fstrim
+for t in "$BLKDISCARD" "$FSTRIM"; do [ -x "$t" ] || fail "$t missing from the VM (tests/vm/run.sh puts it there)"; done
 # zero_file FILE OFFSET LEN: the same zeros in a reference image file
 zero_file() {
     dd if=/dev/zero of="$1" bs=4096 seek=$(($2 / 4096)) count=$(($3 / 4096)) conv=notrunc 2>/dev/null \
@@ -31,21 +35,32 @@ zeros() {
 # first DEV: sha256 of the first $DATA_MIB MiB
 first() { sha_dev "$1" "$DATA_MIB"; }
 verify_equal() {
+    # verify is throttled by restore.rate_limit: unthrottled for it
+    run sm set restore.rate_limit=0 >/dev/null
     sm verify >"$SCRATCH/verify.out" 2>&1; _rc=$?
     [ "$_rc" = 0 ] || { cat "$SCRATCH/verify.out"; fail "verify failed (rc=$_rc)"; }
     info "verify: $(tail -n 1 "$SCRATCH/verify.out")"
 }
 
-step "format --assume-clean; run with restore.rate_limit 256KiB"
+step "64 MiB dm-linear maps of the disks as primary and secondary (every whole-device check reads less)"
+# dm-linear passes discard and write-zeroes through, as the disks take them
+for m in dp:"$PRIMARY" ds:"$SECONDARY"; do
+    echo "0 131072 linear ${m#*:} 0" | dmsetup create "${m%%:*}" || fail "dmsetup create ${m%%:*}"
+    dmsetup mknodes "${m%%:*}"
+done
+PRIMARY=/dev/mapper/dp SECONDARY=/dev/mapper/ds
+set_config primary "$PRIMARY"
+set_config secondary "$SECONDARY"
+
+step "format --assume-clean; run"
 run splitmirror format -c "$CONFIG" --assume-clean
-set_restore_rate 256KiB
 start_server
 expect_state established
 B=$(basename "$DEVICE")
 for q in discard_max_bytes write_zeroes_max_bytes; do
     v=$(cat "/sys/block/$B/queue/$q")
     expect_num_gt "$v" 0 "$B queue/$q"
-    info "$B $q = $v (under it: vda $(cat /sys/block/vda/queue/$q), vdb $(cat /sys/block/vdb/queue/$q))"
+    info "$B $q = $v (under it: vda $(cat /sys/block/vda/queue/$q), dp $(cat "/sys/block/$(basename "$(readlink -f "$PRIMARY")")/queue/$q"))"
 done
 
 DATA_MIB=16
@@ -54,9 +69,9 @@ gen_file "$SCRATCH/E" "$DATA_MIB" 1
 write_at "$DEVICE" 0 "$SCRATCH/E"
 # whole tracks (1 MiB at 1 MiB), part of a track (8 KiB at 2 MiB + 4 KiB),
 # write-zeroes across a track boundary (64 KiB at 3 MiB + 96 KiB)
-run blkdiscard -o $((1 * MIB)) -l $((1 * MIB)) "$DEVICE"
-run blkdiscard -o $((2 * MIB + 4096)) -l 8192 "$DEVICE"
-run blkdiscard -z -o $((3 * MIB + 98304)) -l 65536 "$DEVICE"
+run "$BLKDISCARD" -o $((1 * MIB)) -l $((1 * MIB)) "$DEVICE"
+run "$BLKDISCARD" -o $((2 * MIB + 4096)) -l 8192 "$DEVICE"
+run "$BLKDISCARD" -z -o $((3 * MIB + 98304)) -l 65536 "$DEVICE"
 zero_file "$SCRATCH/E" $((1 * MIB)) $((1 * MIB))
 zero_file "$SCRATCH/E" $((2 * MIB + 4096)) 8192
 zero_file "$SCRATCH/E" $((3 * MIB + 98304)) 65536
@@ -72,8 +87,8 @@ verify_equal
 step "split: discard a whole track and part of another, on the primary only"
 run sm split
 cp "$SCRATCH/E" "$SCRATCH/S"
-run blkdiscard -o $((5 * MIB)) -l $((2 * TRACK)) "$DEVICE"
-run blkdiscard -z -o $((6 * MIB + 4096)) -l 4096 "$DEVICE"
+run "$BLKDISCARD" -o $((5 * MIB)) -l $((2 * TRACK)) "$DEVICE"
+run "$BLKDISCARD" -z -o $((6 * MIB + 4096)) -l 4096 "$DEVICE"
 zero_file "$SCRATCH/S" $((5 * MIB)) $((2 * TRACK))
 zero_file "$SCRATCH/S" $((6 * MIB + 4096)) 4096
 [ "$(first "$DEVICE")" = "$(sha_file "$SCRATCH/S")" ] || fail "device after the split discards is wrong"
@@ -94,12 +109,13 @@ zero_file "$SCRATCH/R" $((76 * TRACK + 16384)) 8192
 SHA_R=$(sha_file "$SCRATCH/R")
 
 step "restore --incremental (19 tracks at 256 KiB/s); discard pending tracks while it runs"
+run sm set restore.rate_limit=256KiB >/dev/null
 run sm restore --incremental
 expect_state restoring
 pend=$(json_get restore_pending)
 expect_num_gt "$pend" 10 "restore_pending right after restore"
-run blkdiscard -o $((78 * TRACK)) -l "$TRACK" "$DEVICE"
-run blkdiscard -o $((76 * TRACK + 16384)) -l 8192 "$DEVICE"
+run "$BLKDISCARD" -o $((78 * TRACK)) -l "$TRACK" "$DEVICE"
+run "$BLKDISCARD" -o $((76 * TRACK + 16384)) -l 8192 "$DEVICE"
 j=$(status_json)
 [ "$(json_get state "$j")" = restoring ] || fail "restore ended before the discards were checked: $j"
 info "status after the discards: $j"
@@ -136,7 +152,7 @@ marker_count() {
 n=$(marker_count "$DEVICE")
 expect_num_gt "$n" 0 "marker lines on the device before the delete"
 rm "$MNT/gone"; sync
-run fstrim -v "$MNT"
+run "$FSTRIM" -v "$MNT"
 for d in "$DEVICE" "$PRIMARY" "$SECONDARY"; do
     n=$(marker_count "$d")
     [ "$n" = 0 ] || fail "$d still holds the deleted file's bytes after fstrim ($n lines)"
@@ -151,7 +167,7 @@ step "split; delete files and fstrim: the primary only"
 run sm split
 run mount -o nodiscard "$DEVICE" "$MNT"
 rm "$MNT/keep1" "$MNT/keep2"; sync
-run fstrim -v "$MNT"
+run "$FSTRIM" -v "$MNT"
 run umount "$MNT"
 run e2fsck -fn "$DEVICE"
 c=$(json_get changed_since_split)
@@ -159,12 +175,13 @@ expect_num_gt "$c" 0 "changed_since_split after fstrim"
 verify_equal
 
 step "restore --incremental with ext4 mounted during it: fstrim on the split image"
+run sm set restore.rate_limit=512KiB >/dev/null
 run sm restore --incremental
 expect_state restoring
 run mount -o nodiscard "$DEVICE" "$MNT"
 ( cd "$MNT" && sha256sum -c "$SCRATCH/keep.sha" >/dev/null ) || fail "the split image's files are wrong during the restore"
 rm "$MNT/keep3"; sync
-run fstrim -v "$MNT"
+run "$FSTRIM" -v "$MNT"
 info "state after fstrim: $(state)"
 run umount "$MNT"
 wait_idle 300

@@ -363,6 +363,12 @@ mod tests {
 
         let devs = Devices::open(&cfg(d.path(), &p, &s)).unwrap();
         assert_eq!(devs.volume_size(), 1 << 20);
+        // Files on a filesystem that punches holes (ext4, xfs, tmpfs):
+        // discard and write-zeroes are offered; the probe past the end
+        // left the files as they were.
+        let z = devs.zeroing();
+        assert!(z.discard && z.write_zeroes, "{z:?}");
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
         assert_eq!(devs.binding(65536).secondary_size, 1 << 20);
 
         let e = Devices::open(&cfg(d.path(), &p, &link)).err().unwrap();

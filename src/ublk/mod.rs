@@ -268,3 +268,50 @@ where
     }
     Ok(origin)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(zeroing: Zeroing) -> DeviceParams {
+        DeviceParams {
+            id: -1,
+            queues: 1,
+            depth: 128,
+            max_io: 512 << 10,
+            size: 1 << 30,
+            logical_block: 512,
+            zeroing,
+            track_size: 128 << 10,
+        }
+    }
+
+    #[test]
+    fn discard_is_offered_only_as_far_as_both_devices_zero() {
+        assert!(discard_params(&params(Zeroing::default())).is_none());
+        let wz_only = Zeroing {
+            write_zeroes: true,
+            ..Default::default()
+        };
+        let d = discard_params(&params(wz_only)).unwrap();
+        assert_eq!(d.max_discard_sectors, 0);
+        assert_eq!(d.max_write_zeroes_sectors, (256 * (128 << 10)) >> 9);
+        let both = Zeroing {
+            discard: true,
+            write_zeroes: true,
+            granularity: 1 << 20,
+        };
+        let d = discard_params(&params(both)).unwrap();
+        assert_eq!(d.max_discard_sectors, d.max_write_zeroes_sectors);
+        assert_eq!(d.max_discard_segments, 1, "the driver takes one segment");
+        assert_eq!(d.discard_granularity, 1 << 20);
+        let small = Zeroing {
+            granularity: 512,
+            ..both
+        };
+        assert_eq!(
+            discard_params(&params(small)).unwrap().discard_granularity,
+            4096
+        );
+    }
+}

@@ -311,6 +311,7 @@ impl Fake {
                 schema_version: control::STATUS_SCHEMA_VERSION,
                 split_time: None,
                 split_age_secs: None,
+                secondary_missing: false,
             }),
             commands: Mutex::new(vec![]),
             mismatches,

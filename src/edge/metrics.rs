@@ -396,6 +396,7 @@ mod tests {
             schema_version: 1,
             split_time: None,
             split_age_secs: None,
+            secondary_missing: false,
         }
     }
 

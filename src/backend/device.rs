@@ -21,7 +21,10 @@ nix::ioctl_read_bad!(blk_sszget, nix::request_code_none!(0x12, 104), libc::c_int
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Identity {
     Block(u64),
-    File { dev: u64, ino: u64 },
+    File {
+        dev: u64,
+        ino: u64,
+    },
     /// A secondary that could not be opened (see [`DataDev::missing`]).
     Missing,
 }
@@ -184,9 +187,10 @@ impl Devices {
         let primary = DataDev::open("primary", &cfg.primary)?;
         let (secondary, why) = match DataDev::open("secondary", &cfg.secondary) {
             Ok(s) => (s, None),
-            Err(e) if is_missing_error(&e, &cfg.secondary) => {
-                (DataDev::missing(&cfg.secondary, &primary)?, Some(e.to_string()))
-            }
+            Err(e) if is_missing_error(&e, &cfg.secondary) => (
+                DataDev::missing(&cfg.secondary, &primary)?,
+                Some(e.to_string()),
+            ),
             Err(e) => return Err(e),
         };
         let devs = Devices { primary, secondary };

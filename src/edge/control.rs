@@ -152,9 +152,13 @@ pub trait ControlTarget: Send + Sync {
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
     Status,
-    Command { command: Command },
+    Command {
+        command: Command,
+    },
     Verify,
-    Set { settings: Vec<String> },
+    Set {
+        settings: Vec<String>,
+    },
     Attach {
         #[serde(default)]
         replace: bool,

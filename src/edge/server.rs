@@ -210,7 +210,8 @@ pub fn run(cfg: &Config, allow_missing_secondary: bool) -> Result<()> {
     }
     if let (Some(why), Some(from)) = (&missing, was) {
         if from != crate::core::VolumeState::Degraded {
-            if let Err(e) = splittime::record(&server.split_file, Frozen::Degraded, splittime::now())
+            if let Err(e) =
+                splittime::record(&server.split_file, Frozen::Degraded, splittime::now())
             {
                 log::warn!("cannot record the time of degrading: {e}");
             }
@@ -784,7 +785,8 @@ impl ControlTarget for Server {
 
     fn command(&self, cmd: Command) -> Result<()> {
         let _g = self.commands.lock().unwrap();
-        if let (Command::Establish { .. }, Some(why)) = (cmd, &self.secondary.lock().unwrap().missing)
+        if let (Command::Establish { .. }, Some(why)) =
+            (cmd, &self.secondary.lock().unwrap().missing)
         {
             return Err(Error::state(format!(
                 "establish needs the secondary, which is missing ({why}); bring it back, then \
@@ -905,9 +907,9 @@ impl Server {
         if !same {
             self.record_new_secondary(&new)?;
         }
-        self.devs.swap_secondary(new.file).map_err(|e| {
-            Error::runtime(format!("cannot put {} in place: {e}", path.display()))
-        })?;
+        self.devs
+            .swap_secondary(new.file)
+            .map_err(|e| Error::runtime(format!("cannot put {} in place: {e}", path.display())))?;
         self.secondary.lock().unwrap().missing = None;
         self.command_locked(Command::Establish { full: !same })?;
         let copies = self.vol.operation().map_or(0, |op| op.total);

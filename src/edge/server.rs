@@ -876,36 +876,26 @@ impl Server {
             .secondary_missing()
             .map_err(|s| Error::state(format!("attach-secondary is not valid in state {s}")))?;
         self.devs.release_secondary()?;
+        self.secondary.lock().unwrap().missing =
+            Some("released; attach-secondary is opening it again".into());
         let path = self.cfg.secondary.clone();
-        let new = match DataDev::open("secondary", &path) {
-            Ok(d) => d,
+        let recorded = self.secondary.lock().unwrap().recorded_id.clone();
+        let (new, same) = match self.open_secondary(&recorded, replace) {
+            Ok(found) => found,
             Err(e) => {
                 self.secondary.lock().unwrap().missing = Some(e.to_string());
                 return Err(with_hint(
                     e,
-                    "; the volume stays degraded: bring the secondary back and run \
-                     `splitmirror attach-secondary` again",
+                    "; the volume stays degraded, without its secondary: run \
+                     `splitmirror attach-secondary` again once that is fixed",
                 ));
             }
         };
-        self.devs.check_secondary(&new, self.block_size)?;
-        let recorded = self.secondary.lock().unwrap().recorded_id.clone();
-        let same = crate::metadata::format::fit_identity(&new.stable_id) == recorded;
-        if !same && !replace {
-            self.secondary.lock().unwrap().missing = Some(format!(
-                "{} is another disk than the volume's secondary",
-                path.display()
-            ));
-            return Err(Error::config(format!(
-                "secondary {} is not the volume's secondary: expected {recorded}, found {}; \
-                 pass --replace to make it the secondary (every track is then copied to it; \
-                 whatever it holds is overwritten), or fix the config's `secondary:` path",
-                path.display(),
-                new.stable_id
-            )));
-        }
         if !same {
-            self.record_new_secondary(&new)?;
+            if let Err(e) = self.record_new_secondary(&new) {
+                self.secondary.lock().unwrap().missing = Some(e.to_string());
+                return Err(e);
+            }
         }
         self.devs
             .swap_secondary(new.file)
@@ -928,6 +918,24 @@ impl Server {
                 new.stable_id
             )
         })
+    }
+
+    /// Opens the configured secondary and checks it; returns it and whether
+    /// it is the disk the metadata records (another one only with `replace`).
+    fn open_secondary(&self, recorded: &str, replace: bool) -> Result<(DataDev, bool)> {
+        let new = DataDev::open("secondary", &self.cfg.secondary)?;
+        self.devs.check_secondary(&new, self.block_size)?;
+        let same = crate::metadata::format::fit_identity(&new.stable_id) == recorded;
+        if !same && !replace {
+            return Err(Error::config(format!(
+                "secondary {} is not the volume's secondary: expected {recorded}, found {}; \
+                 pass --replace to make it the secondary (every track is then copied to it; \
+                 whatever it holds is overwritten), or fix the config's `secondary:` path",
+                new.path.display(),
+                new.stable_id
+            )));
+        }
+        Ok((new, same))
     }
 
     /// Another disk becomes the secondary: every track is committed as

@@ -20,7 +20,10 @@
 #   - another disk at the secondary's path: refused without --replace,
 #     copied whole with it, and recorded (the next run accepts it);
 #   - mirrored 4k random-write IOPS with the NVMe/TCP secondary and with
-#     the local disk as secondary (printed for docs/operations.md).
+#     the local disk as secondary (printed for docs/operations.md);
+#   - the lost-primary procedure of docs/operations.md: the secondary
+#     becomes the primary, `format --force`, the device shows its data at
+#     once and the new secondary is synced from it.
 . "${VMLIB:?run me through tests/vm/run.sh}"
 
 NVMET=/sys/kernel/config/nvmet
@@ -274,3 +277,16 @@ LOCAL_IOPS=$(iops_now) || exit 1
 info "IOPS with the NVMe/TCP loopback secondary: $REMOTE_IOPS; with the local virtio secondary: $LOCAL_IOPS"
 stop_server
 echo "RESULT nvme-tcp-randwrite-iops remote=$REMOTE_IOPS local=$LOCAL_IOPS"
+
+step "the primary is lost (docs/operations.md): its secondary $SPARE becomes the primary, $PRIMARY the new secondary"
+IMAGE=$(sha_dev "$SPARE")
+set_config primary "$SPARE"
+set_config secondary "$PRIMARY"
+run splitmirror format -c "$CONFIG" --force
+start_server
+[ "$(sha_dev "$DEVICE")" = "$IMAGE" ] || fail "the volume does not show the old secondary's data"
+wait_idle 600
+expect_state established
+verify_equal
+stop_server
+same_devs "$SPARE" "$PRIMARY" "$(($(dev_size "$SPARE") / MIB))"

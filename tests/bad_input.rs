@@ -644,3 +644,86 @@ fn format_force_during_a_restore() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// Without the flag, a missing secondary is refused (exit 2) with the way
+/// to start degraded; with it (or the config key) `run` gets past the
+/// devices and the metadata, here to the missing ublk driver.
+#[test]
+fn run_with_the_secondary_missing() {
+    if Path::new("/dev/ublk-control").exists() {
+        panic!("this host has /dev/ublk-control: the missing-secondary start is tested only where ublk_drv is absent (the VM tier runs it for real)");
+    }
+    let f = Fixture::formatted();
+    std::fs::remove_file(f.path("secondary.img")).unwrap();
+    let c = f.config();
+    let c = c.to_str().unwrap();
+    let err = f.refuses(&["run", "-c", c], 2);
+    assert!(
+        err.contains("secondary.img")
+            && err.contains("does not exist")
+            && err.contains("--allow-missing-secondary"),
+        "{err}"
+    );
+    let err = f.refuses(&["run", "-c", c, "--allow-missing-secondary"], 1);
+    assert!(err.contains("ublk_drv"), "{err}");
+    f.write_config("secondary_missing: degraded\n");
+    let err = f.refuses(&["run", "-c", c], 1);
+    assert!(err.contains("ublk_drv"), "{err}");
+    f.write_config("secondary_missing: maybe\n");
+    let err = f.refuses(&["run", "-c", c], 2);
+    assert!(
+        err.contains("secondary_missing") || err.contains("maybe"),
+        "{err}"
+    );
+    // Another disk at the secondary's path is not "missing": refused as
+    // before, flag or not.
+    f.write_config("");
+    f.data_file("secondary.img", 4 * MIB);
+    let err = f.refuses(&["run", "-c", c, "--allow-missing-secondary"], 2);
+    assert!(err.contains("replace-secondary"), "{err}");
+}
+
+/// A restoring volume cannot run without its secondary: the part of the
+/// split image not yet restored is only there.
+#[test]
+fn run_with_the_secondary_missing_while_restoring() {
+    use splitmirror::backend::device::Devices;
+    use splitmirror::core::Command as Cmd;
+    use splitmirror::edge::config::Config;
+    use splitmirror::metadata::MetadataStore;
+    let f = Fixture::formatted();
+    let c = f.config();
+    {
+        let _store_open = STORE_GUARD.write().unwrap_or_else(|e| e.into_inner());
+        let cfg = Config::load(&c).unwrap();
+        let devs = Devices::open(&cfg).unwrap();
+        let (mut store, vol) =
+            MetadataStore::open(&cfg.metadata, &devs.binding(cfg.track_size)).unwrap();
+        for cmd in [
+            Cmd::Split,
+            Cmd::Restore {
+                incremental: false,
+                protect: false,
+            },
+        ] {
+            assert!(vol.close_gate() && vol.is_drained());
+            vol.apply(cmd).unwrap();
+            vol.open_gate();
+        }
+        store.commit_with(&vol, |_| Ok(())).unwrap();
+    }
+    std::fs::remove_file(f.path("secondary.img")).unwrap();
+    let err = f.refuses(
+        &[
+            "run",
+            "-c",
+            c.to_str().unwrap(),
+            "--allow-missing-secondary",
+        ],
+        2,
+    );
+    assert!(
+        err.contains("restoring") && err.contains("secondary.img"),
+        "{err}"
+    );
+}

@@ -311,6 +311,7 @@ impl Fake {
                 schema_version: control::STATUS_SCHEMA_VERSION,
                 split_time: None,
                 split_age_secs: None,
+                secondary_missing: false,
             }),
             commands: Mutex::new(vec![]),
             mismatches,
@@ -388,6 +389,30 @@ impl ControlTarget for Fake {
         let (next, lines) = live::apply(&live, settings, 64)?;
         *live = next;
         Ok(lines)
+    }
+
+    /// Degraded with the secondary missing: the same disk is back unless
+    /// the fake's secondary id says another one is (then `replace` needed).
+    fn attach_secondary(&self, replace: bool) -> Result<String> {
+        let mut st = self.status.lock().unwrap();
+        if st.state != VolumeState::Degraded {
+            return Err(Error::state(format!(
+                "attach-secondary is not valid in state {}",
+                st.state
+            )));
+        }
+        let other = st.secondary_id.starts_with("serial:OTHER");
+        if other && !replace {
+            return Err(Error::config(
+                "secondary /dev/b is not the volume's secondary; pass --replace",
+            ));
+        }
+        st.secondary_missing = false;
+        st.state = VolumeState::Established;
+        Ok(format!(
+            "attach-secondary: /dev/b {}",
+            if other { "replaces" } else { "is back" }
+        ))
     }
 }
 
@@ -927,4 +952,40 @@ fn wait_gives_up_on_a_restore_paused_by_a_read_error() {
         "{}",
         stdout(&o)
     );
+}
+
+#[test]
+fn attach_secondary_through_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vol0.sock");
+    let s = sock.to_str().unwrap();
+    let fake = Fake::new(VolumeState::Established, vec![]);
+    let _server = control::serve(&sock, fake.clone()).unwrap();
+    assert_fails(
+        &splitmirror(&["attach-secondary", "--socket", s]),
+        3,
+        "attach while established",
+    );
+    {
+        let mut st = fake.status.lock().unwrap();
+        st.state = VolumeState::Degraded;
+        st.secondary_missing = true;
+        st.secondary_id = "serial:OTHER".into();
+    }
+    let o = splitmirror(&["status", "--socket", s]);
+    assert!(stdout(&o).contains("/dev/b (missing)"), "{}", stdout(&o));
+    let o = splitmirror(&["status", "--json", "--socket", s]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["secondary_missing"], true);
+    let o = splitmirror(&["attach-secondary", "--socket", s]);
+    assert_fails(&o, 2, "another disk without --replace");
+    assert!(stderr(&o).contains("--replace"), "{}", stderr(&o));
+    let o = splitmirror(&["attach-secondary", "--replace", "--wait", "--socket", s]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("attach-secondary: /dev/b replaces"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(fake.status.lock().unwrap().state, VolumeState::Established);
 }

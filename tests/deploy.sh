@@ -61,7 +61,7 @@ echo "ok"
 echo "== example.yaml keys"
 # only keys of the config contract (unknown keys are an error at run time)
 bad=$(sed -n 's/^\([a-z_]*\):.*/\1/p' "$REPO/deploy/example.yaml" \
-      | grep -vxE 'name|primary|secondary|metadata|track_size|ublk|restore|control|metrics|events' || true)
+      | grep -vxE 'name|primary|secondary|metadata|track_size|secondary_missing|ublk|restore|control|metrics|events' || true)
 [ -z "$bad" ] || fail "example.yaml has unknown top-level keys: $bad"
 echo "ok"
 echo "== the Debian package (packaging/build-deb.sh), extracted into a temp root"

@@ -666,3 +666,90 @@ fn restore_during_establish_is_refused_and_establish_completes() {
     assert_eq!(h.vol.state(), VolumeState::Established);
     assert!(h.secondary() == h.primary());
 }
+
+/// A secondary missing at start (or let go of to be reopened): the volume
+/// runs degraded, what may differ is recorded as changed, nothing reaches
+/// the secondary (a state change's flush of it fails without marking every
+/// track), and the same disk back copies just the changed tracks.
+#[test]
+fn a_missing_secondary_runs_degraded_and_its_return_copies_only_the_changes() {
+    let (mut h, _) = established(21);
+    h.command(Command::Split).unwrap();
+    h.write(2 * TRACK, &[5u8; 4096]).unwrap();
+    assert_eq!(h.vol.secondary_missing(), Ok(VolumeState::Split));
+    assert_eq!(h.vol.state(), VolumeState::Degraded);
+    assert!(h.vol.secondary_out());
+    // Gone: writing or flushing it fails.
+    h.disks.fail_secondary_writes.set(true);
+    h.disks.fail_secondary_flushes.set(true);
+    let log = h.disks.write_log.borrow().len();
+    h.write(6 * TRACK + 512, &[6u8; 512])
+        .expect("host writes go on to the primary");
+    h.flush();
+    // A state change flushes both devices; refused here, Split still
+    // drains and flushes nothing that could mark the volume.
+    assert!(h.command(Command::Split).is_err());
+    let changed = h.vol.table(TableId::Changed);
+    assert_eq!(changed.count(), 2, "only the written tracks are changed");
+    assert!(changed.get(2) && changed.get(6));
+    assert!(
+        h.disks.write_log.borrow()[log..]
+            .iter()
+            .all(|(d, _, _)| *d != splitmirror::core::Dev::Secondary),
+        "nothing was written to the missing secondary"
+    );
+    // The same disk is back.
+    h.disks.fail_secondary_writes.set(false);
+    h.disks.fail_secondary_flushes.set(false);
+    let log = h.disks.write_log.borrow().len();
+    h.command(Command::Establish { full: false }).unwrap();
+    h.settle();
+    assert_eq!(h.vol.state(), VolumeState::Established);
+    assert!(h.secondary() == h.primary());
+    let mut copied: Vec<u64> = h.disks.write_log.borrow()[log..]
+        .iter()
+        .filter(|(d, _, _)| *d == splitmirror::core::Dev::Secondary)
+        .map(|(_, o, _)| o / TRACK)
+        .collect();
+    copied.dedup();
+    assert_eq!(copied, vec![2, 6]);
+}
+
+/// A flush of the missing secondary during a state change (the establish
+/// of another disk starts with one) must not fill the tables: the tracks
+/// to copy are exactly the changed ones, or all of them after
+/// `secondary_replaced`.
+#[test]
+fn a_missing_secondary_is_out_of_every_flush_and_a_replaced_one_copies_all() {
+    let (mut h, _) = established(22);
+    h.write(TRACK, &[1u8; 4096]).unwrap();
+    assert_eq!(h.vol.secondary_missing(), Ok(VolumeState::Established));
+    h.write(3 * TRACK, &[3u8; 4096]).unwrap();
+    h.disks.fail_secondary_flushes.set(true);
+    h.flush();
+    h.steps(50);
+    assert_eq!(h.vol.state(), VolumeState::Degraded);
+    // Not every track: the mirrored write still under write intent (1) and
+    // the degraded one (3).
+    let changed = h.vol.table(TableId::Changed);
+    assert_eq!(changed.count(), 2, "not every track");
+    assert!(changed.get(1) && changed.get(3));
+    assert!(h.vol.secondary_replaced());
+    assert_eq!(h.vol.table(TableId::Changed).count(), TRACKS);
+    h.disks.fail_secondary_flushes.set(false);
+    h.command(Command::Establish { full: false }).unwrap();
+    h.settle();
+    assert_eq!(h.vol.state(), VolumeState::Established);
+    assert!(h.secondary() == h.primary());
+    // Not while restoring: the secondary holds what is not restored yet.
+    h.command(Command::Split).unwrap();
+    h.engine_paused.set(true);
+    h.command(Command::Restore {
+        incremental: false,
+        protect: false,
+    })
+    .unwrap();
+    assert_eq!(h.vol.secondary_missing(), Err(VolumeState::Restoring));
+    assert_eq!(h.vol.state(), VolumeState::Restoring);
+    assert!(!h.vol.secondary_replaced());
+}

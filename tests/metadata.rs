@@ -770,3 +770,37 @@ fn opening_reads_only_the_pages_that_hold_something() {
     assert_eq!(vol.table(TableId::Changed).count(), 2);
     assert!(vol.table(TableId::Changed).get(40_000) && vol.table(TableId::Changed).get(40_001));
 }
+
+/// A volume whose secondary is missing opens on the primary alone (the
+/// primary is still checked); another disk recorded while the volume runs
+/// is the one the next open expects, the old one is then refused.
+#[test]
+fn open_without_the_secondary_and_record_another_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    MetadataStore::format(&path, &binding(), &fresh(true), false).unwrap();
+    let mut gone = binding();
+    gone.secondary_id = String::new();
+    gone.secondary_size = gone.primary_size;
+    let msg = config_message(MetadataStore::open(&path, &gone));
+    assert!(msg.starts_with("secondary"), "{msg}");
+    let mut swapped = gone.clone();
+    swapped.primary_id = binding().secondary_id;
+    let msg = config_message(MetadataStore::open_without_secondary(&path, &swapped));
+    assert!(
+        msg.starts_with("primary"),
+        "the primary is still checked: {msg}"
+    );
+    {
+        let (mut store, _vol) = MetadataStore::open_without_secondary(&path, &gone).unwrap();
+        assert_eq!(store.recorded().secondary_id, binding().secondary_id);
+        store
+            .rebind_secondary("serial:NEWDISK", binding().secondary_size)
+            .unwrap();
+    }
+    let msg = config_message(MetadataStore::open(&path, &binding()));
+    assert!(msg.contains("expected serial:NEWDISK"), "{msg}");
+    let mut new = binding();
+    new.secondary_id = "serial:NEWDISK".into();
+    assert!(MetadataStore::open(&path, &new).is_ok());
+}

@@ -21,7 +21,12 @@ nix::ioctl_read_bad!(blk_sszget, nix::request_code_none!(0x12, 104), libc::c_int
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Identity {
     Block(u64),
-    File { dev: u64, ino: u64 },
+    File {
+        dev: u64,
+        ino: u64,
+    },
+    /// A secondary that could not be opened (see [`DataDev::missing`]).
+    Missing,
 }
 
 fn identity(meta: &std::fs::Metadata) -> Option<Identity> {
@@ -127,7 +132,8 @@ impl Zeroing {
 }
 
 impl DataDev {
-    fn open(role: &'static str, path: &Path) -> Result<DataDev> {
+    /// Opens a data device for direct I/O (block devices O_EXCL).
+    pub fn open(role: &'static str, path: &Path) -> Result<DataDev> {
         let shown = path.display();
         let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => Error::config(format!(
@@ -195,6 +201,46 @@ impl DataDev {
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
+
+    /// Stands in for a secondary that is missing: an fd on `/dev/null`,
+    /// read-only, so a read gives 0 bytes and a write fails, should anything
+    /// ever reach it (nothing does: the volume is `degraded` with the
+    /// secondary out). It has the primary's size and block size, so the
+    /// volume is shaped by the primary alone.
+    pub fn missing(path: &Path, primary: &DataDev) -> Result<DataDev> {
+        Ok(DataDev {
+            role: "secondary",
+            path: path.to_path_buf(),
+            file: placeholder()?,
+            size: primary.size,
+            logical_block: primary.logical_block,
+            stable_id: String::new(),
+            identity: Identity::Missing,
+        })
+    }
+
+    pub fn is_missing(&self) -> bool {
+        self.identity == Identity::Missing
+    }
+}
+
+fn placeholder() -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/null")
+        .map_err(|e| Error::runtime(format!("cannot open /dev/null: {e}")))
+}
+
+/// Whether an open failure of the secondary means "missing" (the device is
+/// gone or does not answer) rather than a mistake in the config (a path
+/// that is neither a device nor a file, a device in use by someone else).
+fn is_missing_error(e: &Error, path: &Path) -> bool {
+    let text = e.to_string();
+    !path.exists()
+        || !(text.contains("in use by another opener")
+            || text.contains("neither a block device")
+            || text.contains("direct I/O"))
 }
 
 /// The primary and the secondary, open and checked against each other.
@@ -212,6 +258,78 @@ impl Devices {
         let devs = Devices { primary, secondary };
         check_layout(cfg, &devs)?;
         Ok(devs)
+    }
+
+    /// As [`Devices::open`], but a secondary that is absent or cannot be
+    /// opened is replaced by a stand-in ([`DataDev::missing`]) instead of
+    /// failing; the second value says why it is missing.
+    pub fn open_allow_missing(cfg: &Config) -> Result<(Devices, Option<String>)> {
+        let primary = DataDev::open("primary", &cfg.primary)?;
+        let (secondary, why) = match DataDev::open("secondary", &cfg.secondary) {
+            Ok(s) => (s, None),
+            Err(e) if is_missing_error(&e, &cfg.secondary) => (
+                DataDev::missing(&cfg.secondary, &primary)?,
+                Some(e.to_string()),
+            ),
+            Err(e) => return Err(e),
+        };
+        let devs = Devices { primary, secondary };
+        check_layout(cfg, &devs)?;
+        Ok((devs, why))
+    }
+
+    /// Puts `new` in the place of the secondary while the server runs: its
+    /// file takes over the secondary's fd number (every executor holds that
+    /// number, not the file), and the old file is closed. The volume must
+    /// not be writing the secondary (degraded, secondary out).
+    pub fn swap_secondary(&self, new: File) -> io::Result<()> {
+        // SAFETY: both fds are open and owned by files that outlive the
+        // call; dup3 atomically makes the secondary's number refer to
+        // `new`'s open file (with close-on-exec, as every fd here), and
+        // `new` is dropped afterwards, closing its own number only.
+        let r = unsafe { libc::dup3(new.as_raw_fd(), self.secondary.fd(), libc::O_CLOEXEC) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Checks a secondary opened while the server runs: not the primary,
+    /// large enough, and able to take direct I/O of the device's
+    /// `block_size` (fixed when the ublk device was created).
+    pub fn check_secondary(&self, new: &DataDev, block_size: u32) -> Result<()> {
+        let (p, shown) = (&self.primary, new.path.display());
+        if new.identity == p.identity {
+            return Err(Error::config(format!(
+                "secondary {shown} is the primary device {}; give another device",
+                p.path.display()
+            )));
+        }
+        if new.size < p.size {
+            return Err(Error::config(format!(
+                "secondary {shown} ({} bytes) is smaller than primary {} ({} bytes); use a \
+                 secondary at least as large",
+                new.size,
+                p.path.display(),
+                p.size
+            )));
+        }
+        if new.logical_block > block_size {
+            return Err(Error::config(format!(
+                "secondary {shown} has {}-byte blocks, the volume's device was created with \
+                 {block_size}-byte blocks; use a device with {block_size}-byte blocks, or \
+                 restart the server with this one",
+                new.logical_block
+            )));
+        }
+        Ok(())
+    }
+
+    /// Lets go of the secondary (closes its file; the stand-in takes its fd
+    /// number), so that its path can be opened again, O_EXCL included.
+    pub fn release_secondary(&self) -> Result<()> {
+        self.swap_secondary(placeholder()?)
+            .map_err(|e| Error::runtime(format!("cannot release the secondary: {e}")))
     }
 
     /// The raw fds of both devices, for the io_uring backends.
@@ -299,6 +417,7 @@ pub fn check_layout(cfg: &Config, devs: &Devices) -> Result<()> {
             p.path.display()
         )));
     }
+    // A missing secondary's stand-in has the primary's size.
     if s.size < p.size {
         return Err(Error::config(format!(
             "secondary {} ({} bytes) is smaller than primary {} ({} bytes); use a secondary at least as large",

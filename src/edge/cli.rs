@@ -50,6 +50,20 @@ enum Cmd {
     Run {
         #[command(flatten)]
         config: ConfigArg,
+        /// Start degraded if the secondary is absent or cannot be opened
+        /// (as the config's `secondary_missing: degraded`)
+        #[arg(long)]
+        allow_missing_secondary: bool,
+    },
+    /// degraded -> syncing -> established: reopen the configured secondary and resync it
+    AttachSecondary {
+        /// Accept another disk than the volume's secondary: every track is copied to it
+        #[arg(long)]
+        replace: bool,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// established -> split: freeze the secondary, track primary changes
     Split {
@@ -241,7 +255,7 @@ fn report_clap_error(e: &clap::Error) -> i32 {
     if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
         eprintln!(
             "splitmirror: no command given; use one of format, run, split, establish, \
-             restore, status, wait, verify, list, set, replace-secondary (see `splitmirror --help`)"
+             restore, status, wait, verify, list, set, replace-secondary, attach-secondary (see `splitmirror --help`)"
         );
         return e.exit_code();
     }
@@ -355,7 +369,22 @@ fn run(cli: Cli) -> Result<()> {
             println!("{done}");
             Ok(())
         }
-        Cmd::Run { config } => crate::edge::server::run(&Config::load(&config.config)?),
+        Cmd::Run {
+            config,
+            allow_missing_secondary,
+        } => crate::edge::server::run(&Config::load(&config.config)?, allow_missing_secondary),
+        Cmd::AttachSecondary {
+            replace,
+            target,
+            wait: w,
+        } => {
+            let socket = target.socket()?;
+            println!("{}", client::attach(&socket, replace)?);
+            if w.wait {
+                wait(&socket, w.timeout)?;
+            }
+            Ok(())
+        }
         Cmd::Split { target, wait } => command(&target, Command::Split, &wait),
         Cmd::Establish { full, target, wait } => {
             command(&target, Command::Establish { full }, &wait)
@@ -462,7 +491,14 @@ fn status_rows(st: &Status) -> Vec<(&'static str, String)> {
         ("Device", st.device.clone().unwrap_or_else(|| "-".into())),
         ("State", st.state.to_string()),
         ("Primary", st.primary.clone()),
-        ("Secondary", st.secondary.clone()),
+        (
+            "Secondary",
+            if st.secondary_missing {
+                format!("{} (missing)", st.secondary)
+            } else {
+                st.secondary.clone()
+            },
+        ),
         ("Primary Id", id_or_dash(&st.primary_id)),
         ("Secondary Id", id_or_dash(&st.secondary_id)),
         ("Track Size", human_bytes(st.track_size)),
@@ -941,6 +977,7 @@ mod tests {
             schema_version: 1,
             split_time: Some(1_764_487_200),
             split_age_secs: Some(725),
+            secondary_missing: false,
         }
     }
 

@@ -4,7 +4,8 @@
 //! One connection carries one exchange: the client writes one request line,
 //! the server answers with one response line and closes. Requests:
 //! `{"op":"status"}`, `{"op":"command","command":{"command":"restore",
-//! "incremental":false,"protect":false}}`, `{"op":"verify"}`, `{"op":"set","settings":["restore.rate_limit=200MiB"]}`.
+//! "incremental":false,"protect":false}}`, `{"op":"verify"}`, `{"op":"set","settings":["restore.rate_limit=200MiB"]}`,
+//! `{"op":"attach","replace":false}`.
 //! Responses:
 //! `{"ok":true,"status":{...}}` / `{"ok":true}` / `{"ok":true,"verify":{...}}`
 //! or `{"ok":false,"code":N,"error":"..."}`, where `N` is the exit code the
@@ -87,6 +88,11 @@ pub struct Status {
     /// Seconds since `split_time`.
     #[serde(default)]
     pub split_age_secs: Option<u64>,
+    /// The secondary is not open (absent or unopenable at start, or its
+    /// reopening by `attach-secondary` failed); the volume is `degraded`.
+    /// An extension of the contract's fields.
+    #[serde(default)]
+    pub secondary_missing: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,6 +136,15 @@ pub trait ControlTarget: Send + Sync {
             "this server cannot change settings while running",
         ))
     }
+    /// Reopens the configured secondary of a degraded volume and starts the
+    /// establish that brings it up to date: only the changed tracks when it
+    /// is the volume's disk, every track when it is another disk and
+    /// `replace` is given (refused otherwise). Returns one line saying what
+    /// was done.
+    fn attach_secondary(&self, replace: bool) -> Result<String> {
+        let _ = replace;
+        Err(Error::runtime("this server cannot attach a secondary"))
+    }
 }
 
 /// One request line.
@@ -137,9 +152,17 @@ pub trait ControlTarget: Send + Sync {
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
     Status,
-    Command { command: Command },
+    Command {
+        command: Command,
+    },
     Verify,
-    Set { settings: Vec<String> },
+    Set {
+        settings: Vec<String>,
+    },
+    Attach {
+        #[serde(default)]
+        replace: bool,
+    },
 }
 
 /// One response line; which payload is present depends on the request.
@@ -156,6 +179,9 @@ pub struct Response {
     pub verify: Option<VerifyReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied: Option<Vec<String>>,
+    /// What a command did, in one line (`attach`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 impl Response {
@@ -439,6 +465,10 @@ fn answer(target: &dyn ControlTarget, req: Request) -> Response {
                 applied: Some(target.set(&settings)?),
                 ..Response::success()
             },
+            Request::Attach { replace } => Response {
+                message: Some(target.attach_secondary(replace)?),
+                ..Response::success()
+            },
         })
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
@@ -489,6 +519,14 @@ pub mod client {
         };
         let r = round_trip(socket, &req, Some(COMMAND_TIMEOUT))?;
         r.applied.ok_or_else(|| missing_payload(socket, "set"))
+    }
+
+    /// `attach-secondary`: reopens the configured secondary and starts its
+    /// establish; returns the server's line about it.
+    pub fn attach(socket: &Path, replace: bool) -> Result<String> {
+        let req = Request::Attach { replace };
+        let r = round_trip(socket, &req, Some(COMMAND_TIMEOUT))?;
+        r.message.ok_or_else(|| missing_payload(socket, "attach"))
     }
 
     fn missing_payload(socket: &Path, what: &str) -> Error {

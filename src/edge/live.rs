@@ -136,12 +136,16 @@ fn check(live: &Live, inflight_cap: u32) -> Result<()> {
 /// and the names of the changed keys that need a restart.
 pub fn reload(running: &Config, reread: &Config) -> (Live, Vec<&'static str>) {
     let mut fixed = Vec::new();
-    let pairs: [(&'static str, bool); 9] = [
+    let pairs: [(&'static str, bool); 10] = [
         ("name", running.name == reread.name),
         ("primary", running.primary == reread.primary),
         ("secondary", running.secondary == reread.secondary),
         ("metadata", running.metadata == reread.metadata),
         ("track_size", running.track_size == reread.track_size),
+        (
+            "secondary_missing",
+            running.secondary_missing == reread.secondary_missing,
+        ),
         ("ublk", running.ublk == reread.ublk),
         ("control", running.control == reread.control),
         ("metrics", running.metrics == reread.metrics),

@@ -201,6 +201,11 @@ impl Scrape {
                 done,
             ),
             (
+                "splitmirror_secondary_missing",
+                "1 while the secondary is not open (degraded; see attach-secondary)",
+                u64::from(s.secondary_missing),
+            ),
+            (
                 "splitmirror_split_age_seconds",
                 "Seconds since the secondary's image was frozen (0: not split)",
                 s.split_age_secs.unwrap_or(0),
@@ -406,6 +411,7 @@ mod tests {
             schema_version: 1,
             split_time: None,
             split_age_secs: None,
+            secondary_missing: false,
         }
     }
 
@@ -418,6 +424,7 @@ mod tests {
         let text = m.render(&status());
         assert!(text.contains("splitmirror_state{volume=\"vol0\",state=\"restoring\"} 1"));
         assert!(text.contains("splitmirror_state{volume=\"vol0\",state=\"split\"} 0"));
+        assert!(text.contains("splitmirror_secondary_missing{volume=\"vol0\"} 0"));
         assert!(text.contains("splitmirror_host_requests_total{volume=\"vol0\",op=\"write\"} 2"));
         assert!(text.contains("splitmirror_host_bytes_total{volume=\"vol0\",op=\"write\"} 4096"));
         assert!(text.contains("splitmirror_host_errors_total{volume=\"vol0\",op=\"write\"} 1"));

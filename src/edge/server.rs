@@ -12,7 +12,7 @@ use crate::backend::device::DataDev;
 use crate::backend::device::Devices;
 use crate::backend::uring::{UringBackend, UringOptions};
 use crate::core::{Command, Geometry, Volume};
-use crate::edge::config::Config;
+use crate::edge::config::{Config, SecondaryMissing};
 use crate::edge::control::{self, ControlTarget, OperationStatus, Status, VerifyReport};
 use crate::edge::events::{self, Event};
 use crate::edge::live::{self, Live};
@@ -127,7 +127,10 @@ pub fn replace_secondary(cfg: &Config, yes: bool) -> Result<String> {
 }
 
 /// `splitmirror run`: serves the device until SIGINT/SIGTERM.
-pub fn run(cfg: &Config) -> Result<()> {
+/// `allow_missing_secondary` (or the config's `secondary_missing:
+/// degraded`) starts a volume whose secondary is absent or unopenable
+/// `degraded`, instead of refusing it.
+pub fn run(cfg: &Config, allow_missing_secondary: bool) -> Result<()> {
     // Before any thread exists, so that every thread inherits the mask and
     // the main thread alone takes the signals, when it is ready to.
     let signals = shutdown_signals();
@@ -135,8 +138,31 @@ pub fn run(cfg: &Config) -> Result<()> {
         .thread_block()
         .map_err(|e| Error::runtime(format!("cannot block signals: {e}")))?;
 
-    let devs = Arc::new(Devices::open(cfg)?);
-    let (store, vol) = MetadataStore::open(&cfg.metadata, &devs.binding(cfg.track_size))?;
+    let allow_missing =
+        allow_missing_secondary || cfg.secondary_missing == SecondaryMissing::Degraded;
+    let (devs, missing) = open_devices(cfg, allow_missing)?;
+    let devs = Arc::new(devs);
+    let binding = devs.binding(cfg.track_size);
+    let (store, vol) = match &missing {
+        None => MetadataStore::open(&cfg.metadata, &binding)?,
+        Some(_) => MetadataStore::open_without_secondary(&cfg.metadata, &binding)?,
+    };
+    let recorded = store.recorded().clone();
+    let mut was = None;
+    if let Some(why) = &missing {
+        let state = vol.secondary_missing().map_err(|state| {
+            Error::config(format!(
+                "{why}; the volume is {state}: the secondary holds the part of the split \
+                 image not yet restored, so it cannot run without it; bring the secondary back"
+            ))
+        })?;
+        log::warn!(
+            "{why}; starting degraded (was {state}): host I/O goes to the primary alone and \
+             every write is tracked; bring the secondary back, then `splitmirror \
+             attach-secondary`"
+        );
+        was = Some(state);
+    }
     // Checked after the devices and the metadata, so that a config or
     // metadata problem is reported as such even on a host without the driver.
     if !Path::new(UBLK_CONTROL).exists() {
@@ -173,9 +199,25 @@ pub fn run(cfg: &Config) -> Result<()> {
         live: Mutex::new(Live::of(cfg)),
         halt: AtomicBool::new(false),
         split_file: splittime::path(cfg),
+        secondary: Mutex::new(SecondarySlot {
+            recorded_id: recorded.secondary_id.clone(),
+            missing: missing.clone(),
+        }),
+        block_size: devs.logical_block(),
     });
     if vol.state() == crate::core::VolumeState::Established {
         splittime::clear(&server.split_file);
+    }
+    if let (Some(why), Some(from)) = (&missing, was) {
+        if from != crate::core::VolumeState::Degraded {
+            if let Err(e) =
+                splittime::record(&server.split_file, Frozen::Degraded, splittime::now())
+            {
+                log::warn!("cannot record the time of degrading: {e}");
+            }
+        }
+        let extra = vec![("PREVIOUS_STATE", from.name().to_string())];
+        server.event("degraded", format!("{why}; started degraded"), extra);
     }
     log::info!(
         "volume {}: {} ({} tracks of {} bytes){}",
@@ -287,6 +329,20 @@ pub fn run(cfg: &Config) -> Result<()> {
     let _ = watcher.join();
     served?;
     committed
+}
+
+/// Opens the data devices; a missing secondary is allowed (and its reason
+/// returned) with `allow_missing`, and otherwise refused with a pointer to
+/// the flag.
+fn open_devices(cfg: &Config, allow_missing: bool) -> Result<(Devices, Option<String>)> {
+    let (devs, missing) = Devices::open_allow_missing(cfg)?;
+    match missing {
+        Some(why) if !allow_missing => Err(Error::config(format!(
+            "{why}; to start the volume degraded without it, pass `run \
+             --allow-missing-secondary` (or set `secondary_missing: degraded`)"
+        ))),
+        m => Ok((devs, m)),
+    }
 }
 
 /// Stops the copy engine, then makes the final metadata commit. Once only:
@@ -459,6 +515,19 @@ struct Server {
     halt: AtomicBool,
     /// Where the time the secondary was frozen is kept.
     split_file: std::path::PathBuf,
+    /// Which disk the volume's secondary is, and whether it is open.
+    secondary: Mutex<SecondarySlot>,
+    /// The ublk device's logical block size: a secondary attached later
+    /// must take direct I/O of that size.
+    block_size: u32,
+}
+
+/// The secondary as the running server knows it.
+struct SecondarySlot {
+    /// The identity the metadata records.
+    recorded_id: String,
+    /// Why it is not open, while it is not.
+    missing: Option<String>,
 }
 
 impl Server {
@@ -675,10 +744,17 @@ impl ControlTarget for Server {
             }
         });
         let mut errors = self.errors.lock().unwrap().clone();
-        if vol.state() == crate::core::VolumeState::Degraded {
+        let slot = self.secondary.lock().unwrap();
+        if let Some(why) = &slot.missing {
+            errors.push(format!(
+                "secondary missing: {why}; host I/O goes on to the primary and changes are \
+                 tracked: bring it back, then `splitmirror attach-secondary`"
+            ));
+        } else if vol.state() == crate::core::VolumeState::Degraded {
             errors.push(
                 "secondary failed while mirroring and was split off; host I/O goes on to the \
-                 primary and changes are tracked: repair the secondary, then `establish`"
+                 primary and changes are tracked: repair the secondary, then `establish` (or \
+                 `attach-secondary` to reopen its path)"
                     .into(),
             );
         }
@@ -695,7 +771,8 @@ impl ControlTarget for Server {
             primary: self.cfg.primary.display().to_string(),
             secondary: self.cfg.secondary.display().to_string(),
             primary_id: self.devs.primary.stable_id.clone(),
-            secondary_id: self.devs.secondary.stable_id.clone(),
+            secondary_id: slot.recorded_id.clone(),
+            secondary_missing: slot.missing.is_some(),
             state: vol.state(),
             track_size: g.track_size(),
             tracks: g.tracks(),
@@ -710,6 +787,48 @@ impl ControlTarget for Server {
 
     fn command(&self, cmd: Command) -> Result<()> {
         let _g = self.commands.lock().unwrap();
+        if let (Command::Establish { .. }, Some(why)) =
+            (cmd, &self.secondary.lock().unwrap().missing)
+        {
+            return Err(Error::state(format!(
+                "establish needs the secondary, which is missing ({why}); bring it back, then \
+                 `splitmirror attach-secondary` (it reopens the secondary and establishes)"
+            )));
+        }
+        self.command_locked(cmd)
+    }
+
+    fn verify(&self) -> Result<VerifyReport> {
+        if let Some(why) = &self.secondary.lock().unwrap().missing {
+            return Err(Error::state(format!(
+                "verify needs the secondary, which is missing ({why}); attach it first"
+            )));
+        }
+        let rate = self.live.lock().unwrap().restore.rate_limit;
+        crate::exec::verify::compare(&self.vol, &self.backend(), rate, &self.stop)
+    }
+
+    fn set(&self, settings: &[String]) -> Result<Vec<String>> {
+        let mut live = self.live.lock().unwrap();
+        let (next, lines) = live::apply(&live, settings, self.cfg.restore.max_inflight)?;
+        *live = next;
+        drop(live);
+        log::info!("set {}", lines.join(" "));
+        self.restart_copies();
+        Ok(lines)
+    }
+
+    fn attach_secondary(&self, replace: bool) -> Result<String> {
+        let _g = self.commands.lock().unwrap();
+        let line = self.attach_locked(replace)?;
+        log::info!("{line}");
+        Ok(line)
+    }
+}
+
+impl Server {
+    /// Runs an operator command; the caller holds `commands`.
+    fn command_locked(&self, cmd: Command) -> Result<()> {
         // Refuse before draining host I/O for nothing.
         self.vol.check(cmd)?;
         if cmd == Command::Split {
@@ -741,19 +860,116 @@ impl ControlTarget for Server {
         Ok(())
     }
 
-    fn verify(&self) -> Result<VerifyReport> {
-        let rate = self.live.lock().unwrap().restore.rate_limit;
-        crate::exec::verify::compare(&self.vol, &self.backend(), rate, &self.stop)
+    /// `attach-secondary`: lets go of the old secondary file (it may be
+    /// dead, and our own O_EXCL open of it would refuse the reopening),
+    /// opens the configured path again, checks who it is, and establishes:
+    /// incrementally for the volume's own disk, fully for another one with
+    /// `replace`. The caller holds `commands`.
+    fn attach_locked(&self, replace: bool) -> Result<String> {
+        let state = self.vol.state();
+        if state != crate::core::VolumeState::Degraded {
+            return Err(Error::state(format!(
+                "attach-secondary is not valid in state {state}: the secondary is attached; it \
+                 applies to a degraded volume"
+            )));
+        }
+        // From here on nothing is sent to the secondary until the establish.
+        self.vol
+            .secondary_missing()
+            .map_err(|s| Error::state(format!("attach-secondary is not valid in state {s}")))?;
+        self.devs.release_secondary()?;
+        self.secondary.lock().unwrap().missing =
+            Some("released; attach-secondary is opening it again".into());
+        let path = self.cfg.secondary.clone();
+        let recorded = self.secondary.lock().unwrap().recorded_id.clone();
+        let (new, same) = match self.open_secondary(&recorded, replace) {
+            Ok(found) => found,
+            Err(e) => {
+                self.secondary.lock().unwrap().missing = Some(e.to_string());
+                return Err(with_hint(
+                    e,
+                    "; the volume stays degraded, without its secondary: run \
+                     `splitmirror attach-secondary` again once that is fixed",
+                ));
+            }
+        };
+        if !same {
+            if let Err(e) = self.record_new_secondary(&new) {
+                self.secondary.lock().unwrap().missing = Some(e.to_string());
+                return Err(e);
+            }
+        }
+        self.devs
+            .swap_secondary(new.file)
+            .map_err(|e| Error::runtime(format!("cannot put {} in place: {e}", path.display())))?;
+        self.secondary.lock().unwrap().missing = None;
+        self.command_locked(Command::Establish { full: !same })?;
+        let copies = self.vol.operation().map_or(0, |op| op.total);
+        Ok(if same {
+            format!(
+                "attach-secondary: {} is the volume's secondary ({}); establishing, {copies} \
+                 changed tracks to copy",
+                path.display(),
+                new.stable_id
+            )
+        } else {
+            format!(
+                "attach-secondary: {} ({}) replaces the secondary ({recorded}); establishing, \
+                 all {copies} tracks to copy",
+                path.display(),
+                new.stable_id
+            )
+        })
     }
 
-    fn set(&self, settings: &[String]) -> Result<Vec<String>> {
-        let mut live = self.live.lock().unwrap();
-        let (next, lines) = live::apply(&live, settings, self.cfg.restore.max_inflight)?;
-        *live = next;
-        drop(live);
-        log::info!("set {}", lines.join(" "));
-        self.restart_copies();
-        Ok(lines)
+    /// Opens the configured secondary and checks it; returns it and whether
+    /// it is the disk the metadata records (another one only with `replace`).
+    fn open_secondary(&self, recorded: &str, replace: bool) -> Result<(DataDev, bool)> {
+        let new = DataDev::open("secondary", &self.cfg.secondary)?;
+        self.devs.check_secondary(&new, self.block_size)?;
+        let same = crate::metadata::format::fit_identity(&new.stable_id) == recorded;
+        if !same && !replace {
+            return Err(Error::config(format!(
+                "secondary {} is not the volume's secondary: expected {recorded}, found {}; \
+                 pass --replace to make it the secondary (every track is then copied to it; \
+                 whatever it holds is overwritten), or fix the config's `secondary:` path",
+                new.path.display(),
+                new.stable_id
+            )));
+        }
+        Ok((new, same))
+    }
+
+    /// Another disk becomes the secondary: every track is committed as
+    /// changed first, then the metadata records the disk, so a crash in
+    /// between leaves either the old disk recorded (the next `run` refuses
+    /// the new one, nothing lost) or the new one with everything to copy.
+    fn record_new_secondary(&self, new: &DataDev) -> Result<()> {
+        let b = self.backend();
+        let marked = smol::block_on(engine::transition(&self.vol, &b, |v| {
+            Ok::<_, crate::core::TransitionError>(v.secondary_replaced())
+        }))
+        .map_err(|e| Error::runtime(format!("attach-secondary failed: {e}")))??;
+        if !marked {
+            return Err(Error::state(
+                "attach-secondary: the volume is no longer degraded; try again",
+            ));
+        }
+        self.commit
+            .rebind_secondary(&new.stable_id, new.size)
+            .map_err(|e| Error::runtime(format!("attach-secondary: {e}")))?;
+        self.secondary.lock().unwrap().recorded_id =
+            crate::metadata::format::fit_identity(&new.stable_id);
+        Ok(())
+    }
+}
+
+/// The same error with more words after it.
+fn with_hint(e: Error, hint: &str) -> Error {
+    match e {
+        Error::Config(m) => Error::Config(m + hint),
+        Error::State(m) => Error::State(m + hint),
+        Error::Runtime(m) => Error::Runtime(m + hint),
     }
 }
 

@@ -15,12 +15,18 @@ struct Ctl {
     /// The highest commit a waiter asked for.
     want: CommitSeq,
     stop: bool,
+    /// A new secondary to record in the superblock (id, size), and the
+    /// outcome once the thread has written it.
+    rebind: Option<(String, u64)>,
+    rebound: Option<Result<(), String>>,
 }
 
 #[derive(Default)]
 struct Shared {
     ctl: Mutex<Ctl>,
     wake: Condvar,
+    /// Signalled when a rebind is done.
+    rebound: Condvar,
     failed: Mutex<Option<String>>,
 }
 
@@ -57,6 +63,29 @@ impl CommitHandle {
         if want > ctl.want {
             ctl.want = want;
             self.shared.wake.notify_one();
+        }
+    }
+
+    /// Records another disk as the secondary in the metadata's superblock
+    /// (on the committer thread, which owns the store); returns when it is
+    /// durable or has failed.
+    pub fn rebind_secondary(&self, id: &str, size: u64) -> io::Result<()> {
+        let mut ctl = self.shared.ctl();
+        ctl.rebound = None;
+        ctl.rebind = Some((id.to_string(), size));
+        self.shared.wake.notify_one();
+        loop {
+            if let Some(r) = ctl.rebound.take() {
+                return r.map_err(io::Error::other);
+            }
+            if ctl.stop {
+                return Err(io::Error::other("the server is stopping"));
+            }
+            ctl = self
+                .shared
+                .rebound
+                .wait(ctl)
+                .unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -103,6 +132,7 @@ impl Committer {
     pub fn stop(self) -> io::Result<()> {
         self.shared.ctl().stop = true;
         self.shared.wake.notify_one();
+        self.shared.rebound.notify_all();
         self.thread
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the committer thread panicked")))
@@ -118,6 +148,14 @@ fn run<D: MetaDevice>(
 ) -> io::Result<()> {
     loop {
         let wake = wait(shared, vol, interval);
+        let rebind = shared.ctl().rebind.take();
+        if let Some((id, size)) = rebind {
+            let r = store
+                .rebind_secondary(&id, size)
+                .map_err(|e| format!("recording the new secondary in the metadata: {e}"));
+            shared.ctl().rebound = Some(r);
+            shared.rebound.notify_all();
+        }
         if wake.timed_out {
             vol.clear_idle_intents();
         }
@@ -205,7 +243,7 @@ fn wait(shared: &Shared, vol: &Volume, interval: Duration) -> Wake {
     let mut ctl = shared.ctl();
     loop {
         let requested = ctl.want > vol.commits_done() && shared.failed().is_none();
-        if ctl.stop || requested {
+        if ctl.stop || requested || ctl.rebind.is_some() {
             return Wake {
                 stop: ctl.stop,
                 timed_out: false,

@@ -142,6 +142,18 @@ impl MetadataStore<FileMeta> {
         Self::replace_secondary_dev(dev, binding)
     }
 
+    /// [`MetadataStore::open`] while the secondary is missing: the
+    /// secondary recorded in the metadata is taken as found (the primary is
+    /// still checked), so that the volume can run degraded without it.
+    pub fn open_without_secondary(path: &Path, binding: &Binding) -> Result<(Self, Volume)> {
+        let mut dev = Self::open_existing(path)?;
+        let recorded = read_superblock(&mut dev)?.sb.binding;
+        let mut binding = binding.clone();
+        binding.secondary_id = recorded.secondary_id;
+        binding.secondary_size = recorded.secondary_size;
+        Self::open_dev(dev, &binding)
+    }
+
     fn open_existing(path: &Path) -> Result<FileMeta> {
         if !path.exists() {
             return Err(Error::config(format!(
@@ -271,6 +283,25 @@ impl<D: MetaDevice> MetadataStore<D> {
         sb.binding.secondary_size = binding.secondary_size;
         write_superblocks(&mut store.dev, &sb)?;
         Ok(replaced)
+    }
+
+    /// The devices the metadata is bound to (identities and sizes).
+    pub fn recorded(&self) -> &Binding {
+        &self.sb.binding
+    }
+
+    /// Records another disk as the secondary, while the volume runs. The
+    /// caller has first committed every track as changed (see
+    /// `Volume::secondary_replaced`), so a crash before or after this write
+    /// loses nothing: the old identity makes the next `run` refuse the new
+    /// disk, the new one makes it copy everything.
+    pub fn rebind_secondary(&mut self, id: &str, size: u64) -> io::Result<()> {
+        let mut sb = self.sb.clone();
+        sb.binding.secondary_id = id.to_string();
+        sb.binding.secondary_size = size;
+        write_superblocks(&mut self.dev, &sb)?;
+        self.sb = sb;
+        Ok(())
     }
 
     /// The generation of the last durable header.

@@ -31,9 +31,12 @@ BASE_FORMAT=2
 # dm-flakey are required: the fault scenarios put dm targets under the
 # secondary; dm-log-writes and dm-snapshot the power-cut scenario (one
 # write log under all three devices, replays checked on snapshots). The
-# optional ones serve peer measurements (dm-mirror) only.
+# optional ones serve peer measurements (dm-mirror) and the NVMe/TCP
+# scenario (target nvmet + nvmet-tcp, initiator nvme-tcp, over loopback),
+# which fails, not skips, when they did not load.
 MODULES=(ublk_drv virtio_blk crc16 mbcache jbd2 "?crc32c_generic" ext4
-         dm-mod dm-flakey "?dm-delay" "?dm-log" "?dm-region-hash" "?dm-mirror" "?loop" dm-log-writes dm-snapshot)
+         dm-mod dm-flakey "?dm-delay" "?dm-log" "?dm-region-hash" "?dm-mirror" "?loop" dm-log-writes dm-snapshot
+         "?nvmet" "?nvmet-tcp" "?nvme-tcp")
 
 log() { printf '%s\n' "$*" >&2; }
 

@@ -52,6 +52,45 @@ impl Volume {
         self.set_operation(None);
     }
 
+    /// The secondary is missing (absent or unopenable at start, or let go
+    /// of to be reopened): the volume runs `degraded` on the primary alone.
+    /// Every track that may differ between the two (changed since a split,
+    /// stale, under write intent) is recorded as changed, so a later
+    /// `establish` on the same disk copies just those; no commit waits for
+    /// the secondary's flush meanwhile. Refused while restoring: the
+    /// secondary then holds the part of the split image not yet on the
+    /// primary. Returns the state the volume was in.
+    pub fn secondary_missing(&self) -> Result<VolumeState, VolumeState> {
+        let _snapshot = self.lock_snapshot();
+        let state = self.state();
+        if state == VolumeState::Restoring {
+            return Err(state);
+        }
+        let tables = &self.tables;
+        tables.changed.merge_from(&tables.intent);
+        tables.changed.merge_from(&tables.stale);
+        tables.stale.clear_all();
+        self.secondary_out.store(true, SeqCst);
+        if state != VolumeState::Degraded {
+            self.set_operation(None);
+            self.set_state(VolumeState::Degraded);
+        }
+        Ok(state)
+    }
+
+    /// A different disk is put in as the secondary: nothing on it is known,
+    /// so every track is recorded as changed. Only while `degraded` with the
+    /// secondary out (see `secondary_missing`); returns whether it applied.
+    pub fn secondary_replaced(&self) -> bool {
+        let _snapshot = self.lock_snapshot();
+        if self.state() != VolumeState::Degraded || !self.secondary_out() {
+            return false;
+        }
+        self.tables.changed.fill();
+        self.bump();
+        true
+    }
+
     // ---- state changes --------------------------------------------------
 
     /// Whether `cmd` is valid now (checked before draining host I/O).

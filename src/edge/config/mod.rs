@@ -75,6 +75,9 @@ pub struct Config {
     /// Bytes; a power of two in `MIN_TRACK_SIZE..=MAX_TRACK_SIZE`.
     #[serde(default = "default_track_size", deserialize_with = "de_track_size")]
     pub track_size: u64,
+    /// What `run` does when the secondary is absent or cannot be opened.
+    #[serde(default)]
+    pub secondary_missing: SecondaryMissing,
     #[serde(default, deserialize_with = "de_section")]
     pub ublk: UblkConfig,
     #[serde(default, deserialize_with = "de_section")]
@@ -132,6 +135,17 @@ pub enum OnError {
     Pause,
     /// Leave the track as it is, list it, and go on.
     Skip,
+}
+
+/// What `run` does when the secondary is absent or cannot be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecondaryMissing {
+    /// Refuse to start (exit 2), naming the path.
+    #[default]
+    Error,
+    /// Start `degraded` on the primary alone; `attach-secondary` later.
+    Degraded,
 }
 
 /// Where the control socket lives.
@@ -213,6 +227,7 @@ impl Config {
             secondary: secondary.into(),
             metadata: metadata.into(),
             track_size: default_track_size(),
+            secondary_missing: SecondaryMissing::default(),
             ublk: UblkConfig::default(),
             restore: RestoreConfig::default(),
             metrics: MetricsConfig::default(),

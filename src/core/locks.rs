@@ -104,7 +104,6 @@ impl TrackLocks {
         }
     }
 
-    #[cfg(test)]
     pub fn is_free(&self, t: Track) -> bool {
         Self::find(&self.shard(t), t).is_none()
     }

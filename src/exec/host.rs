@@ -6,19 +6,51 @@
 //! other requests of its executor.
 
 use crate::backend::Backend;
+use crate::core::wake::WakeList;
 use crate::core::{
     CommitSeq, Dev, ReadSeg, RepairLock, Ticket, Volume, Wait, WriteOutcome, WritePlan, WriteStep,
 };
 use std::io;
+use std::task::{Poll, Waker};
 
 /// Admits a request, waiting out any state change.
 pub async fn admit<'v, B: Backend>(vol: &'v Volume, b: &B) -> crate::core::Ticket<'v> {
     loop {
         match vol.enter() {
             Ok(t) => return t,
-            Err(_) => b.pause().await,
+            Err(_) => wait_on(b, vol.progress_wakes(), || !vol.gate_closed()).await,
         }
     }
+}
+
+/// Waits until `ready()` holds or `list` is woken after this wait began,
+/// without a timer: the core wakes `list` after the change waited for.
+/// The waker is registered before `ready` is looked at again, so a change
+/// between the caller's last look and the registration is not missed.
+pub async fn wait_on<B: Backend>(b: &B, list: &WakeList, mut ready: impl FnMut() -> bool) {
+    if ready() {
+        return;
+    }
+    let mut registered: Option<(Waker, Waker)> = None;
+    let mut start: Option<u64> = None;
+    std::future::poll_fn(|cx| {
+        let waker = match &registered {
+            Some((polled, wrapped)) if polled.will_wake(cx.waker()) => wrapped,
+            _ => {
+                &registered
+                    .insert((cx.waker().clone(), b.waker(cx.waker())))
+                    .1
+            }
+        };
+        let generation = list.register(waker);
+        let start = *start.get_or_insert(generation);
+        if generation != start || ready() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 /// Waits until commit `seq` is durable.
@@ -32,9 +64,18 @@ pub async fn wait_commit<B: Backend>(vol: &Volume, b: &B, seq: CommitSeq) -> io:
             return Err(io::Error::other("metadata commit failed"));
         }
         b.request_commit();
-        b.pause().await;
+        // Woken by the commit's end, or by the committer when it fails.
+        wait_on(b, vol.commit_wakes(), || {
+            vol.is_durable(seq) || b.commit_failed()
+        })
+        .await;
     }
     Ok(())
+}
+
+/// Waits for track `t` to be released (or free already).
+async fn wait_track<B: Backend>(vol: &Volume, b: &B, t: crate::core::Track) {
+    wait_on(b, vol.progress_wakes(), || vol.track_free(t)).await
 }
 
 /// Host read of `buf.len()` bytes at `offset`.
@@ -81,7 +122,7 @@ async fn read_repair<B: Backend>(
         loop {
             match vol.lock_for_repair(ticket, span.track) {
                 RepairLock::NotIdentical => return Err(error),
-                RepairLock::Busy => b.pause().await,
+                RepairLock::Busy => wait_track(vol, b, span.track).await,
                 RepairLock::Locked => break,
             }
         }
@@ -136,9 +177,14 @@ pub async fn write<B: Backend>(
         let ticket = admit(vol, b).await;
         let plan = match vol.plan_write(&ticket, offset, buf.len() as u64) {
             Ok(plan) => plan,
-            Err(Wait::Track(_)) | Err(Wait::Transition) => {
+            Err(Wait::Track(t)) => {
                 drop(ticket);
-                b.pause().await;
+                wait_track(vol, b, t).await;
+                continue;
+            }
+            Err(Wait::Transition) => {
+                drop(ticket);
+                wait_on(b, vol.progress_wakes(), || !vol.gate_closed()).await;
                 continue;
             }
         };

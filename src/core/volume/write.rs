@@ -86,6 +86,8 @@ impl Volume {
         }
         if holds.iter().any(|h| h.1 == Hold::Exclusive) {
             self.bump();
+        } else {
+            self.wake_progress();
         }
     }
 
@@ -105,7 +107,7 @@ impl Volume {
         for (span, action) in spans.iter().zip(actions) {
             let t = span.track;
             let need = match action {
-                Action::Mirror => self.mark(&self.tables.intent, t),
+                Action::Mirror => self.mark_intent(t),
                 Action::PrimaryStale => self.clock.needed_for(&self.tables.stale, t),
                 Action::PrimaryChanged => later(
                     self.mark(&self.tables.changed, t),
@@ -125,6 +127,23 @@ impl Volume {
             self.push_step(&mut plan.steps, span, *action);
         }
         plan
+    }
+
+    /// Sets the write intent of `t`'s region and notes the region as
+    /// written for the aging pass. A region (64 tracks, one word of the
+    /// table) is marked whole: its durability is tracked per word anyway,
+    /// and the next write anywhere in it then finds its bit set and durable
+    /// and needs no commit. A crash resyncs the region whole.
+    fn mark_intent(&self, t: Track) -> Option<CommitSeq> {
+        let region = t / 64;
+        // Read first: a warm region costs no write to a shared line.
+        if !self.intent_recent.get(region) {
+            self.intent_recent.set(region);
+        }
+        if !self.tables.intent.get(t) {
+            self.tables.intent.set_word(t);
+        }
+        self.clock.needed_for(&self.tables.intent, t)
     }
 
     /// Sets a bit that must be durable before data is written under it.

@@ -14,13 +14,16 @@ impl Volume {
     /// nothing is held: wait for that track and plan again.
     pub fn plan_write(&self, _t: &Ticket, offset: u64, len: u64) -> Result<WritePlan, Wait> {
         let state = self.state();
-        let spans: Vec<TrackSpan> = self.geometry.spans(offset, len).collect();
-        let actions: Vec<Action> = spans.iter().map(|s| self.action_for(state, s)).collect();
+        let spans: PlanVec<TrackSpan> = self.geometry.spans(offset, len).collect();
+        let actions: PlanVec<Action> = spans.iter().map(|s| self.action_for(state, s)).collect();
         let holds = self.lock_tracks(&spans, &actions)?;
         // Decisions were taken before the locks; a copy or merge may have
         // restored a track since. Under the locks they are stable.
-        let recheck: Vec<Action> = spans.iter().map(|s| self.action_for(state, s)).collect();
-        if recheck != actions {
+        let changed = spans
+            .iter()
+            .zip(&actions)
+            .any(|(s, a)| self.action_for(state, s) != *a);
+        if changed {
             self.release(&holds);
             return self.plan_write(_t, offset, len);
         }
@@ -56,8 +59,8 @@ impl Volume {
         &self,
         spans: &[TrackSpan],
         actions: &[Action],
-    ) -> Result<Vec<(Track, Hold)>, Wait> {
-        let mut holds = Vec::with_capacity(spans.len());
+    ) -> Result<PlanVec<(Track, Hold)>, Wait> {
+        let mut holds = PlanVec::with_capacity(spans.len());
         for (span, action) in spans.iter().zip(actions) {
             let hold = if *action == Action::Merge {
                 Hold::Exclusive
@@ -95,14 +98,14 @@ impl Volume {
         &self,
         spans: &[TrackSpan],
         actions: &[Action],
-        holds: Vec<(Track, Hold)>,
+        holds: PlanVec<(Track, Hold)>,
     ) -> WritePlan {
         let mut plan = WritePlan {
-            steps: Vec::new(),
+            steps: PlanVec::new(),
             commit_before_issue: None,
             holds,
-            restores: Vec::new(),
-            mirrors: Vec::new(),
+            restores: PlanVec::new(),
+            mirrors: PlanVec::new(),
         };
         for (span, action) in spans.iter().zip(actions) {
             let t = span.track;
@@ -152,7 +155,7 @@ impl Volume {
         self.clock.needed_for(table, t)
     }
 
-    fn push_step(&self, steps: &mut Vec<WriteStep>, span: &TrackSpan, action: Action) {
+    fn push_step(&self, steps: &mut PlanVec<WriteStep>, span: &TrackSpan, action: Action) {
         let devs = match action {
             Action::Mirror => DevSet::BOTH,
             Action::Merge => {

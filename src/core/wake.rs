@@ -18,28 +18,19 @@ pub struct WakeList {
     /// but this (read-only) counter, so the fast path shares no written
     /// cache line between queues.
     waiting: AtomicUsize,
-    /// Bumped by every wake that found waiters: a waiter that registered at
-    /// generation `g` and sees another knows something happened.
-    generation: AtomicU64,
     wakers: Mutex<Vec<Waker>>,
     /// Wake-ups delivered (tests and benches count them).
     woken: AtomicU64,
 }
 
 impl WakeList {
-    /// Registers `w` (once: a waiter polled again does not pile up) and
-    /// returns the generation to compare with [`Self::generation`].
-    pub fn register(&self, w: &Waker) -> u64 {
+    /// Registers `w` (once: a waiter polled again does not pile up).
+    pub fn register(&self, w: &Waker) {
         let mut list = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
         if !list.iter().any(|x| x.will_wake(w)) {
             list.push(w.clone());
         }
         self.waiting.store(list.len(), SeqCst);
-        self.generation.load(SeqCst)
-    }
-
-    pub fn generation(&self) -> u64 {
-        self.generation.load(SeqCst)
     }
 
     /// Wakes every registered waiter (called after the change they wait for).
@@ -50,7 +41,6 @@ impl WakeList {
         let wakers = {
             let mut list = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
             self.waiting.store(0, SeqCst);
-            self.generation.fetch_add(1, SeqCst);
             std::mem::take(&mut *list)
         };
         self.woken.fetch_add(wakers.len() as u64, SeqCst);
@@ -82,11 +72,10 @@ mod tests {
         let c = Arc::new(Count(AtomicUsize::new(0)));
         let w = Waker::from(c.clone());
         list.wake_all();
-        let g = list.register(&w);
-        assert_eq!(list.register(&w), g, "same waker: registered once");
+        list.register(&w);
+        list.register(&w);
         list.wake_all();
-        assert_eq!(c.0.load(SeqCst), 1);
-        assert_ne!(list.generation(), g);
+        assert_eq!(c.0.load(SeqCst), 1, "same waker: registered once");
         list.wake_all();
         assert_eq!(c.0.load(SeqCst), 1, "woken waiters are forgotten");
         assert_eq!(list.woken(), 1);

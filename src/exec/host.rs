@@ -23,16 +23,20 @@ pub async fn admit<'v, B: Backend>(vol: &'v Volume, b: &B) -> crate::core::Ticke
     }
 }
 
-/// Waits until `ready()` holds or `list` is woken after this wait began,
-/// without a timer: the core wakes `list` after the change waited for.
-/// The waker is registered before `ready` is looked at again, so a change
-/// between the caller's last look and the registration is not missed.
+/// Waits until `ready()` holds, without a timer: the core wakes `list`
+/// after a change of what `ready` looks at. The waker is registered before
+/// `ready` is looked at again, so a change between the caller's last look
+/// and the registration is not missed.
+///
+/// Only `ready` ends the wait, never a wake-up alone: waiters on one queue
+/// woken by each other's unrelated lock releases would otherwise retry
+/// and wake each other again without end, and the queue would never go
+/// back to its ring for the completion they all wait for.
 pub async fn wait_on<B: Backend>(b: &B, list: &WakeList, mut ready: impl FnMut() -> bool) {
     if ready() {
         return;
     }
     let mut registered: Option<(Waker, Waker)> = None;
-    let mut start: Option<u64> = None;
     std::future::poll_fn(|cx| {
         let waker = match &registered {
             Some((polled, wrapped)) if polled.will_wake(cx.waker()) => wrapped,
@@ -42,9 +46,8 @@ pub async fn wait_on<B: Backend>(b: &B, list: &WakeList, mut ready: impl FnMut()
                     .1
             }
         };
-        let generation = list.register(waker);
-        let start = *start.get_or_insert(generation);
-        if generation != start || ready() {
+        list.register(waker);
+        if ready() {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -73,9 +76,16 @@ pub async fn wait_commit<B: Backend>(vol: &Volume, b: &B, seq: CommitSeq) -> io:
     Ok(())
 }
 
-/// Waits for track `t` to be released (or free already).
+/// Waits until the holders of track `t` changed (one left) or it is free.
+/// Only `t` itself counts: retries caused by other tracks' releases could
+/// wake two waiters of crossing multi-track writes alternately forever.
 async fn wait_track<B: Backend>(vol: &Volume, b: &B, t: crate::core::Track) {
-    wait_on(b, vol.progress_wakes(), || vol.track_free(t)).await
+    let seen = vol.track_holders(t);
+    wait_on(b, vol.progress_wakes(), || {
+        let now = vol.track_holders(t);
+        now == 0 || now != seen
+    })
+    .await
 }
 
 /// Host read of `buf.len()` bytes at `offset`.

@@ -275,6 +275,12 @@ impl Volume {
         self.locks.is_free(t)
     }
 
+    /// Who holds track `t` (0: nobody): a request waiting for `t` tries
+    /// again once this changed (a holder left) or `t` is free.
+    pub fn track_holders(&self, t: super::geometry::Track) -> u32 {
+        self.locks.holders(t)
+    }
+
     // ---- Accessors for the executors, the store, the edges and tests ----
     //
     // The tables and the commit clock are private to the core; the rest of

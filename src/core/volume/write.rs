@@ -89,7 +89,7 @@ impl Volume {
         }
         if holds.iter().any(|h| h.1 == Hold::Exclusive) {
             self.bump();
-        } else {
+        } else if !holds.is_empty() {
             self.wake_progress();
         }
     }

@@ -5,10 +5,11 @@
 //!
 //! Waiters register *before* they look again at what they wait for, and
 //! notifiers change what is waited for *before* they look for waiters
-//! (both sequentially consistent), so a wake-up is never lost: either the
-//! waiter's second look sees the change, or the notifier sees the waiter.
+//! (each side with a full fence in between), so a wake-up is never lost:
+//! either the waiter's second look sees the change, or the notifier sees
+//! the waiter.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Mutex;
 use std::task::Waker;
 
@@ -31,10 +32,16 @@ impl WakeList {
             list.push(w.clone());
         }
         self.waiting.store(list.len(), SeqCst);
+        // The waiter looks again next, possibly under a mutex (a lock
+        // shard): order that look after this store on every architecture.
+        fence(SeqCst);
     }
 
     /// Wakes every registered waiter (called after the change they wait for).
     pub fn wake_all(&self) {
+        // The change was made just before, possibly by a mutex release
+        // only: order it before this look at the waiters.
+        fence(SeqCst);
         if self.waiting.load(SeqCst) == 0 {
             return;
         }

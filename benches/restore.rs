@@ -5,12 +5,12 @@
 //! Files live in `$SPLITMIRROR_BENCH_DIR` (default `target/bench-tmp`),
 //! opened O_DIRECT; the size of the data files is `$SPLITMIRROR_BENCH_SIZE`
 //! (default 1GiB). Host I/O goes through `exec::host` over a `UringBackend`,
-//! the path a ublk queue runs. Metadata commits are in memory
-//! (`sim::mem_commit_begin`) but flush the copy destination first, as the
-//! real store does. Every figure is printed alone on a line `name: value`.
+//! the path a ublk queue runs. Metadata commits go to the real store, a
+//! file beside the data files, flushing the data devices first as the
+//! server's committer does. Every figure is printed alone on a line
+//! `name: value`.
 
 use splitmirror::backend::buf::AlignedBuf;
-use splitmirror::backend::sim;
 use splitmirror::backend::uring::{UringBackend, UringOptions};
 use splitmirror::backend::Backend;
 use splitmirror::core::{Command, Dev, Geometry, TableId, Volume, VolumeState};
@@ -18,6 +18,7 @@ use splitmirror::edge::config::{parse_size, RestoreConfig};
 use splitmirror::exec::engine::{self, join_all, EngineConfig, RunReport};
 use splitmirror::exec::host;
 use splitmirror::exec::load::HostLoad;
+use splitmirror::metadata::{Binding, MetadataStore};
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -127,22 +128,36 @@ impl Pair {
     }
 }
 
-/// The metadata committer stand-in: on request, snapshot the dirty tables
-/// (in memory), flush the copy's destination (so "copied" is never durable
-/// before the data), then publish the commit.
+/// The metadata committer: the real store, in a file beside the data
+/// files, committed on request as the server's committer does (the data
+/// flush first, then the metadata writes); each commit is timed.
 struct Committer {
-    /// Microseconds the largest table snapshot took (the in-memory stand-in
-    /// for writing the metadata).
+    /// Microseconds the largest table snapshot (the commit's take) took.
     snapshot_us: Arc<std::sync::atomic::AtomicU64>,
-    /// How long each commit took, request to durable (flush included).
+    /// How long each commit took, take to durable (flushes included).
     durations: Arc<std::sync::Mutex<Vec<Duration>>>,
     stop: Arc<AtomicBool>,
     wanted: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<u64>>,
+    meta: PathBuf,
 }
 
 impl Committer {
-    fn start(vol: Arc<Volume>, fds: (RawFd, RawFd)) -> Committer {
+    fn start(vol: Arc<Volume>, pair: &Pair) -> Committer {
+        let meta = pair.paths[0].with_extension("meta");
+        let binding = Binding {
+            volume_size: pair.size,
+            track_size: TRACK,
+            primary_size: pair.size,
+            secondary_size: pair.size,
+            primary_id: "bench:primary".into(),
+            secondary_id: "bench:secondary".into(),
+            primary_path: pair.paths[0].display().to_string(),
+            secondary_path: pair.paths[1].display().to_string(),
+        };
+        let mut store =
+            MetadataStore::format(&meta, &binding, &vol, true).expect("format metadata");
+        let fds = pair.fds();
         let stop = Arc::new(AtomicBool::new(false));
         let wanted = Arc::new(AtomicBool::new(false));
         let snapshot_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -154,14 +169,20 @@ impl Committer {
             while !s.load(Ordering::Acquire) {
                 if w.swap(false, Ordering::AcqRel) {
                     let t = Instant::now();
-                    let seq = sim::mem_commit_begin(&vol);
+                    let batch = store.begin_commit(&vol);
                     snap.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-                    for dev in vol.commit_flush_set().devs() {
-                        let fd = if dev == Dev::Primary { fds.0 } else { fds.1 };
-                        // SAFETY: fd is open for the committer's lifetime.
-                        assert_eq!(unsafe { libc::fdatasync(fd) }, 0, "fdatasync");
-                    }
-                    sim::mem_commit_end(&vol, seq);
+                    store
+                        .write_commit(&vol, batch, |devs| {
+                            for dev in devs.devs() {
+                                let fd = if dev == Dev::Primary { fds.0 } else { fds.1 };
+                                // SAFETY: fd is open for the committer's lifetime.
+                                if unsafe { libc::fdatasync(fd) } != 0 {
+                                    return Err(std::io::Error::last_os_error());
+                                }
+                            }
+                            Ok(())
+                        })
+                        .expect("metadata commit");
                     durs.lock().unwrap().push(t.elapsed());
                     commits += 1;
                 } else {
@@ -176,6 +197,7 @@ impl Committer {
             stop,
             wanted,
             thread: Some(thread),
+            meta,
         }
     }
 
@@ -193,7 +215,9 @@ impl Committer {
         self.stop.store(true, Ordering::Release);
         let t = self.thread.take().unwrap();
         t.thread().unpark();
-        t.join().unwrap()
+        let n = t.join().unwrap();
+        let _ = std::fs::remove_file(&self.meta);
+        n
     }
 }
 
@@ -305,7 +329,7 @@ fn plain_copy(pair: &Pair) -> Duration {
 
 fn restore_once(pair: &Pair) -> Duration {
     let vol = volume(pair.size);
-    let c = Committer::start(vol.clone(), pair.fds());
+    let c = Committer::start(vol.clone(), pair);
     let (t, r) = spawn_restore(
         pair,
         vol,
@@ -393,9 +417,12 @@ fn p99(v: &[WriteSample]) -> Duration {
 /// Where the time of the writes during a restore went: the profile
 /// evidence for `restore_p99_ratio` (the host path is async and spends
 /// its waits off the CPU, so a CPU profile would not show them).
-fn report_commit_waits(name: &str, writes: &[WriteSample], commits: &[Duration]) {
+fn report_commit_waits(name: &str, idle: Duration, writes: &[WriteSample], commits: &[Duration]) {
     let (waited, direct): (Vec<_>, Vec<_>) = writes.iter().partition(|s| s.1);
     let lat = |v: &[&WriteSample], pct| percentile(v.iter().map(|s| s.0).collect(), pct);
+    let ratio = |v: &[&WriteSample]| lat(v, 99).as_secs_f64() / idle.as_secs_f64();
+    println!("restore_p99_ratio_no_commit{name}: {:.2}", ratio(&direct));
+    println!("restore_p99_ratio_commit{name}: {:.2}", ratio(&waited));
     println!(
         "restore_writes_commit_wait_fraction{name}: {:.3}",
         waited.len() as f64 / writes.len().max(1) as f64
@@ -439,7 +466,7 @@ fn latency_under_restore(pair: &Pair) {
     // Under load: the same writes for as long as a default restore runs.
     let busy_once = |span: u64| {
         let vol = volume(pair.size);
-        let c = Committer::start(vol.clone(), pair.fds());
+        let c = Committer::start(vol.clone(), pair);
         let load = Arc::new(HostLoad::default());
         let h = spawn_restore(
             pair,
@@ -485,10 +512,10 @@ fn latency_under_restore(pair: &Pair) {
     });
     let (idle, busy, rate, lat, commits) = &rounds[1];
     report("", *idle, *busy, *rate);
-    report_commit_waits("", lat, commits);
+    report_commit_waits("", *idle, lat, commits);
     let (busy, rate, lat, commits) = busy_once(pair.size);
     report("_uniform", *idle, busy, rate);
-    report_commit_waits("_uniform", &lat, &commits);
+    report_commit_waits("_uniform", *idle, &lat, &commits);
 }
 
 /// A split volume after warm-up: every track's "changed" bit set and
@@ -496,7 +523,7 @@ fn latency_under_restore(pair: &Pair) {
 fn warm_split(pair: &Pair) -> (Arc<Volume>, Committer) {
     let vol = volume(pair.size);
     vol.table(TableId::Changed).fill();
-    let c = Committer::start(vol.clone(), pair.fds());
+    let c = Committer::start(vol.clone(), pair);
     let be = backend(pair.fds(), 1, c.requester());
     be.block_on(host::wait_commit(&vol, &be, vol.next_commit()))
         .unwrap();
@@ -607,7 +634,7 @@ fn first_io_after_restore(dir: &Path) {
         let mut snapshots = Vec::new();
         for _ in 0..5 {
             let vol = volume(size);
-            let c = Committer::start(vol.clone(), pair.fds());
+            let c = Committer::start(vol.clone(), &pair);
             let be = backend(pair.fds(), 4, c.requester());
             let mut buf = AlignedBuf::new(4096);
             let t = Instant::now();

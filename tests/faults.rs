@@ -58,8 +58,13 @@ fn secondary_failure_while_mirroring_degrades_and_establish_resyncs_only_changes
         .filter(|(d, _, _)| *d == splitmirror::core::Dev::Secondary)
         .map(|(_, o, _)| o / TRACK)
         .collect();
+    // Write intent is set per region of 64 tracks, and degrading folds it
+    // into "changed": the regions of the two writes are resynced whole
+    // (as md resyncs a bitmap chunk), nothing outside them.
     assert!(
-        copied.iter().all(|t| *t == 3 || *t == 7),
+        copied
+            .iter()
+            .all(|t| [3u64, 7].iter().any(|w| w / 64 == t / 64)),
         "copied {copied:?}"
     );
 }

@@ -16,6 +16,17 @@
 #   restoring  splitmirror during a full `restore`, a fresh one per job
 #              (rate-limited; the state and progress at the job's end are
 #              printed with its figure)
+#   raw2       the job on $PRIMARY and on $SECONDARY at once; its figure is
+#              the lower of the two per-disk IOPS (the ceiling of a
+#              mirrored write), both are printed
+#   dm-mirror  the kernel's dm-mirror (core log, 512 KiB regions, nosync)
+#              over $PRIMARY and $SECONDARY, with the server stopped (it
+#              holds the disks O_EXCL)
+#   restore-load  a default, unthrottled full restore with PERF_LOAD_JOB
+#              (no ramp) started with it: the host IOPS of the job and the
+#              restore's time to done (state leaves `restoring`)
+# The targets run in a shuffled order each round (shuf), each bringing the
+# volume to the state it needs.
 # After each restoring job the server is restarted without a rate limit to
 # finish the restore and its resync quickly. Content is irrelevant here: raw and rublk write to the primary
 # behind splitmirror's back.
@@ -38,6 +49,7 @@
 : "${PERF_JOBS:=randread-4k-qd32 randwrite-4k-qd32}"
 : "${PERF_TARGETS:=raw rublk established split restoring}"
 : "${PERF_PROFILE:=0}" "${PERF_PROFILE_JOBS:=randwrite-4k-qd32}" "${PERF_PROFILE_FREQ:=999}"
+: "${PERF_LOAD_JOB:=randwrite-4k-qd32}"
 RUBLK_ID=7
 # set during the profiled round
 PROFILING=
@@ -165,6 +177,81 @@ measure() {
     done
 }
 
+# measure_raw2 ROUND: every job on both raw disks at once; the figure is
+# the lower per-disk IOPS, both are printed
+measure_raw2() {
+    for j in $PERF_JOBS; do
+        _i0=$(idle_ticks); _t0=$(cut -d' ' -f1 /proc/uptime)
+        DEV=$PRIMARY RUNTIME=$PERF_RUNTIME fio --minimal "$SCRATCH/$j.fio" >"$SCRATCH/raw2.p" 2>"$SCRATCH/raw2.p.err" &
+        _fp=$!
+        DEV=$SECONDARY RUNTIME=$PERF_RUNTIME fio --minimal "$SCRATCH/$j.fio" >"$SCRATCH/raw2.s" 2>"$SCRATCH/raw2.s.err" &
+        _fs=$!
+        wait "$_fp" || { cat "$SCRATCH/raw2.p.err" >&2; fail "fio $j on $PRIMARY (raw2) failed"; }
+        wait "$_fs" || { cat "$SCRATCH/raw2.s.err" >&2; fail "fio $j on $SECONDARY (raw2) failed"; }
+        _p=$(awk -F';' 'NF > 49 { printf "%d\n", $8 + $49; exit }' "$SCRATCH/raw2.p")
+        _s=$(awk -F';' 'NF > 49 { printf "%d\n", $8 + $49; exit }' "$SCRATCH/raw2.s")
+        { [ -n "$_p" ] && [ -n "$_s" ] && [ "$_p" -gt 0 ] && [ "$_s" -gt 0 ]; } || fail "fio $j (raw2): no IOPS"
+        _min=$_p; [ "$_s" -lt "$_min" ] && _min=$_s
+        _i1=$(idle_ticks); _t1=$(cut -d' ' -f1 /proc/uptime)
+        echo "PERF round=$1 target=raw2 job=$j iops=$_min iops_primary=$_p iops_secondary=$_s server_ticks=0 idle_ticks=$((_i1 - _i0)) wall=$(echo "$_t0 $_t1" | awk '{ printf "%.1f", $2 - $1 }')"
+    done
+}
+
+# measure_dm_mirror ROUND: every job on the kernel's dm-mirror over both
+# disks; the server is stopped meanwhile (it holds them O_EXCL)
+measure_dm_mirror() {
+    stop_server
+    _sectors=$(blockdev --getsz "$PRIMARY")
+    _s2=$(blockdev --getsz "$SECONDARY")
+    [ "$_s2" -lt "$_sectors" ] && _sectors=$_s2
+    modprobe dm-mirror 2>/dev/null || true
+    echo "0 $_sectors mirror core 2 1024 nosync 2 $PRIMARY 0 $SECONDARY 0 1 handle_errors" \
+        | dmsetup create smperf-mirror || fail "dmsetup create smperf-mirror (dm-mirror)"
+    dmsetup mknodes smperf-mirror
+    measure "$1" dm-mirror /dev/mapper/smperf-mirror ""
+    dmsetup remove smperf-mirror || fail "dmsetup remove smperf-mirror"
+    start_server
+}
+
+# restore_load ROUND: a default full restore (no rate limit) with
+# PERF_LOAD_JOB started with it, without fio's ramp; host IOPS of the job,
+# time until the state leaves `restoring`
+restore_load() {
+    to_state split
+    sed 's/^ramp_time=.*/ramp_time=0/' "$SCRATCH/$PERF_LOAD_JOB.fio" >"$SCRATCH/load.fio"
+    _t0=$(cut -d' ' -f1 /proc/uptime)
+    DEV=$DEVICE RUNTIME=$PERF_RUNTIME fio --minimal "$SCRATCH/load.fio" >"$SCRATCH/load.out" 2>"$SCRATCH/load.err" &
+    _fio=$!
+    run sm restore
+    while [ "$(state)" = restoring ]; do sleep 0.05; done
+    _t1=$(cut -d' ' -f1 /proc/uptime)
+    wait "$_fio" || { cat "$SCRATCH/load.err" >&2; fail "fio $PERF_LOAD_JOB during the restore failed"; }
+    _iops=$(awk -F';' 'NF > 49 { printf "%d\n", $8 + $49; exit }' "$SCRATCH/load.out")
+    { [ -n "$_iops" ] && [ "$_iops" -gt 0 ]; } || fail "fio $PERF_LOAD_JOB during the restore: no IOPS"
+    echo "PERF round=$1 target=restore-load job=$PERF_LOAD_JOB iops=$_iops restore_s=$(echo "$_t0 $_t1" | awk '{ printf "%.2f", $2 - $1 }') server_ticks=0 idle_ticks=0 wall=0"
+    wait_idle 600
+    expect_state established
+}
+
+# to_state established|split: brings the volume there
+to_state() {
+    _s=$(state)
+    case $1 in
+        established)
+            if [ "$_s" != established ]; then
+                [ "$_s" = split ] || wait_idle 600
+                [ "$(state)" = split ] && run sm establish
+                wait_idle 600
+            fi
+            expect_state established ;;
+        split)
+            [ "$_s" = split ] && return 0
+            to_state established
+            run sm split
+            expect_state split ;;
+    esac
+}
+
 # start_rublk ID [ARGS]: rublk's loop target over $PRIMARY as /dev/ublkbID;
 # sets RUBLK_PID
 start_rublk() {
@@ -198,26 +285,30 @@ esac
 
 # round R JOBS TARGETS: every target in turn, each running every job
 round() {
-    step "round $1"
-    for t in $3; do
+    # a shuffled order each round (the profiled round keeps the given one)
+    _order=$3
+    [ -z "$PROFILING" ] && _order=$(echo "$3" | tr ' ' '\n' | grep . | shuf | tr '\n' ' ')
+    step "round $1: $_order"
+    for t in $_order; do
         case $t in
             raw) measure "$1" raw "$PRIMARY" "" "$2" ;;
             rublk) measure "$1" rublk "/dev/ublkb$RUBLK_ID" "$RUBLK_SYNC_PID" "$2" ;;
             rublk-async) measure "$1" rublk-async "/dev/ublkb$((RUBLK_ID + 1))" "$RUBLK_ASYNC_PID" "$2" ;;
+            raw2) measure_raw2 "$1" ;;
+            dm-mirror) measure_dm_mirror "$1" ;;
+            restore-load) restore_load "$1" ;;
             established)
-                expect_state established
+                to_state established
                 measure "$1" established "$DEVICE" "$SERVER_PID" "$2" ;;
             split)
-                expect_state established
-                run sm split
+                to_state split
                 measure "$1" split "$DEVICE" "$SERVER_PID" "$2" ;;
             restoring)
                 # one fresh full restore per job: random writes restore the
                 # tracks they hit (merges), so one restore does not outlast
                 # a randwrite job (see docs/performance.md)
                 for j in $2; do
-                    _s=$(state)
-                    [ "$_s" = split ] || run sm split
+                    to_state split
                     # the rate limit is read at `run`: restart with it
                     stop_server
                     set_restore_rate "$PERF_RATE"
@@ -248,7 +339,7 @@ done
 if [ "$PERF_PROFILE" = 1 ]; then
     # the profiled round: every target with a server process
     PROFILING=1
-    round profile "$PERF_PROFILE_JOBS" "$(echo " $PERF_TARGETS " | sed 's/ raw / /')"
+    round profile "$PERF_PROFILE_JOBS" "$(echo " $PERF_TARGETS " | sed -e 's/ raw / /' -e 's/ raw2 / /' -e 's/ dm-mirror / /' -e 's/ restore-load / /')"
     PROFILING=
 fi
 

@@ -215,6 +215,9 @@ impl DataDev {
             size: primary.size,
             logical_block: primary.logical_block,
             stable_id: String::new(),
+            // The device offers what the primary can do: the secondary
+            // attached later zeroes by writing zero buffers if it must.
+            zeroing: primary.zeroing,
             identity: Identity::Missing,
         })
     }

@@ -17,6 +17,7 @@ use std::os::fd::RawFd;
 pub(crate) mod blocking;
 pub mod buf;
 pub mod device;
+pub mod kick;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub(crate) mod transfer;
@@ -70,6 +71,13 @@ pub trait Backend {
     /// costs 10 000 wake-ups a second for nothing.
     async fn sleep(&self, _d: std::time::Duration) {
         self.pause().await
+    }
+    /// The waker to hand to the core's wake lists for a task polled with
+    /// `w`: the core's waiters may be woken from another thread (the
+    /// committer, another queue), so an executor that sleeps in the kernel
+    /// returns one that also interrupts that sleep.
+    fn waker(&self, w: &std::task::Waker) -> std::task::Waker {
+        w.clone()
     }
     /// Asks the metadata committer for a commit soon.
     fn request_commit(&self);

@@ -17,6 +17,7 @@
 //! Any other buffer (a host request's) goes through plain `READ`/`WRITE`.
 
 use crate::backend::buf::{AlignedBuf, Lender};
+use crate::backend::kick::Kick;
 use crate::backend::transfer::Transfer;
 use crate::backend::{Backend, DevFds};
 use crate::core::Dev;
@@ -86,6 +87,11 @@ pub struct UringBackend {
     /// really is registered and used).
     fixed_ops: Cell<u64>,
     pause: Duration,
+    /// Kicked by wakes from other threads while `block_on` waits in the
+    /// ring (a commit finished, a track was released elsewhere).
+    kick: Arc<Kick>,
+    /// Whether a poll of `kick` is in the ring.
+    kick_armed: Cell<bool>,
     on_commit: CommitHook,
     on_commit_failed: FailedHook,
 }
@@ -123,6 +129,8 @@ impl UringBackend {
             fixed,
             fixed_ops: Cell::new(0),
             pause: opts.pause,
+            kick: Kick::new()?,
+            kick_armed: Cell::new(false),
             on_commit: Box::new(|| {}),
             on_commit_failed: Box::new(|| false),
         })
@@ -164,6 +172,7 @@ impl UringBackend {
         let wake = Arc::new(ThreadWake {
             woken: AtomicBool::new(true),
             thread: std::thread::current(),
+            kick: self.kick.clone(),
         });
         let waker = Waker::from(wake.clone());
         let mut cx = Context::from_waker(&waker);
@@ -176,12 +185,35 @@ impl UringBackend {
             }
             if self.inflight.get() > 0 {
                 let want = usize::from(!wake.woken.load(Ordering::Acquire));
+                if want > 0 {
+                    // Waiting in the ring: a wake from another thread must
+                    // end the wait.
+                    self.arm_kick();
+                }
                 self.submit(want);
                 self.reap();
             } else if !wake.woken.load(Ordering::Acquire) {
                 // Nothing in the ring: only another thread can wake us.
                 std::thread::park_timeout(Duration::from_millis(1));
             }
+        }
+    }
+
+    /// Puts a poll of the kick eventfd in the ring, unless one is there.
+    fn arm_kick(&self) {
+        if self.kick_armed.replace(true) {
+            return;
+        }
+        let entry = opcode::PollAdd::new(types::Fd(self.kick.fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(KICK_DATA);
+        loop {
+            // SAFETY: a poll entry points at no memory.
+            let pushed = unsafe { self.ring.borrow_mut().submission().push(&entry).is_ok() };
+            if pushed {
+                return;
+            }
+            self.submit(0);
         }
     }
 
@@ -211,6 +243,11 @@ impl UringBackend {
             let mut ring = self.ring.borrow_mut();
             let mut slots = self.slots.borrow_mut();
             for cqe in ring.completion() {
+                if cqe.user_data() == KICK_DATA {
+                    self.kick_armed.set(false);
+                    self.kick.drain();
+                    continue;
+                }
                 let i = cqe.user_data() as usize;
                 if let Slot::InFlight(w) =
                     std::mem::replace(&mut slots[i], Slot::Done(cqe.result()))
@@ -383,8 +420,20 @@ impl Drop for UringBackend {
             self.submit(1);
             self.reap();
         }
+        // The kick's poll points at no memory, but end it so the eventfd
+        // is not closed under the ring's feet.
+        if self.kick_armed.get() {
+            self.kick.kick();
+            while self.kick_armed.get() {
+                self.submit(1);
+                self.reap();
+            }
+        }
     }
 }
+
+/// `user_data` of the kick's poll (slots are numbered from 0).
+const KICK_DATA: u64 = u64::MAX;
 
 /// One submitted SQE; resolves to the CQE's result.
 struct Op<'a> {
@@ -446,6 +495,7 @@ impl Drop for Op<'_> {
 struct ThreadWake {
     woken: AtomicBool,
     thread: std::thread::Thread,
+    kick: Arc<Kick>,
 }
 
 impl Wake for ThreadWake {
@@ -454,7 +504,11 @@ impl Wake for ThreadWake {
     }
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
-        self.thread.unpark();
+        if std::thread::current().id() != self.thread.id() {
+            // The thread may be waiting in the ring, not parked.
+            self.kick.kick();
+            self.thread.unpark();
+        }
     }
 }
 

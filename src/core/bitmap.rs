@@ -33,6 +33,11 @@ impl AtomicBitmap {
         self.words[w].fetch_or(m, SeqCst) & m == 0
     }
 
+    pub fn get(&self, bit: u64) -> bool {
+        let (w, m) = Self::locate(bit);
+        self.words[w].load(SeqCst) & m != 0
+    }
+
     /// Clears the bit; returns whether it was set before.
     pub fn clear(&self, bit: u64) -> bool {
         let (w, m) = Self::locate(bit);

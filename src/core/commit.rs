@@ -12,6 +12,7 @@ use super::plan::DevSet;
 use super::state::{Operation, VolumeState};
 use super::table::{taken_seq, Durability, Taken, TrackTable, CHUNK_WORDS};
 use super::volume::Volume;
+use super::wake::WakeList;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
 /// Number of a metadata commit; commit `n` is durable once `done >= n`.
@@ -25,6 +26,8 @@ pub struct CommitClock {
     /// new copies meanwhile: a commit flushes the data devices, and every
     /// copy issued before the flush is data the flush must write back.
     waiters: AtomicU64,
+    /// Their wakers: woken as a commit finishes.
+    wakes: WakeList,
 }
 
 /// A request waiting for a commit (see [`CommitClock::waiters`]).
@@ -45,6 +48,11 @@ impl CommitClock {
     /// Called by the store once commit `seq` is durable.
     pub fn finish(&self, seq: CommitSeq) {
         self.done.fetch_max(seq, SeqCst);
+        self.wakes.wake_all();
+    }
+
+    pub fn wakes(&self) -> &WakeList {
+        &self.wakes
     }
 
     /// Restarts the numbering after the metadata was loaded.

@@ -27,7 +27,10 @@ const SHARDS: usize = 64;
 
 /// The held tracks of one shard: (track, holders), holders being a count
 /// of shared holders or [`EXCLUSIVE`]. Tracks not listed are free.
-type Shard = Vec<(Track, u32)>;
+#[derive(Default)]
+struct Shard {
+    held: Vec<(Track, u32)>,
+}
 
 pub struct TrackLocks {
     shards: Box<[Mutex<Shard>]>,
@@ -37,7 +40,7 @@ impl TrackLocks {
     /// Locks for a volume of `tracks` tracks; costs the same at any size.
     pub fn new(_tracks: u64) -> Self {
         TrackLocks {
-            shards: (0..SHARDS).map(|_| Mutex::new(Vec::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
         }
     }
 
@@ -50,19 +53,27 @@ impl TrackLocks {
     }
 
     fn find(shard: &Shard, t: Track) -> Option<usize> {
-        shard.iter().position(|&(track, _)| track == t)
+        shard.held.iter().position(|&(track, _)| track == t)
+    }
+
+    /// Who holds track `t` now: 0 (free), a count of shared holders, or
+    /// the exclusive mark. A waiter for `t` compares two readings: a
+    /// change means a holder left or came.
+    pub fn holders(&self, t: Track) -> u32 {
+        let shard = self.shard(t);
+        Self::find(&shard, t).map_or(0, |i| shard.held[i].1)
     }
 
     pub fn try_shared(&self, t: Track) -> bool {
         let mut shard = self.shard(t);
         match Self::find(&shard, t) {
             None => {
-                shard.push((t, 1));
+                shard.held.push((t, 1));
                 true
             }
-            Some(i) if shard[i].1 & EXCLUSIVE != 0 => false,
+            Some(i) if shard.held[i].1 & EXCLUSIVE != 0 => false,
             Some(i) => {
-                shard[i].1 += 1;
+                shard.held[i].1 += 1;
                 true
             }
         }
@@ -72,13 +83,13 @@ impl TrackLocks {
         let mut shard = self.shard(t);
         let i = Self::find(&shard, t);
         debug_assert!(
-            i.is_some_and(|i| shard[i].1 & EXCLUSIVE == 0),
+            i.is_some_and(|i| shard.held[i].1 & EXCLUSIVE == 0),
             "release of an unheld shared lock"
         );
         if let Some(i) = i {
-            shard[i].1 -= 1;
-            if shard[i].1 == 0 {
-                shard.swap_remove(i);
+            shard.held[i].1 -= 1;
+            if shard.held[i].1 == 0 {
+                shard.held.swap_remove(i);
             }
         }
     }
@@ -88,7 +99,7 @@ impl TrackLocks {
         if Self::find(&shard, t).is_some() {
             return false;
         }
-        shard.push((t, EXCLUSIVE));
+        shard.held.push((t, EXCLUSIVE));
         true
     }
 
@@ -96,15 +107,14 @@ impl TrackLocks {
         let mut shard = self.shard(t);
         let i = Self::find(&shard, t);
         debug_assert!(
-            i.is_some_and(|i| shard[i].1 == EXCLUSIVE),
+            i.is_some_and(|i| shard.held[i].1 == EXCLUSIVE),
             "release of an unheld exclusive lock"
         );
         if let Some(i) = i {
-            shard.swap_remove(i);
+            shard.held.swap_remove(i);
         }
     }
 
-    #[cfg(test)]
     pub fn is_free(&self, t: Track) -> bool {
         Self::find(&self.shard(t), t).is_none()
     }
@@ -114,7 +124,7 @@ impl TrackLocks {
     pub fn held(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).held.len())
             .sum()
     }
 }

@@ -54,8 +54,9 @@ pub(crate) mod plan;
 pub(crate) mod state;
 pub(crate) mod table;
 pub(crate) mod volume;
+pub mod wake;
 
-pub use commit::{CommitSeq, CommitWaiter};
+pub use commit::{CommitSeq, CommitTake, CommitWaiter};
 pub use geometry::{Geometry, Track, TrackSpan};
 pub use plan::*;
 pub use state::{Command, Operation, OperationKind, TransitionError, VolumeState};

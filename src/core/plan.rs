@@ -117,19 +117,24 @@ pub(crate) enum Hold {
 /// [`super::Volume::finish_write`]. Each step puts [`WritePlan::payload`]
 /// on its range: the host's bytes, or zeros (a `Direct` step then zeroes
 /// the range on its devices, a `Merge` overlays zeros instead of host bytes).
+/// Per-request lists, inline up to a few tracks: a host write plans and
+/// runs without touching the allocator (a request of more tracks than
+/// that spills to the heap).
+pub type PlanVec<T> = smallvec::SmallVec<[T; 4]>;
+
 #[derive(Debug)]
 pub struct WritePlan {
     pub payload: Payload,
-    pub steps: Vec<WriteStep>,
+    pub steps: PlanVec<WriteStep>,
     /// Bits this write set (changed since split, write intent, ...) must be
     /// durable before any data reaches a device: wait for this commit.
     pub commit_before_issue: Option<CommitSeq>,
-    pub(crate) holds: Vec<(Track, Hold)>,
+    pub(crate) holds: PlanVec<(Track, Hold)>,
     /// Pending tracks this write makes restored once its data is on primary.
-    pub(crate) restores: Vec<Track>,
+    pub(crate) restores: PlanVec<Track>,
     /// Tracks written to both devices (their secondary copy is meant to
     /// stay identical).
-    pub(crate) mirrors: Vec<Track>,
+    pub(crate) mirrors: PlanVec<Track>,
 }
 
 impl WritePlan {

@@ -7,7 +7,7 @@ use crate::backend::buf::AlignedBuf;
 use crate::backend::Backend;
 use crate::core::{CopyJob, Dev, TransitionError, Volume};
 use crate::edge::config::RestoreConfig;
-use crate::exec::host::{admit, wait_commit};
+use crate::exec::host::{admit, wait_commit, wait_on};
 use crate::exec::load::HostLoad;
 use std::future::Future;
 use std::io;
@@ -432,10 +432,11 @@ pub async fn transition<B: Backend, R>(
     change: impl FnOnce(&Volume) -> Result<R, TransitionError>,
 ) -> io::Result<Result<R, TransitionError>> {
     while !vol.close_gate() {
-        b.pause().await;
+        wait_on(b, vol.progress_wakes(), || !vol.gate_closed()).await;
     }
+    // The last admitted request to end wakes us (see `Ticket`'s drop).
     while !vol.is_drained() {
-        b.pause().await;
+        wait_on(b, vol.progress_wakes(), || vol.is_drained()).await;
     }
     let result = change(vol);
     make_durable(vol, b).await;

@@ -6,20 +6,55 @@
 //! other requests of its executor.
 
 use crate::backend::Backend;
+use crate::core::wake::WakeList;
 use crate::core::{
     CommitSeq, Dev, Payload, ReadSeg, RepairLock, Ticket, Volume, Wait, WriteOutcome, WritePlan,
     WriteStep,
 };
 use std::io;
+use std::task::{Poll, Waker};
 
 /// Admits a request, waiting out any state change.
 pub async fn admit<'v, B: Backend>(vol: &'v Volume, b: &B) -> crate::core::Ticket<'v> {
     loop {
         match vol.enter() {
             Ok(t) => return t,
-            Err(_) => b.pause().await,
+            Err(_) => wait_on(b, vol.progress_wakes(), || !vol.gate_closed()).await,
         }
     }
+}
+
+/// Waits until `ready()` holds, without a timer: the core wakes `list`
+/// after a change of what `ready` looks at. The waker is registered before
+/// `ready` is looked at again, so a change between the caller's last look
+/// and the registration is not missed.
+///
+/// Only `ready` ends the wait, never a wake-up alone: waiters on one queue
+/// woken by each other's unrelated lock releases would otherwise retry
+/// and wake each other again without end, and the queue would never go
+/// back to its ring for the completion they all wait for.
+pub async fn wait_on<B: Backend>(b: &B, list: &WakeList, mut ready: impl FnMut() -> bool) {
+    if ready() {
+        return;
+    }
+    let mut registered: Option<(Waker, Waker)> = None;
+    std::future::poll_fn(|cx| {
+        let waker = match &registered {
+            Some((polled, wrapped)) if polled.will_wake(cx.waker()) => wrapped,
+            _ => {
+                &registered
+                    .insert((cx.waker().clone(), b.waker(cx.waker())))
+                    .1
+            }
+        };
+        list.register(waker);
+        if ready() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 /// Waits until commit `seq` is durable.
@@ -33,9 +68,25 @@ pub async fn wait_commit<B: Backend>(vol: &Volume, b: &B, seq: CommitSeq) -> io:
             return Err(io::Error::other("metadata commit failed"));
         }
         b.request_commit();
-        b.pause().await;
+        // Woken by the commit's end, or by the committer when it fails.
+        wait_on(b, vol.commit_wakes(), || {
+            vol.is_durable(seq) || b.commit_failed()
+        })
+        .await;
     }
     Ok(())
+}
+
+/// Waits until the holders of track `t` changed (one left) or it is free.
+/// Only `t` itself counts: retries caused by other tracks' releases could
+/// wake two waiters of crossing multi-track writes alternately forever.
+async fn wait_track<B: Backend>(vol: &Volume, b: &B, t: crate::core::Track) {
+    let seen = vol.track_holders(t);
+    wait_on(b, vol.progress_wakes(), || {
+        let now = vol.track_holders(t);
+        now == 0 || now != seen
+    })
+    .await
 }
 
 /// Host read of `buf.len()` bytes at `offset`.
@@ -82,7 +133,7 @@ async fn read_repair<B: Backend>(
         loop {
             match vol.lock_for_repair(ticket, span.track) {
                 RepairLock::NotIdentical => return Err(error),
-                RepairLock::Busy => b.pause().await,
+                RepairLock::Busy => wait_track(vol, b, span.track).await,
                 RepairLock::Locked => break,
             }
         }
@@ -164,9 +215,14 @@ async fn run_write<B: Backend>(
         let ticket = admit(vol, b).await;
         let plan = match plan_it(&ticket) {
             Ok(plan) => plan,
-            Err(Wait::Track(_)) | Err(Wait::Transition) => {
+            Err(Wait::Track(t)) => {
                 drop(ticket);
-                b.pause().await;
+                wait_track(vol, b, t).await;
+                continue;
+            }
+            Err(Wait::Transition) => {
+                drop(ticket);
+                wait_on(b, vol.progress_wakes(), || !vol.gate_closed()).await;
                 continue;
             }
         };

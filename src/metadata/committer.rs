@@ -1,5 +1,6 @@
 //! The committer thread: group commits on request, and every `interval`
-//! lazy write-intent clearing followed by a commit if anything changed.
+//! an aging pass of write intent followed by a commit if it cleared
+//! anything.
 
 use super::device::MetaDevice;
 use super::store::MetadataStore;
@@ -146,8 +147,9 @@ fn run<D: MetaDevice>(
     interval: Duration,
     shared: &Shared,
 ) -> io::Result<()> {
+    let mut next_aging = Instant::now() + interval;
     loop {
-        let wake = wait(shared, vol, interval);
+        let wake = wait(shared, vol, next_aging);
         let rebind = shared.ctl().rebind.take();
         if let Some((id, size)) = rebind {
             let r = store
@@ -157,7 +159,10 @@ fn run<D: MetaDevice>(
             shared.rebound.notify_all();
         }
         if wake.timed_out {
-            vol.clear_idle_intents();
+            // Every interval, requests or not: write intent ages by passes,
+            // not by a quiet second (which steady writes never give).
+            vol.age_intents(INTENT_AGE_PASSES);
+            next_aging = Instant::now() + interval;
         }
         let requested = shared.ctl().want > vol.commits_done();
         let failing = shared.failed().is_some();
@@ -169,6 +174,10 @@ fn run<D: MetaDevice>(
                 r = commit_once(&mut store, vol, &mut flush_data);
             }
             record(shared, &r);
+            if r.is_err() {
+                // Writes waiting for this commit must fail, not sleep on.
+                vol.commit_wakes().wake_all();
+            }
             r
         } else {
             Ok(())
@@ -235,11 +244,14 @@ pub fn flush_data_devices(
     Ok(())
 }
 
-/// Sleeps until a new commit is wanted, a stop, or `interval` passes.
-/// While commits fail, requests do not wake it: it retries once per
-/// interval instead of spinning on a broken device.
-fn wait(shared: &Shared, vol: &Volume, interval: Duration) -> Wake {
-    let deadline = Instant::now() + interval;
+/// Aging passes (one per commit interval) an intent region must go
+/// without a write before its idle bits are cleared: 3 to 4 intervals.
+pub const INTENT_AGE_PASSES: u8 = 3;
+
+/// Sleeps until a new commit is wanted, a stop, or `deadline` (the next
+/// aging pass). While commits fail, requests do not wake it: it retries
+/// once per interval instead of spinning on a broken device.
+fn wait(shared: &Shared, vol: &Volume, deadline: Instant) -> Wake {
     let mut ctl = shared.ctl();
     loop {
         let requested = ctl.want > vol.commits_done() && shared.failed().is_none();

@@ -2,9 +2,10 @@
 //! kernel until a request arrives, and the handling of one request
 //! through the host path.
 
-use super::ring::{RingBackend, MERGE_BUFS_KEPT};
+use super::ring::{watch_kicks, RingBackend, MERGE_BUFS_KEPT};
 use super::QueueCtx;
 use crate::backend::buf::BufCache;
+use crate::backend::kick::Kick;
 use crate::core::{Volume, VolumeState};
 use crate::edge::metrics::HostOp;
 use crate::exec::host;
@@ -23,6 +24,13 @@ pub(super) fn queue_thread(qid: u16, dev: &UblkDev, ctx: QueueCtx) {
         }
     };
     let exe = Rc::new(smol::LocalExecutor::new());
+    let kick = match Kick::new() {
+        Ok(k) => k,
+        Err(e) => {
+            log::error!("ublk queue {qid}: creating its wake-up eventfd: {e}");
+            return;
+        }
+    };
     let backend = Rc::new(RingBackend {
         fds: ctx.fds,
         commit: ctx.commit.clone(),
@@ -30,7 +38,10 @@ pub(super) fn queue_thread(qid: u16, dev: &UblkDev, ctx: QueueCtx) {
         metrics: ctx.metrics.clone(),
         degraded_logged: std::cell::Cell::new(false),
         merge_bufs: BufCache::new(ctx.vol.geometry().track_size() as usize, MERGE_BUFS_KEPT),
+        kick: kick.clone(),
     });
+    // Not among `tasks`: the queue is done when its tags are.
+    let _kicks = exe.spawn(watch_kicks(kick));
     let mut tasks = Vec::new();
     for tag in q.tags() {
         let q = q.clone();

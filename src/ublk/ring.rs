@@ -2,6 +2,7 @@
 //! onto the queue's own io_uring as SQEs, awaited by the tag's task.
 
 use crate::backend::buf::{AlignedBuf, BufCache};
+use crate::backend::kick::Kick;
 use crate::backend::transfer::Transfer;
 use crate::backend::{Backend, DevFds};
 use crate::core::Dev;
@@ -25,6 +26,9 @@ pub(super) struct RingBackend {
     pub(super) degraded_logged: std::cell::Cell<bool>,
     /// Track buffers for merges, reused.
     pub(super) merge_bufs: Arc<BufCache>,
+    /// Wakes this queue's thread out of its ring when a waiting request is
+    /// woken from another thread (see [`watch_kicks`]).
+    pub(super) kick: Arc<Kick>,
 }
 
 /// Track buffers a queue keeps for merges (more in flight are allocated).
@@ -45,6 +49,20 @@ async fn submit(sqe: io_uring::squeue::Entry) -> io::Result<i32> {
         Err(io::Error::from_raw_os_error(-res))
     } else {
         Ok(res)
+    }
+}
+
+/// The queue's kick task: keeps a poll of the kick eventfd in the queue's
+/// ring, so a kick from another thread ends the ring's wait and the queue
+/// runs the tasks that were woken. It never ends; the queue drops it.
+pub(super) async fn watch_kicks(kick: Arc<Kick>) {
+    loop {
+        let sqe = opcode::PollAdd::new(types::Fd(kick.fd()), libc::POLLIN as u32).build();
+        if submit(sqe).await.is_err() {
+            // The ring is going down (or cannot poll): nothing to watch.
+            return;
+        }
+        kick.drain();
     }
 }
 
@@ -100,6 +118,10 @@ impl Backend for RingBackend {
 
     fn request_commit(&self) {
         self.commit.request();
+    }
+
+    fn waker(&self, w: &std::task::Waker) -> std::task::Waker {
+        self.kick.waker(w)
     }
 
     fn buffer(&self, len: usize) -> AlignedBuf {

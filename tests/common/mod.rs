@@ -371,7 +371,14 @@ async fn commit_task(
 ) {
     loop {
         if clear_idle_intents && rng.borrow_mut().u32(0..16) == 0 {
-            vol.clear_idle_intents();
+            // Both ways intent is cleared: all idle tracks at once, and
+            // the committer's aging by passes.
+            let age = rng.borrow_mut().u8(0..4);
+            if age == 3 {
+                vol.clear_idle_intents();
+            } else {
+                vol.age_intents(age);
+            }
         }
         if (b.take_commit_request() || vol.needs_commit()) && !b.commits_fail.get() {
             let batch = store.begin_commit(&vol);

@@ -133,6 +133,21 @@ impl TrackTable {
 
     fn change(&self, t: Track, value: bool) -> bool {
         let (c, w, m) = locate(t);
+        self.change_mask(c, w, m, value)
+    }
+
+    /// Sets the bits of every track in `t`'s word (64 tracks: a write
+    /// intent region); returns whether any changed. One mark, one commit
+    /// word, as for a single bit.
+    pub fn set_word(&self, t: Track) -> bool {
+        let (c, w, _) = locate(t);
+        let first = t - t % 64;
+        let n = (self.tracks - first).min(64);
+        let mask = if n == 64 { !0 } else { (1u64 << n) - 1 };
+        self.change_mask(c, w, mask, true)
+    }
+
+    fn change_mask(&self, c: usize, w: usize, m: u64, value: bool) -> bool {
         loop {
             {
                 let chunk = self.read(c);
@@ -140,7 +155,8 @@ impl TrackTable {
                     Bits::Ones if value => return false,
                     Bits::Zeros if !value => return false,
                     Bits::Page(p) => {
-                        if (p.words[w].load(SeqCst) & m != 0) == value {
+                        let now = p.words[w].load(SeqCst) & m;
+                        if (value && now == m) || (!value && now == 0) {
                             return false;
                         }
                         // Dirty, mark, then bit, under the shared lock:
@@ -157,7 +173,7 @@ impl TrackTable {
                         };
                         // Two writers racing for one bit both mark it; the
                         // loser's mark only costs the next commit a word.
-                        return (old & m != 0) != value;
+                        return if value { old & m != m } else { old & m != 0 };
                     }
                     _ => {}
                 }

@@ -46,6 +46,7 @@ impl Volume {
                     });
                 } else {
                     self.locks.release_exclusive(t);
+                    self.wake_progress();
                 }
             }
         };
@@ -113,14 +114,51 @@ impl Volume {
     /// Clears write-intent bits of tracks with no write in flight; returns
     /// how many. Safe at any time: a writer sets its intent bit only while
     /// holding its track, and we clear only while holding it exclusive.
+    /// Clears every idle track at once; the committer ages them instead
+    /// ([`Self::age_intents`]).
     pub fn clear_idle_intents(&self) -> u64 {
+        self.clear_intents_where(|_, _| true)
+    }
+
+    /// One aging pass of write intent (the committer runs one per commit
+    /// interval, as md's bitmap daemon does): a region written since the
+    /// last pass starts over; the idle tracks of a region that has gone
+    /// more than `idle_passes` passes without a write are cleared (as
+    /// [`Self::clear_idle_intents`]). So steady writes to a working set
+    /// keep their bits set and durable and need no commit at all, while a
+    /// region left alone is cleared a few intervals later and a crash does
+    /// not resync it. Returns the bits cleared.
+    pub fn age_intents(&self, idle_passes: u8) -> u64 {
+        let mut ages = self.intent_age.lock().unwrap_or_else(|e| e.into_inner());
+        if ages.is_empty() {
+            ages.resize(self.geometry.tracks().div_ceil(64) as usize, 0);
+        }
+        let mut seen = None;
+        let mut old = false;
+        self.clear_intents_where(|t, _| {
+            let region = t / 64;
+            if seen != Some(region) {
+                seen = Some(region);
+                let age = &mut ages[region as usize];
+                *age = if self.intent_recent.clear(region) {
+                    0
+                } else {
+                    age.saturating_add(1)
+                };
+                old = *age > idle_passes;
+            }
+            old
+        })
+    }
+
+    fn clear_intents_where(&self, mut idle_enough: impl FnMut(Track, &Self) -> bool) -> u64 {
         if !self.state().mirrors() {
             return 0;
         }
         let mut n = 0;
         let set: Vec<Track> = self.tables.intent.iter_set().collect();
         for t in set {
-            if self.locks.try_exclusive(t) {
+            if idle_enough(t, self) && self.locks.try_exclusive(t) {
                 // The writes under this bit completed but may sit in a
                 // volatile cache: both devices are flushed before the clear
                 // is committed, or a crash could leave them differing
@@ -128,6 +166,7 @@ impl Volume {
                 self.need_flush(DevSet::BOTH);
                 n += self.tables.intent.clear(t) as u64;
                 self.locks.release_exclusive(t);
+                self.wake_progress();
             }
         }
         n

@@ -16,12 +16,17 @@ pub(super) struct Gate {
 
 /// Proof that a request (or a copy batch) was admitted; dropping it ends it.
 pub struct Ticket<'a> {
-    gate: &'a Gate,
+    vol: &'a Volume,
 }
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        self.gate.inflight.fetch_sub(1, SeqCst);
+        let gate = &self.vol.gate;
+        gate.inflight.fetch_sub(1, SeqCst);
+        // A state change may be waiting for the last request to end.
+        if gate.closed.load(SeqCst) {
+            self.vol.wake_progress();
+        }
     }
 }
 
@@ -42,7 +47,7 @@ impl Volume {
             self.gate.inflight.fetch_sub(1, SeqCst);
             return Err(Wait::Transition);
         }
-        Ok(Ticket { gate: &self.gate })
+        Ok(Ticket { vol: self })
     }
 
     /// Starts a state change: no new request is admitted. Returns false if
@@ -57,6 +62,11 @@ impl Volume {
     /// Whether every admitted request has finished (the gate must be closed).
     pub fn is_drained(&self) -> bool {
         self.gate.inflight.load(SeqCst) == 0
+    }
+
+    /// Whether a state change holds the gate (requests wait to enter).
+    pub fn gate_closed(&self) -> bool {
+        self.gate.closed.load(SeqCst)
     }
 
     pub fn open_gate(&self) {

@@ -30,6 +30,7 @@ use super::locks::TrackLocks;
 use super::plan::*;
 use super::state::{Operation, OperationKind, VolumeState};
 use super::table::TrackTable;
+use super::wake::WakeList;
 use gate::Gate;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
 use std::sync::{Mutex, MutexGuard};
@@ -115,6 +116,15 @@ pub struct Volume {
     /// Bumped whenever a lock is released or the state changes, so waiters
     /// know when to look again.
     progress: AtomicU64,
+    /// Write intent regions (words of 64 tracks) mirror-written since the
+    /// last aging pass (see `Volume::age_intents`); in memory only.
+    intent_recent: AtomicBitmap,
+    /// Aging passes each intent region has gone without a write; only the
+    /// aging pass touches it (allocated at its first run).
+    intent_age: Mutex<Vec<u8>>,
+    /// Requests waiting for a track lock or a state change (the gate, a
+    /// drain): woken by lock releases, ended requests and state changes.
+    progress_wakes: WakeList,
 }
 
 impl Volume {
@@ -138,6 +148,9 @@ impl Volume {
             read_repairs: AtomicU64::new(0),
             gate: Gate::default(),
             progress: AtomicU64::new(0),
+            intent_recent: AtomicBitmap::new(tracks.div_ceil(64)),
+            intent_age: Mutex::new(Vec::new()),
+            progress_wakes: WakeList::default(),
         }
     }
 
@@ -236,6 +249,36 @@ impl Volume {
 
     fn bump(&self) {
         self.progress.fetch_add(1, SeqCst);
+        self.progress_wakes.wake_all();
+    }
+
+    /// Wakes requests waiting for a track or a state change (after a lock
+    /// release that needs no `progress` bump: costs one shared read when
+    /// nobody waits).
+    fn wake_progress(&self) {
+        self.progress_wakes.wake_all();
+    }
+
+    /// Waiters for track locks and state changes.
+    pub fn progress_wakes(&self) -> &WakeList {
+        &self.progress_wakes
+    }
+
+    /// Waiters for metadata commits: woken when a commit is durable, and
+    /// by the committer when one fails.
+    pub fn commit_wakes(&self) -> &WakeList {
+        self.clock.wakes()
+    }
+
+    /// Whether track `t` is held by nobody now (a waiter for it looks).
+    pub fn track_free(&self, t: super::geometry::Track) -> bool {
+        self.locks.is_free(t)
+    }
+
+    /// Who holds track `t` (0: nobody): a request waiting for `t` tries
+    /// again once this changed (a holder left) or `t` is free.
+    pub fn track_holders(&self, t: super::geometry::Track) -> u32 {
+        self.locks.holders(t)
     }
 
     // ---- Accessors for the executors, the store, the edges and tests ----

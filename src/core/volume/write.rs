@@ -46,13 +46,16 @@ impl Volume {
         payload: Payload,
     ) -> Result<WritePlan, Wait> {
         let state = self.state();
-        let spans: Vec<TrackSpan> = self.geometry.spans(offset, len).collect();
-        let actions: Vec<Action> = spans.iter().map(|s| self.action_for(state, s)).collect();
+        let spans: PlanVec<TrackSpan> = self.geometry.spans(offset, len).collect();
+        let actions: PlanVec<Action> = spans.iter().map(|s| self.action_for(state, s)).collect();
         let holds = self.lock_tracks(&spans, &actions)?;
         // Decisions were taken before the locks; a copy or merge may have
         // restored a track since. Under the locks they are stable.
-        let recheck: Vec<Action> = spans.iter().map(|s| self.action_for(state, s)).collect();
-        if recheck != actions {
+        let changed = spans
+            .iter()
+            .zip(&actions)
+            .any(|(s, a)| self.action_for(state, s) != *a);
+        if changed {
             self.release(&holds);
             return self.plan(_t, offset, len, payload);
         }
@@ -88,8 +91,8 @@ impl Volume {
         &self,
         spans: &[TrackSpan],
         actions: &[Action],
-    ) -> Result<Vec<(Track, Hold)>, Wait> {
-        let mut holds = Vec::with_capacity(spans.len());
+    ) -> Result<PlanVec<(Track, Hold)>, Wait> {
+        let mut holds = PlanVec::with_capacity(spans.len());
         for (span, action) in spans.iter().zip(actions) {
             let hold = if *action == Action::Merge {
                 Hold::Exclusive
@@ -118,6 +121,8 @@ impl Volume {
         }
         if holds.iter().any(|h| h.1 == Hold::Exclusive) {
             self.bump();
+        } else if !holds.is_empty() {
+            self.wake_progress();
         }
     }
 
@@ -125,21 +130,21 @@ impl Volume {
         &self,
         spans: &[TrackSpan],
         actions: &[Action],
-        holds: Vec<(Track, Hold)>,
+        holds: PlanVec<(Track, Hold)>,
         payload: Payload,
     ) -> WritePlan {
         let mut plan = WritePlan {
             payload,
-            steps: Vec::new(),
+            steps: PlanVec::new(),
             commit_before_issue: None,
             holds,
-            restores: Vec::new(),
-            mirrors: Vec::new(),
+            restores: PlanVec::new(),
+            mirrors: PlanVec::new(),
         };
         for (span, action) in spans.iter().zip(actions) {
             let t = span.track;
             let need = match action {
-                Action::Mirror => self.mark(&self.tables.intent, t),
+                Action::Mirror => self.mark_intent(t),
                 Action::PrimaryStale => self.clock.needed_for(&self.tables.stale, t),
                 Action::PrimaryChanged => later(
                     self.mark(&self.tables.changed, t),
@@ -161,13 +166,30 @@ impl Volume {
         plan
     }
 
+    /// Sets the write intent of `t`'s region and notes the region as
+    /// written for the aging pass. A region (64 tracks, one word of the
+    /// table) is marked whole: its durability is tracked per word anyway,
+    /// and the next write anywhere in it then finds its bit set and durable
+    /// and needs no commit. A crash resyncs the region whole.
+    fn mark_intent(&self, t: Track) -> Option<CommitSeq> {
+        let region = t / 64;
+        // Read first: a warm region costs no write to a shared line.
+        if !self.intent_recent.get(region) {
+            self.intent_recent.set(region);
+        }
+        if !self.tables.intent.get(t) {
+            self.tables.intent.set_word(t);
+        }
+        self.clock.needed_for(&self.tables.intent, t)
+    }
+
     /// Sets a bit that must be durable before data is written under it.
     fn mark(&self, table: &TrackTable, t: Track) -> Option<CommitSeq> {
         table.set(t);
         self.clock.needed_for(table, t)
     }
 
-    fn push_step(&self, steps: &mut Vec<WriteStep>, span: &TrackSpan, action: Action) {
+    fn push_step(&self, steps: &mut PlanVec<WriteStep>, span: &TrackSpan, action: Action) {
         let devs = match action {
             Action::Mirror => DevSet::BOTH,
             Action::Merge => {

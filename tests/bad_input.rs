@@ -654,7 +654,10 @@ fn run_with_the_secondary_missing() {
         panic!("this host has /dev/ublk-control: the missing-secondary start is tested only where ublk_drv is absent (the VM tier runs it for real)");
     }
     let f = Fixture::formatted();
-    std::fs::remove_file(f.path("secondary.img")).unwrap();
+    // Moved away, not removed: the file keeps its inode, so the other disk
+    // created at the path below cannot reuse it (a file's identity is its
+    // device and inode).
+    std::fs::rename(f.path("secondary.img"), f.path("secondary.old")).unwrap();
     let c = f.config();
     let c = c.to_str().unwrap();
     let err = f.refuses(&["run", "-c", c], 2);

@@ -726,21 +726,24 @@ fn a_missing_secondary_runs_degraded_and_its_return_copies_only_the_changes() {
 /// `secondary_replaced`.
 #[test]
 fn a_missing_secondary_is_out_of_every_flush_and_a_replaced_one_copies_all() {
-    let (mut h, _) = established(22);
+    // Enough tracks for several write-intent regions (64 tracks each).
+    const BIG: u64 = 256;
+    let mut h = Harness::new(22, TRACK * BIG, TRACK, VolumeState::Established);
+    h.preload(&pattern(22, (TRACK * BIG) as usize));
     h.write(TRACK, &[1u8; 4096]).unwrap();
     assert_eq!(h.vol.secondary_missing(), Ok(VolumeState::Established));
-    h.write(3 * TRACK, &[3u8; 4096]).unwrap();
+    h.write(200 * TRACK, &[3u8; 4096]).unwrap();
     h.disks.fail_secondary_flushes.set(true);
     h.flush();
     h.steps(50);
     assert_eq!(h.vol.state(), VolumeState::Degraded);
-    // Not every track: the mirrored write still under write intent (1) and
-    // the degraded one (3).
+    // Not every track: the intent region of the mirrored write (tracks
+    // 0..64, folded into "changed") and the degraded write (200).
     let changed = h.vol.table(TableId::Changed);
-    assert_eq!(changed.count(), 2, "not every track");
-    assert!(changed.get(1) && changed.get(3));
+    assert_eq!(changed.count(), 65, "not every track");
+    assert!(changed.get(1) && changed.get(200) && !changed.get(64));
     assert!(h.vol.secondary_replaced());
-    assert_eq!(h.vol.table(TableId::Changed).count(), TRACKS);
+    assert_eq!(h.vol.table(TableId::Changed).count(), BIG);
     h.disks.fail_secondary_flushes.set(false);
     h.command(Command::Establish { full: false }).unwrap();
     h.settle();

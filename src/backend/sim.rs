@@ -42,6 +42,8 @@ pub struct SimDisks {
     pub fail_secondary_flushes: Cell<bool>,
     /// Every completed write: (device, offset, length).
     pub write_log: RefCell<Vec<(Dev, u64, u64)>>,
+    /// Every completed flush, by device (engine, host and commit flushes).
+    pub flush_log: RefCell<Vec<Dev>>,
     /// Crash tests: volatile write caches and the power they depend on.
     pub volatile: Option<Volatile>,
 }
@@ -84,6 +86,7 @@ impl SimDisks {
             fail_primary_flushes: Cell::new(false),
             fail_secondary_flushes: Cell::new(false),
             write_log: RefCell::new(Vec::new()),
+            flush_log: RefCell::new(Vec::new()),
             volatile,
         }
     }
@@ -102,6 +105,7 @@ impl SimDisks {
                 v.power.tick()?;
                 v.caches[dev.index()].flush();
             }
+            self.flush_log.borrow_mut().push(dev);
         }
         Ok(())
     }

@@ -488,6 +488,19 @@ fn status_rows(st: &Status) -> Vec<(&'static str, String)> {
                     ),
                 ));
             }
+            if !op.priority.is_empty() {
+                rows.push((
+                    "Priority",
+                    format!(
+                        "{} ({} tracks in flight now)",
+                        match op.priority.as_str() {
+                            "balanced" => "balanced".to_string(),
+                            p => format!("{p} first"),
+                        },
+                        op.copy_depth
+                    ),
+                ));
+            }
             rows.push(("Rate", human_rate(op.bytes_per_sec)));
             rows.push(("ETA", op.eta_secs.map_or("-".into(), human_secs)));
         }
@@ -935,6 +948,8 @@ mod tests {
                 bytes_per_sec: 410 << 20,
                 eta_secs: Some(10.2),
                 paused: false,
+                priority: "host".into(),
+                copy_depth: 8,
             }),
             errors: vec![],
             read_repairs: 0,

@@ -155,7 +155,7 @@ pub async fn write<B: Backend>(
                 return Err(e);
             }
         }
-        let (outcome, primary_error) = run_steps(b, &plan, buf, fua).await;
+        let (outcome, primary_error) = run_steps(vol, b, &plan, buf, fua).await;
         let done = vol.finish_write(plan, outcome);
         if let Some(seq) = done.ack_after {
             wait_commit(vol, b, seq).await?;
@@ -173,6 +173,7 @@ pub async fn write<B: Backend>(
 
 /// Runs a write's data I/O; returns what failed and the primary's error.
 async fn run_steps<B: Backend>(
+    vol: &Volume,
     b: &B,
     plan: &WritePlan,
     buf: &[u8],
@@ -217,7 +218,7 @@ async fn run_steps<B: Backend>(
                 ..
             } => {
                 let host = &buf[buf_offset as usize..(buf_offset + len) as usize];
-                if let Err(e) = merge(b, track_offset, track_len, offset, host, fua).await {
+                if let Err(e) = merge(vol, b, track_offset, track_len, offset, host).await {
                     out.primary_failed = true;
                     primary_error = Some(e);
                 }
@@ -231,20 +232,26 @@ async fn run_steps<B: Backend>(
 }
 
 /// Claim 6: the secondary's track combined with the host's bytes lands on
-/// the primary as one whole track.
+/// the primary as one whole track, always with FUA: the track is then
+/// durable on its own, and the commit that records it restored (which the
+/// host's acknowledgement waits for) is one metadata write, not a flush of
+/// the whole primary with whatever the copy left in its cache
+/// (`Volume::finish_write`). While it runs the copy engine starts no new
+/// copies, so its two I/Os do not queue behind them.
 async fn merge<B: Backend>(
+    vol: &Volume,
     b: &B,
     track_offset: u64,
     track_len: u64,
     offset: u64,
     host: &[u8],
-    fua: bool,
 ) -> io::Result<()> {
+    let _ahead = vol.merge_guard();
     let mut track = b.buffer(track_len as usize);
     b.read(Dev::Secondary, track_offset, &mut track).await?;
     let at = (offset - track_offset) as usize;
     track[at..at + host.len()].copy_from_slice(host);
-    b.write(Dev::Primary, track_offset, &track, fua).await
+    b.write(Dev::Primary, track_offset, &track, true).await
 }
 
 /// Host flush: every device that holds acknowledged data. Its result is

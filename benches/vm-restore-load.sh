@@ -40,7 +40,7 @@ for j in "${JOB_LIST[@]}"; do
 done
 NJOBS=${#JOB_LIST[@]}
 # per job: fio + ramp + start-up; per restore: up to a full 8 GiB copy
-TMO=$(( ROUNDS * NJOBS * (2 * RUNTIME + 240) + NJOBS * (RUNTIME + 30) + 600 ))
+TMO=$(( ROUNDS * NJOBS * (2 * RUNTIME + 240) + NJOBS * (RUNTIME + 30) + 1800 ))
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/vm-rl.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -71,12 +71,12 @@ function val(k,    i, kv) { for (i = 2; i <= NF; i++) { split($i, kv, "="); if (
   if (kind == "restore-idle") { idle_rate[r] = val("rate"); next }
   k = kind SUBSEP j SUBSEP r
   iops[k] = val("iops"); p50[k] = val("p50"); p99[k] = val("p99"); p999[k] = val("p999")
-  rate[k] = val("rate"); st[k] = val("state_end")
+  rate[k] = val("rate"); st[k] = val("state_end"); dp[k] = val("depth_end")
   if (!(j in seen)) { seen[j] = 1; order[++nj] = j }
   if (r > rounds) rounds = r
 }
 END {
-  printf "%-15s %-5s %-10s %8s %8s %8s %8s | %6s %6s %7s %s\n", "job", "round", "kind", "IOPS", "p50", "p99", "p99.9", "IOPS×", "p99×", "rate×", "state at end"
+  printf "%-15s %-5s %-10s %8s %8s %8s %8s | %6s %6s %7s %s\n", "job", "round", "kind", "IOPS", "p50", "p99", "p99.9", "IOPS×", "p99×", "rate×", "state, copy depth at end"
   for (a = 1; a <= nj; a++) for (r = 1; r <= rounds; r++) {
     j = order[a]; i = "idle" SUBSEP j SUBSEP r
     for (b = 1; b <= 3; b++) {
@@ -89,7 +89,7 @@ END {
       rr = "-"
       if (kind == "restoring" && idle_rate[r] > 0) rr = sprintf("%.2f", rate[k] / idle_rate[r])
       if (kind == "dmclone") rr = sprintf("%.0fMiB/s", rate[k] / 1048576)
-      printf "%-15s %-5s %-10s %8d %8d %8d %8d | %6s %6s %7s %s\n", j, r, kind, iops[k], p50[k], p99[k], p999[k], ri, rp, rr, st[k]
+      printf "%-15s %-5s %-10s %8d %8d %8d %8d | %6s %6s %7s %s %s\n", j, r, kind, iops[k], p50[k], p99[k], p999[k], ri, rp, rr, st[k], dp[k]
     }
   }
   for (r = 1; r <= rounds; r++) printf "restore idle rate, round %d: %.0f MiB/s\n", r, idle_rate[r] / 1048576

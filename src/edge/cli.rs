@@ -978,6 +978,10 @@ mod tests {
             text.contains("restore (full) 45.2% (3700/8192 tracks)"),
             "{text}"
         );
+        assert!(
+            text.contains("Priority : host first (8 tracks in flight now)"),
+            "{text}"
+        );
         assert!(busy(&st));
     }
 

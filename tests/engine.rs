@@ -431,3 +431,41 @@ fn under_host_load_each_priority_still_finishes() {
         assert!(*disks.primary.borrow() == *disks.secondary.borrow());
     }
 }
+
+#[test]
+fn copies_are_recorded_only_after_their_destination_flushed() {
+    // Establish: every track stale, copied primary → secondary, whose
+    // FLUSH fails. No copy may be recorded done (its data may be lost in
+    // the secondary's cache); the secondary is split off instead.
+    let mut h = Harness::without_engine(31, TRACK * TRACKS, TRACK, VolumeState::Syncing);
+    let vol = h.vol.clone();
+    vol.table(TableId::Stale).fill();
+    h.disks.fail_secondary_flushes.set(true);
+    let r = run(&mut h, cfg(OnError::Pause));
+    assert_eq!(r.tracks, 0, "nothing recorded copied: {r:?}");
+    assert!(
+        r.errors
+            .iter()
+            .any(|e| e.degraded && e.message.contains("flushing the secondary")),
+        "{:?}",
+        r.errors
+    );
+    assert_eq!(vol.state(), VolumeState::Degraded);
+    // Copied data flushed, then recorded: with healthy disks every track
+    // is flushed before it is finished.
+    let mut h = split_volume(37, &[]);
+    let (vol, disks) = (h.vol.clone(), h.disks.clone());
+    apply(
+        &vol,
+        Command::Restore {
+            incremental: false,
+            protect: true,
+        },
+    );
+    let r = run(&mut h, cfg(OnError::Pause));
+    assert_eq!(r.tracks, TRACKS);
+    assert!(
+        disks.flush_log.borrow().contains(&Dev::Primary),
+        "the engine flushed the restored primary"
+    );
+}

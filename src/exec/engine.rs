@@ -162,11 +162,12 @@ impl<'v> FlushGroup<'v> {
             }
             Err(e) => {
                 // Not durable: the tracks stay to be copied again. A
-                // secondary that cannot flush is split off, as for a
-                // failed write; the primary pauses the copy.
+                // secondary that cannot flush is split off as after any
+                // failed secondary flush (its cache may have lost more
+                // than these copies); the primary pauses the copy.
                 let degraded = self.destination() == Some(Dev::Secondary);
                 if degraded {
-                    vol.degrade();
+                    crate::exec::host::secondary_flush_failed(vol, &e);
                 }
                 for job in &self.copied {
                     vol.finish_copy(*job, false);

@@ -71,12 +71,12 @@ function val(k,    i, kv) { for (i = 2; i <= NF; i++) { split($i, kv, "="); if (
   if (kind == "restore-idle") { idle_rate[r] = val("rate"); next }
   k = kind SUBSEP j SUBSEP r
   iops[k] = val("iops"); p50[k] = val("p50"); p99[k] = val("p99"); p999[k] = val("p999")
-  rate[k] = val("rate"); st[k] = val("state_end"); dp[k] = val("depth_end")
+  rate[k] = val("rate"); st[k] = val("state_end"); dp[k] = val("depths")
   if (!(j in seen)) { seen[j] = 1; order[++nj] = j }
   if (r > rounds) rounds = r
 }
 END {
-  printf "%-15s %-5s %-10s %8s %8s %8s %8s | %6s %6s %7s %s\n", "job", "round", "kind", "IOPS", "p50", "p99", "p99.9", "IOPS×", "p99×", "rate×", "state, copy depth at end"
+  printf "%-15s %-5s %-10s %8s %8s %8s %8s | %6s %6s %7s %s\n", "job", "round", "kind", "IOPS", "p50", "p99", "p99.9", "IOPS×", "p99×", "rate×", "state at end; copy depth (tracks) each second"
   for (a = 1; a <= nj; a++) for (r = 1; r <= rounds; r++) {
     j = order[a]; i = "idle" SUBSEP j SUBSEP r
     for (b = 1; b <= 3; b++) {

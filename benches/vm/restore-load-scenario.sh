@@ -18,16 +18,18 @@
 # from the secondary with its defaults.
 #
 # Lines: "RL kind=idle|restoring|raw|dmclone round=R job=J iops=N p50=U
-# p99=U p999=U [rate=B/s state_end=S depth_end=TRACKS]" (latencies: fio
-# completion latency percentiles, µs; depth_end: the tracks the copy
-# engine allowed itself in flight at the job's end, `status`'s
-# operation.copy_depth) and "RL kind=restore-idle round=R rate=B/s".
+# p99=U p999=U [rate=B/s state_end=S depths=D,D,...]" (latencies: fio
+# completion latency percentiles, µs; depths: the tracks the copy engine
+# allowed itself in flight, `status`'s operation.copy_depth, sampled every
+# second during the job) and "RL kind=restore-idle round=R rate=B/s".
 . "${VMLIB:?run me through benches/vm-restore-load.sh}"
 
 : "${RL_ROUNDS:=1}" "${RL_RUNTIME:=3}" "${RL_PRIORITY:=}"
 : "${RL_JOBS:=randread-qd1 randwrite-qd1 randread-qd32 randwrite-qd32}"
 
 echo "RL-INFO kernel=$(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo) disk=$(dev_size "$PRIMARY") rounds=$RL_ROUNDS runtime=$RL_RUNTIME priority=${RL_PRIORITY:-default}"
+# the I/O scheduler decides whether the copy's I/O priority counts
+echo "RL-INFO scheduler $PRIMARY: $(cat "/sys/block/${PRIMARY#/dev/}/queue/scheduler" 2>/dev/null || echo unknown), queues: $(find "/sys/block/${PRIMARY#/dev/}/mq/" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)"
 
 # job_file NAME: a 4k fio job "randread-qd1" etc. on ${DEV}
 job_file() {
@@ -116,17 +118,27 @@ while [ $r -le "$RL_ROUNDS" ]; do
     sleep $((RL_RUNTIME + 1))
     _d1=$(done_bytes); _t1=$(now); _s=$(state)
     [ "$_s" = restoring ] || fail "an idle restore ended within $((RL_RUNTIME + 1)) s: use larger disks (SPLITMIRROR_VM_DISK_MIB)"
-    echo "RL kind=restore-idle round=$r rate=$(echo "$_d0 $_d1 $_t0 $_t1" | awk '{ printf "%d", ($2 - $1) / ($4 - $3) }')"
+    echo "RL kind=restore-idle round=$r rate=$(echo "$_d0 $_d1 $_t0 $_t1" | awk '{ printf "%d", ($2 - $1) / ($4 - $3) }') depth=$(json_get copy_depth)"
     for j in $RL_JOBS; do
         step "round $r: $j during a full restore"
         to_split
         run sm restore
         _d0=$(done_bytes); _t0=$(now)
+        # the copy engine's depth, sampled every second while fio runs
+        : >"$SCRATCH/depths"
+        ( while [ ! -e "$SCRATCH/fio.done" ]; do
+              json_get copy_depth >>"$SCRATCH/depths" 2>/dev/null
+              sleep 1
+          done ) &
+        _sampler=$!
+        rm -f "$SCRATCH/fio.done"
         _l=$(fio_line "$j" "$DEVICE")
-        _j=$(status_json); _t1=$(now)
-        _d1=$(( $(json_get "done" "$_j") * TRACK )); _s=$(json_get state "$_j")
-        _depth=$(json_get copy_depth "$_j")
-        echo "RL kind=restoring round=$r job=$j $_l rate=$(echo "$_d0 $_d1 $_t0 $_t1" | awk '{ printf "%d", ($2 - $1) / ($4 - $3) }') state_end=$_s depth_end=${_depth:-?}"
+        _d1=$(done_bytes); _t1=$(now); _s=$(state)
+        : >"$SCRATCH/fio.done"
+        wait "$_sampler"
+        rm -f "$SCRATCH/fio.done"
+        _depths=$(tr '\n' ',' <"$SCRATCH/depths" | sed 's/,$//')
+        echo "RL kind=restoring round=$r job=$j $_l rate=$(echo "$_d0 $_d1 $_t0 $_t1" | awk '{ printf "%d", ($2 - $1) / ($4 - $3) }') state_end=$_s depths=${_depths:-none}"
     done
     r=$((r + 1))
 done

@@ -265,6 +265,9 @@ pub struct RunReport {
     pub paused: bool,
 }
 
+/// Copied tracks wait at most about this long for their flush.
+const GROUP_WAIT: Duration = Duration::from_millis(20);
+
 /// A host-latency window closes after this many host requests...
 const WINDOW_REQUESTS: u64 = 64;
 /// ...or after this long, whichever comes first.
@@ -329,7 +332,8 @@ enum Done<'v> {
 /// `next_copies` orders them), as many and in I/Os as large as the
 /// [`Pacer`] allows from the host's latency (`restore.priority`), none
 /// while a host merge runs or a host request waits for a commit. Copied
-/// tracks are flushed on their destination in groups, then finished.
+/// tracks are flushed on their destination in groups (a full depth's
+/// worth, or after `GROUP_WAIT`), then finished.
 /// Honours `rate_limit` with a token bucket, requests a metadata commit
 /// every `commit_every` groups, and ends each operation with
 /// [`complete_if_done`] (restore → resync → established runs through).
@@ -348,6 +352,8 @@ pub async fn run_copies<B: Backend>(
     let mut inflight = 0usize;
     let mut flushing = false;
     let mut group = FlushGroup::default();
+    // When the oldest track of `group` was copied.
+    let mut group_since: Option<Instant> = None;
     let mut since_commit = 0usize;
     let track = vol.geometry().track_size();
     let mut pacer = Pacer::new(PaceConfig::for_priority(
@@ -388,9 +394,17 @@ pub async fn run_copies<B: Backend>(
             ));
             inflight += n;
         }
-        // Flush what was copied: when no batch runs (so nothing waits long
-        // to be finished), or once a full depth's worth is waiting.
-        if !flushing && !group.is_empty() && (inflight == 0 || group.tracks() >= cfg.max_inflight) {
+        // Flush what was copied once a full depth's worth waits, or the
+        // oldest has waited `GROUP_WAIT` (its track stays locked until
+        // then), or nothing more will be copied for now. Not after every
+        // batch: at the pacer's floor that would be a flush of the
+        // primary per track.
+        let group_due = group.tracks() >= cfg.max_inflight
+            || halt
+            || dry
+            || group_since.is_some_and(|t| t.elapsed() >= GROUP_WAIT);
+        if !flushing && !group.is_empty() && group_due {
+            group_since = None;
             let g = std::mem::take(&mut group);
             match g.destination() {
                 Some(dev) => {
@@ -451,6 +465,9 @@ pub async fn run_copies<B: Backend>(
                     report.paused = true;
                 }
                 report.errors.extend(r.errors);
+                if !r.group.is_empty() && group_since.is_none() {
+                    group_since = Some(Instant::now());
+                }
                 group.join(r.group);
             }
             Done::Flushed(g, res) => {

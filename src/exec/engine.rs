@@ -399,12 +399,15 @@ pub async fn run_copies<B: Backend>(
             ));
             inflight += n;
         }
-        // Flush what was copied once `GROUP_DEPTHS` depths' worth waits, or the
-        // oldest has waited `GROUP_WAIT` (its track stays locked until
-        // then), or nothing more will be copied for now. Not after every
-        // batch: at the pacer's floor that would be a flush of the
-        // primary per track.
+        // Flush what was copied once `GROUP_DEPTHS` depths' worth waits, or
+        // the oldest has waited `GROUP_WAIT` (its track stays locked until
+        // then), or no batch runs (the engine holds back for a host
+        // request that waits: it may wait for these very tracks), or
+        // nothing more will be copied for now. Not after every batch: at
+        // the pacer's floor that would be a flush of the primary per
+        // track.
         let group_due = group.tracks() >= GROUP_DEPTHS * cfg.max_inflight
+            || inflight == 0
             || halt
             || dry
             || group_since.is_some_and(|t| t.elapsed() >= GROUP_WAIT);

@@ -339,6 +339,8 @@ impl Fake {
             bytes_per_sec: 410 << 20,
             eta_secs: Some(3.0),
             paused: false,
+            priority: "host".into(),
+            copy_depth: 8,
         });
     }
 }

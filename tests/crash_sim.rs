@@ -712,3 +712,61 @@ fn run_seeds(flush_fault: bool) {
         &failures[..failures.len().min(20)]
     );
 }
+
+/// A merge (a partial write to a pending track during a restore) is cheap
+/// and still crash-safe: once the host has its acknowledgement (which
+/// waited for the commit recording the track restored), the merged track
+/// survives any power cut, although no flush of the primary ran for it:
+/// its track write carried FUA. Without FUA the track sits in the
+/// primary's volatile cache and some crash images lose it, while the
+/// durable metadata says restored: a resumed restore would not copy it
+/// again and the host's write (and the secondary's rest of the track)
+/// would be gone.
+#[test]
+fn an_acknowledged_merge_is_durable_without_a_flush_of_the_primary() {
+    const TRACK: u64 = 4096;
+    const SIZE: u64 = 16 * TRACK;
+    let secondary: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+    let primary = vec![0xEEu8; SIZE as usize];
+    let power = Power::new();
+    let disks = SimDisks::volatile(primary, secondary.clone(), power.clone());
+    let vol = Volume::new(Geometry::new(SIZE, TRACK).unwrap(), VolumeState::Split);
+    let meta = SimMetaDevice::new(Vec::new(), power.clone());
+    let store = MetadataStore::format_dev(meta.clone(), &common::binding(SIZE, TRACK), &vol, false)
+        .expect("format the sim metadata");
+    let opts = Options {
+        engine: None,
+        clear_idle_intents: false,
+    };
+    let mut h = Harness::start(5, vol, disks.clone(), store, meta, power, opts);
+    h.command(Command::Restore {
+        incremental: false,
+        protect: false,
+    })
+    .expect("restore");
+    assert_eq!(h.vol.state(), VolumeState::Restoring);
+    let flushes_before = disks.flush_log.borrow().len();
+    // 512 bytes into track 3: a merge.
+    let at = 3 * TRACK + 1024;
+    let host = vec![0x5Au8; 512];
+    h.write(at, &host).expect("the merge is acknowledged");
+    assert!(
+        !h.vol.table(splitmirror::core::TableId::Pending).get(3),
+        "track 3 is restored"
+    );
+    assert!(
+        !disks.flush_log.borrow()[flushes_before..].contains(&splitmirror::core::Dev::Primary),
+        "no flush of the whole primary for a merge: {:?}",
+        &disks.flush_log.borrow()[flushes_before..]
+    );
+    let mut want = secondary[(3 * TRACK) as usize..(4 * TRACK) as usize].to_vec();
+    want[1024..1024 + 512].copy_from_slice(&host);
+    let mut rng = fastrand::Rng::with_seed(17);
+    for cut in 0..64 {
+        let (p, _) = disks.crash_images(&mut rng);
+        assert!(
+            p[(3 * TRACK) as usize..(4 * TRACK) as usize] == want[..],
+            "crash image {cut}: the acknowledged merge is lost"
+        );
+    }
+}

@@ -4,8 +4,12 @@
 mod common;
 
 use common::{pattern, Harness};
+use splitmirror::backend::uring::IoPriority;
 use splitmirror::core::{Command, Dev, TableId, Volume, VolumeState};
+use splitmirror::edge::config::RestorePriority;
 use splitmirror::exec::engine::{EngineConfig, OnError, RunReport};
+use splitmirror::exec::pace::{PaceConfig, Pacer, Window};
+use std::time::Duration;
 
 const TRACK: u64 = 4096;
 const TRACKS: u64 = 64;
@@ -217,11 +221,251 @@ fn config_maps_in_one_place() {
         max_inflight: 128,
         rate_limit: 200 << 20,
         on_error: OnError::Skip,
+        priority: RestorePriority::Balanced,
     };
     let c = EngineConfig::from_restore(&r);
     assert_eq!(
-        (c.batch, c.max_inflight, c.rate_limit, c.on_error),
-        (16, 128, 200 << 20, OnError::Skip)
+        (
+            c.batch,
+            c.max_inflight,
+            c.rate_limit,
+            c.on_error,
+            c.priority
+        ),
+        (16, 128, 200 << 20, OnError::Skip, RestorePriority::Balanced)
     );
-    assert!(c.busy_inflight >= 1 && c.busy_inflight < c.max_inflight);
+    // The pacer decides the depth under load; no fixed bound below it.
+    assert_eq!(c.busy_inflight, c.max_inflight);
+    assert_eq!(c.io_priority(), IoPriority::BestEffortLowest);
+    let host = EngineConfig::default();
+    assert_eq!(
+        host.priority,
+        RestorePriority::Host,
+        "host first by default"
+    );
+    assert_eq!(host.io_priority(), IoPriority::Idle);
+    assert_eq!(IoPriority::Idle.ioprio(), 3 << 13);
+    assert_eq!(IoPriority::BestEffortLowest.ioprio(), (2 << 13) | 7);
+}
+
+// ---------------------------------------------------------------- the pacer
+
+const IDLE_P99: Duration = Duration::from_micros(300);
+
+/// A pacer of `priority` with 64 tracks in flight at most, 8 per I/O
+/// (1 MiB I/Os of 128 KiB tracks), whose idle baseline is `IDLE_P99`.
+fn pacer(priority: RestorePriority) -> Pacer {
+    let mut p = Pacer::new(PaceConfig::for_priority(priority, 64, 8));
+    if priority != RestorePriority::Restore {
+        // The first busy window asks for a probe; the probe sets the
+        // baseline.
+        p.observe(&busy(IDLE_P99 * 10));
+        assert!(p.probing(), "no baseline yet: it probes first");
+        assert_eq!(p.limits().ios, 0, "a probe copies nothing");
+        p.observe(&Window {
+            host_requests: 64,
+            p99: Some(IDLE_P99),
+            copying: false,
+        });
+        assert_eq!(p.baseline(), Some(IDLE_P99));
+        assert!(!p.probing());
+    }
+    p
+}
+
+/// A window with copies in flight and host p99 `p99`.
+fn busy(p99: Duration) -> Window {
+    Window {
+        host_requests: 64,
+        p99: Some(p99),
+        copying: true,
+    }
+}
+
+/// Feeds `n` windows, answering each probe with an idle window.
+fn feed(p: &mut Pacer, w: Window, n: usize) {
+    for _ in 0..n {
+        if p.probing() {
+            p.observe(&Window {
+                copying: false,
+                p99: Some(IDLE_P99),
+                ..w
+            });
+        }
+        p.observe(&w);
+    }
+}
+
+#[test]
+fn pacer_shrinks_under_host_latency_down_to_the_floor_and_no_further() {
+    let mut p = pacer(RestorePriority::Host);
+    let full = p.limits();
+    assert_eq!((full.ios, full.io_tracks), (8, 8), "starts at full speed");
+    // Host p99 at 4× idle: every window halves, I/O count first.
+    p.observe(&busy(IDLE_P99 * 4));
+    assert_eq!((p.limits().ios, p.limits().io_tracks), (4, 8));
+    p.observe(&busy(IDLE_P99 * 4));
+    p.observe(&busy(IDLE_P99 * 4));
+    p.observe(&busy(IDLE_P99 * 4));
+    assert_eq!(
+        (p.limits().ios, p.limits().io_tracks),
+        (1, 4),
+        "then smaller I/Os"
+    );
+    // Constant overload for a long time: it stays at the floor, never 0
+    // outside a probe.
+    for _ in 0..500 {
+        p.observe(&busy(IDLE_P99 * 20));
+        if !p.probing() {
+            let l = p.limits();
+            assert!(l.ios >= 1 && l.io_tracks >= 1, "{l:?}");
+        } else {
+            p.observe(&Window {
+                host_requests: 64,
+                p99: Some(IDLE_P99),
+                copying: false,
+            });
+        }
+    }
+    assert_eq!(
+        (p.limits().ios, p.limits().io_tracks),
+        (1, 1),
+        "the host floor"
+    );
+    assert_eq!(p.limits().tracks(), 1);
+}
+
+#[test]
+fn pacer_grows_back_when_the_host_is_fast_or_away() {
+    let mut p = pacer(RestorePriority::Host);
+    feed(&mut p, busy(IDLE_P99 * 10), 20);
+    assert_eq!(p.limits().tracks(), 1);
+    // Host latency back near idle: one step per window, I/O size first.
+    p.observe(&busy(IDLE_P99));
+    assert_eq!((p.limits().ios, p.limits().io_tracks), (1, 2));
+    feed(&mut p, busy(IDLE_P99), 6);
+    assert_eq!((p.limits().ios, p.limits().io_tracks), (1, 8));
+    p.observe(&busy(IDLE_P99));
+    assert_eq!((p.limits().ios, p.limits().io_tracks), (2, 8));
+    // Between target × 0.75 and the target: it holds.
+    let before = p.limits();
+    feed(&mut p, busy(IDLE_P99 * 13 / 10), 10);
+    assert_eq!(
+        p.limits(),
+        before,
+        "inside the band it neither grows nor shrinks"
+    );
+    // The host goes away: full speed at once.
+    feed(&mut p, busy(IDLE_P99 * 10), 20);
+    p.observe(&Window::default());
+    assert_eq!((p.limits().ios, p.limits().io_tracks), (8, 8));
+}
+
+#[test]
+fn pacer_follows_the_priority_setting() {
+    // 2.5× idle: too much for host first, fine for balanced.
+    let mut host = pacer(RestorePriority::Host);
+    let mut balanced = pacer(RestorePriority::Balanced);
+    feed(&mut host, busy(IDLE_P99 * 5 / 2), 3);
+    feed(&mut balanced, busy(IDLE_P99 * 5 / 2), 3);
+    assert!(host.limits().tracks() < 64);
+    assert_eq!(balanced.limits().tracks(), 64);
+    // Under heavy load balanced keeps a larger floor (half-size I/Os).
+    feed(&mut host, busy(IDLE_P99 * 20), 50);
+    feed(&mut balanced, busy(IDLE_P99 * 20), 50);
+    assert_eq!(host.limits().tracks(), 1);
+    assert_eq!((balanced.limits().ios, balanced.limits().io_tracks), (1, 4));
+    // Restore first: full depth whatever the host sees, and no probes.
+    let mut restore = pacer(RestorePriority::Restore);
+    feed(&mut restore, busy(IDLE_P99 * 100), 200);
+    assert!(!restore.probing());
+    assert_eq!(restore.limits().tracks(), 64);
+}
+
+#[test]
+fn pacer_probes_its_baseline_again_now_and_then() {
+    let mut p = pacer(RestorePriority::Host);
+    let every = p.config().probe_every;
+    for _ in 0..every - 1 {
+        p.observe(&busy(IDLE_P99));
+        assert!(!p.probing());
+    }
+    p.observe(&busy(IDLE_P99));
+    assert!(p.probing(), "a probe after probe_every windows");
+    // The device got slower meanwhile: the new baseline is what the probe
+    // measures, and host p99 at 1.2× the new baseline is then fine.
+    p.observe(&Window {
+        host_requests: 64,
+        p99: Some(IDLE_P99 * 3),
+        copying: false,
+    });
+    assert_eq!(p.baseline(), Some(IDLE_P99 * 3));
+    let before = p.limits().tracks();
+    p.observe(&busy(IDLE_P99 * 36 / 10));
+    assert!(p.limits().tracks() >= before);
+}
+
+#[test]
+fn under_host_load_each_priority_still_finishes() {
+    for priority in [
+        RestorePriority::Host,
+        RestorePriority::Balanced,
+        RestorePriority::Restore,
+    ] {
+        let mut h = split_volume(29, &[]);
+        let (vol, disks) = (h.vol.clone(), h.disks.clone());
+        apply(
+            &vol,
+            Command::Restore {
+                incremental: false,
+                protect: true,
+            },
+        );
+        let cfg = EngineConfig {
+            priority,
+            ..cfg(OnError::Pause)
+        };
+        let r = h.run_copies(cfg, true, false);
+        assert_eq!(r.tracks, TRACKS, "{priority:?}");
+        assert_eq!(vol.state(), VolumeState::Split);
+        assert!(*disks.primary.borrow() == *disks.secondary.borrow());
+    }
+}
+
+#[test]
+fn copies_are_recorded_only_after_their_destination_flushed() {
+    // Establish: every track stale, copied primary → secondary, whose
+    // FLUSH fails. No copy may be recorded done (its data may be lost in
+    // the secondary's cache); the secondary is split off instead.
+    let mut h = Harness::without_engine(31, TRACK * TRACKS, TRACK, VolumeState::Syncing);
+    let vol = h.vol.clone();
+    vol.table(TableId::Stale).fill();
+    h.disks.fail_secondary_flushes.set(true);
+    let r = run(&mut h, cfg(OnError::Pause));
+    assert_eq!(r.tracks, 0, "nothing recorded copied: {r:?}");
+    assert!(
+        r.errors
+            .iter()
+            .any(|e| e.degraded && e.message.contains("flushing the secondary")),
+        "{:?}",
+        r.errors
+    );
+    assert_eq!(vol.state(), VolumeState::Degraded);
+    // Copied data flushed, then recorded: with healthy disks every track
+    // is flushed before it is finished.
+    let mut h = split_volume(37, &[]);
+    let (vol, disks) = (h.vol.clone(), h.disks.clone());
+    apply(
+        &vol,
+        Command::Restore {
+            incremental: false,
+            protect: true,
+        },
+    );
+    let r = run(&mut h, cfg(OnError::Pause));
+    assert_eq!(r.tracks, TRACKS);
+    assert!(
+        disks.flush_log.borrow().contains(&Dev::Primary),
+        "the engine flushed the restored primary"
+    );
 }

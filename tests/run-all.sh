@@ -11,7 +11,7 @@ echo "== cargo clippy -D warnings"
 cargo clippy --all-targets -- -D warnings
 echo "== shellcheck (VM tier, deploy)"
 command -v shellcheck >/dev/null || { echo "shellcheck missing: bash tests/vm/deps.sh" >&2; exit 1; }
-shellcheck -x tests/vm/run.sh tests/vm/deps.sh tests/deploy.sh tests/run-all.sh deploy/install.sh packaging/build-deb.sh benches/vm-perf.sh demo/run.sh .ci/run
+shellcheck -x tests/vm/run.sh tests/vm/deps.sh tests/deploy.sh tests/run-all.sh deploy/install.sh packaging/build-deb.sh benches/vm-perf.sh benches/vm-restore-load.sh demo/run.sh .ci/run
 shellcheck -s sh -e SC1090,SC1091 tests/vm/lib.sh tests/vm/scenarios/*.sh benches/vm/*.sh demo/walk.sh
 echo "== deploy/ (systemd-analyze verify, install.sh into a temp root)"
 bash tests/deploy.sh

@@ -49,6 +49,8 @@ pub struct SimDisks {
     /// `fallocate` fails with EOPNOTSUPP, as on a device or filesystem
     /// without it: zeroing falls back to writing zero buffers.
     pub fallocate_unsupported: Cell<bool>,
+    /// Every completed flush, by device (engine, host and commit flushes).
+    pub flush_log: RefCell<Vec<Dev>>,
     /// Crash tests: volatile write caches and the power they depend on.
     pub volatile: Option<Volatile>,
 }
@@ -93,6 +95,7 @@ impl SimDisks {
             write_log: RefCell::new(Vec::new()),
             zero_log: RefCell::new(Vec::new()),
             fallocate_unsupported: Cell::new(false),
+            flush_log: RefCell::new(Vec::new()),
             volatile,
         }
     }
@@ -111,6 +114,7 @@ impl SimDisks {
                 v.power.tick()?;
                 v.caches[dev.index()].flush();
             }
+            self.flush_log.borrow_mut().push(dev);
         }
         Ok(())
     }

@@ -59,6 +59,38 @@ impl Default for UringOptions {
     }
 }
 
+/// An I/O priority class for a backend's reads and writes (Linux
+/// `ioprio`). Only schedulers that implement priorities act on it: BFQ
+/// (classes and best-effort levels) and mq-deadline (classes only; an idle
+/// request is served at the latest after `prio_aging_expire`, 10 s by
+/// default). With `none` (the default for NVMe and multi-queue virtio) or
+/// kyber the value is carried and ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoPriority {
+    /// The submitting thread's (best effort, level 4 unless set otherwise).
+    Default,
+    /// Best effort at level 7, the lowest (BFQ weighs it; mq-deadline
+    /// treats it as any best-effort request).
+    BestEffortLowest,
+    /// Idle class: served when no other class waits (BFQ serves it at
+    /// least every 200 ms, mq-deadline after `prio_aging_expire`).
+    Idle,
+}
+
+impl IoPriority {
+    /// `IOPRIO_PRIO_VALUE(class, level)`: class in the top 3 of 16 bits.
+    pub fn ioprio(self) -> u16 {
+        const CLASS_SHIFT: u16 = 13;
+        const CLASS_BE: u16 = 2;
+        const CLASS_IDLE: u16 = 3;
+        match self {
+            IoPriority::Default => 0,
+            IoPriority::BestEffortLowest => (CLASS_BE << CLASS_SHIFT) | 7,
+            IoPriority::Idle => CLASS_IDLE << CLASS_SHIFT,
+        }
+    }
+}
+
 /// State of one submitted operation, indexed by its `user_data`.
 enum Slot {
     Free,
@@ -92,6 +124,9 @@ pub struct UringBackend {
     kick: Arc<Kick>,
     /// Whether a poll of `kick` is in the ring.
     kick_armed: Cell<bool>,
+    /// The I/O priority of reads and writes (`ioprio` of each SQE; 0: the
+    /// submitting thread's, i.e. best effort).
+    ioprio: Cell<u16>,
     on_commit: CommitHook,
     on_commit_failed: FailedHook,
 }
@@ -131,6 +166,7 @@ impl UringBackend {
             pause: opts.pause,
             kick: Kick::new()?,
             kick_armed: Cell::new(false),
+            ioprio: Cell::new(0),
             on_commit: Box::new(|| {}),
             on_commit_failed: Box::new(|| false),
         })
@@ -146,6 +182,18 @@ impl UringBackend {
     pub fn with_commit_failed(mut self, failed: impl Fn() -> bool + 'static) -> Self {
         self.on_commit_failed = Box::new(failed);
         self
+    }
+
+    /// Sets the I/O priority of this backend's reads and writes from now
+    /// on: the copy engine's I/O yields to host I/O where the device's
+    /// scheduler honours priorities (see [`IoPriority`]).
+    pub fn set_io_priority(&self, p: IoPriority) {
+        self.ioprio.set(p.ioprio());
+    }
+
+    /// The `ioprio` value reads and writes carry now.
+    pub fn io_priority(&self) -> u16 {
+        self.ioprio.get()
     }
 
     /// Whether pool buffers go through READ_FIXED/WRITE_FIXED.
@@ -322,15 +370,21 @@ impl UringBackend {
             if idx.is_some() {
                 self.fixed_ops.set(self.fixed_ops.get() + 1);
             }
+            let prio = self.ioprio.get();
             let entry = match (idx, write) {
-                (Some(idx), false) => opcode::ReadFixed::new(fd, p, n, idx).offset(off).build(),
+                (Some(idx), false) => opcode::ReadFixed::new(fd, p, n, idx)
+                    .offset(off)
+                    .ioprio(prio)
+                    .build(),
                 (Some(idx), true) => opcode::WriteFixed::new(fd, p, n, idx)
                     .offset(off)
+                    .ioprio(prio)
                     .rw_flags(flags)
                     .build(),
-                (None, false) => opcode::Read::new(fd, p, n).offset(off).build(),
+                (None, false) => opcode::Read::new(fd, p, n).offset(off).ioprio(prio).build(),
                 (None, true) => opcode::Write::new(fd, p, n)
                     .offset(off)
+                    .ioprio(prio)
                     .rw_flags(flags)
                     .build(),
             };

@@ -61,4 +61,4 @@ pub use geometry::{Geometry, Track, TrackSpan};
 pub use plan::*;
 pub use state::{Command, Operation, OperationKind, TransitionError, VolumeState};
 pub use table::{TrackTable, CHUNK_WORDS};
-pub use volume::{TableCounts, TableId, Ticket, VerifyLock, Volume, Wait};
+pub use volume::{MergeGuard, TableCounts, TableId, Ticket, VerifyLock, Volume, Wait};

@@ -82,7 +82,8 @@ pub enum WriteStep {
     /// Claims 6, 8, 9: read the secondary's whole track
     /// (`track_offset..+track_len`), overlay the host bytes
     /// (`buf_offset..+len`, landing at `offset`), write the combined track
-    /// to the primary.
+    /// to the primary with FUA (the commit that records it restored does
+    /// not flush the primary for it).
     Merge {
         track: Track,
         track_offset: u64,
@@ -143,6 +144,15 @@ impl WritePlan {
             WriteStep::Direct { devs, .. } => acc.union(*devs),
             WriteStep::Merge { .. } => acc.union(DevSet::PRIMARY),
         })
+    }
+
+    /// Whether track `t` is merged by this write. A merge's track write
+    /// must carry FUA: `finish_write` records the track restored without
+    /// asking the next commit to flush the primary for it.
+    pub fn merges(&self, t: Track) -> bool {
+        self.steps
+            .iter()
+            .any(|s| matches!(s, WriteStep::Merge { track, .. } if *track == t))
     }
 
     /// Tracks this write makes restored (claims 5, 6), for tests and stats.

@@ -524,6 +524,19 @@ fn status_rows(st: &Status) -> Vec<(&'static str, String)> {
                     ),
                 ));
             }
+            if !op.priority.is_empty() {
+                rows.push((
+                    "Priority",
+                    format!(
+                        "{} ({} tracks in flight now)",
+                        match op.priority.as_str() {
+                            "balanced" => "balanced".to_string(),
+                            p => format!("{p} first"),
+                        },
+                        op.copy_depth
+                    ),
+                ));
+            }
             rows.push(("Rate", human_rate(op.bytes_per_sec)));
             rows.push(("ETA", op.eta_secs.map_or("-".into(), human_secs)));
         }
@@ -971,6 +984,8 @@ mod tests {
                 bytes_per_sec: 410 << 20,
                 eta_secs: Some(10.2),
                 paused: false,
+                priority: "host".into(),
+                copy_depth: 8,
             }),
             errors: vec![],
             read_repairs: 0,
@@ -998,6 +1013,10 @@ mod tests {
         );
         assert!(
             text.contains("restore (full) 45.2% (3700/8192 tracks)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Priority : host first (8 tracks in flight now)"),
             "{text}"
         );
         assert!(busy(&st));

@@ -109,6 +109,15 @@ pub struct OperationStatus {
     /// retries now and then. An extension of the contract's fields.
     #[serde(default)]
     pub paused: bool,
+    /// `restore.priority` now (`host`, `balanced`, `restore`). An extension
+    /// of the contract's fields.
+    #[serde(default)]
+    pub priority: String,
+    /// Tracks the copy engine allows itself in flight now (it adapts this
+    /// to the host's latency; 0 while it holds back for host requests). An
+    /// extension of the contract's fields.
+    #[serde(default)]
+    pub copy_depth: u64,
 }
 
 /// Result of `verify`: tracks the tables say are identical, compared.

@@ -1,7 +1,7 @@
 //! Settings a running server changes without a restart: `splitmirror set`
 //! (through the control socket) and SIGHUP (the config file read again).
 //!
-//! Live: the copy engine's `restore.*` keys (`max_inflight` up to the value
+//! Live: the copy engine's `restore.*` keys (`priority`, `max_inflight` up to the value
 //! the server started with, since the copy buffers were sized then) and
 //! `events.program`. Everything else names devices, the ublk device's
 //! shape, sockets or listeners, which only a restart can change.
@@ -11,8 +11,9 @@ use crate::error::{Error, Result};
 use std::path::PathBuf;
 
 /// The keys `set` accepts (also without the `restore.` prefix).
-pub const LIVE_KEYS: [&str; 5] = [
+pub const LIVE_KEYS: [&str; 6] = [
     "restore.rate_limit",
+    "restore.priority",
     "restore.on_error",
     "restore.batch",
     "restore.max_inflight",
@@ -102,6 +103,7 @@ fn set_one(live: &mut Live, key: &str, value: &str) -> std::result::Result<(), S
         "on_error" => r.on_error = parsed.on_error,
         "batch" => r.batch = parsed.batch,
         "max_inflight" => r.max_inflight = parsed.max_inflight,
+        "priority" => r.priority = parsed.priority,
         _ => unreachable!("LIVE_KEYS lists every restore field matched here"),
     }
     Ok(())
@@ -182,15 +184,32 @@ mod tests {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let (next, lines) = apply(
             &live,
-            &s(&["rate_limit=200MiB", "restore.on_error=skip"]),
+            &s(&[
+                "rate_limit=200MiB",
+                "restore.on_error=skip",
+                "priority=balanced",
+            ]),
             64,
         )
         .unwrap();
+        assert_eq!(
+            next.restore.priority,
+            crate::edge::config::RestorePriority::Balanced
+        );
         assert_eq!(next.restore.rate_limit, 200 << 20);
         assert_eq!(next.restore.on_error, OnError::Skip);
         assert_eq!(
             lines,
-            ["restore.rate_limit=200MiB", "restore.on_error=skip"]
+            [
+                "restore.rate_limit=200MiB",
+                "restore.on_error=skip",
+                "restore.priority=balanced"
+            ]
+        );
+        let e = apply(&live, &s(&["priority=fast"]), 64).unwrap_err();
+        assert!(
+            e.to_string().contains("restore.priority") && e.to_string().contains("host"),
+            "{e}"
         );
         let e = apply(&live, &s(&["rate_limit=1MB"]), 64).unwrap_err();
         assert!(e.to_string().contains("restore.rate_limit"), "{e}");

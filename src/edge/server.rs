@@ -587,6 +587,7 @@ impl Server {
                     .with_commit(move || c1.request())
                     .with_commit_failed(move || c2.failed().is_some());
                 self.copy_until_stopped(|cfg| {
+                    b.set_io_priority(cfg.io_priority());
                     b.block_on(engine::run_copies(
                         &self.vol, &b, cfg, &self.halt, &self.load,
                     ))
@@ -741,6 +742,8 @@ impl ControlTarget for Server {
                 bytes_per_sec: bps,
                 eta_secs: (bps > 0).then(|| (left_bytes as f64 / bps as f64 * 10.0).round() / 10.0),
                 paused: self.paused.load(SeqCst),
+                priority: self.live.lock().unwrap().restore.priority.name().into(),
+                copy_depth: self.load.copy_depth(),
             }
         });
         let mut errors = self.errors.lock().unwrap().clone();

@@ -6,9 +6,10 @@
 use crate::backend::buf::AlignedBuf;
 use crate::backend::Backend;
 use crate::core::{CopyJob, Dev, TransitionError, Volume};
-use crate::edge::config::RestoreConfig;
+use crate::edge::config::{RestoreConfig, RestorePriority};
 use crate::exec::host::{admit, wait_commit, wait_on};
-use crate::exec::load::HostLoad;
+use crate::exec::load::{Histogram, HostLoad};
+use crate::exec::pace::{Limits, PaceConfig, Pacer, Window};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -31,10 +32,12 @@ pub struct EngineConfig {
     /// Copy bytes per second; 0 = unlimited.
     pub rate_limit: u64,
     pub on_error: OnError,
-    /// Tracks being copied at once while host requests are running: copies
-    /// queue in the same device queues as host I/O, so fewer of them keeps
-    /// the host's tail latency close to idle while the copy still moves.
+    /// An upper bound on tracks being copied at once while host requests
+    /// are running, on top of what the pacer allows (default: no bound
+    /// beyond `max_inflight`; a bench knob).
     pub busy_inflight: usize,
+    /// How the pacer weighs host latency against the copy's speed.
+    pub priority: RestorePriority,
     /// Batches per metadata commit request (never one commit per track).
     pub commit_every: usize,
 }
@@ -46,6 +49,17 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
+    /// The I/O priority of copy I/O for `priority`: copies yield to host
+    /// I/O in the device's scheduler too, where it honours priorities.
+    pub fn io_priority(&self) -> crate::backend::uring::IoPriority {
+        use crate::backend::uring::IoPriority;
+        match self.priority {
+            RestorePriority::Host => IoPriority::Idle,
+            RestorePriority::Balanced => IoPriority::BestEffortLowest,
+            RestorePriority::Restore => IoPriority::Default,
+        }
+    }
+
     /// The one mapping from the user's `restore.*` keys.
     pub fn from_restore(r: &RestoreConfig) -> Self {
         let max_inflight = (r.max_inflight as usize).max(1);
@@ -55,7 +69,8 @@ impl EngineConfig {
             max_io: 1 << 20,
             rate_limit: r.rate_limit,
             on_error: r.on_error,
-            busy_inflight: (max_inflight / 8).max(1),
+            busy_inflight: max_inflight,
+            priority: r.priority,
             commit_every: 8,
         }
     }
@@ -87,38 +102,117 @@ pub struct CopyError {
     pub degraded: bool,
 }
 
-/// What one batch of [`run_copies`] did.
-#[derive(Debug, Default, Clone)]
-struct BatchResult {
-    pub tracks: u64,
-    pub bytes: u64,
-    pub errors: Vec<CopyError>,
+/// What one batch of [`run_copies`] did. Copied tracks are not finished
+/// yet: they join a [`FlushGroup`], finished once their destination is
+/// flushed.
+struct BatchResult<'v> {
+    /// Tracks the batch picked (0: nothing to pick now).
+    picked: usize,
+    group: FlushGroup<'v>,
+    errors: Vec<CopyError>,
 }
 
-/// Copies up to `max` tracks; leaves commits to the caller.
-async fn copy_tracks<B: Backend>(
-    vol: &Volume,
+/// Copied tracks waiting for one flush of their destination, then
+/// finished together ([`Volume::finish_flushed_copy`]). The copy engine
+/// makes its own data durable, off the host's path: metadata commits
+/// during a restore then flush nothing (a host merge's commit is one
+/// metadata write), and no copy is recorded done before its data is
+/// durable. The batches' admission tickets are held until then, so no
+/// state change runs between a copy and its finish.
+#[derive(Default)]
+struct FlushGroup<'v> {
+    copied: Vec<CopyJob>,
+    /// `on_error: skip` tracks: nothing written, finished with the rest.
+    skipped: Vec<CopyJob>,
+    tickets: Vec<crate::core::Ticket<'v>>,
+}
+
+impl<'v> FlushGroup<'v> {
+    fn tracks(&self) -> usize {
+        self.copied.len() + self.skipped.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tracks() == 0
+    }
+
+    fn join(&mut self, other: FlushGroup<'v>) {
+        self.copied.extend(other.copied);
+        self.skipped.extend(other.skipped);
+        self.tickets.extend(other.tickets);
+    }
+
+    /// The device the copied tracks went to (one operation at a time).
+    fn destination(&self) -> Option<Dev> {
+        self.copied.first().map(|j| j.to)
+    }
+
+    /// Finishes the tracks after the flush: `flushed` is its result.
+    fn finish(self, vol: &Volume, flushed: io::Result<()>, report: &mut RunReport) {
+        for job in &self.skipped {
+            vol.finish_flushed_copy(*job, true);
+        }
+        match flushed {
+            Ok(()) => {
+                for job in &self.copied {
+                    vol.finish_flushed_copy(*job, true);
+                    report.tracks += 1;
+                    report.bytes += job.len;
+                }
+            }
+            Err(e) => {
+                // Not durable: the tracks stay to be copied again. A
+                // secondary that cannot flush is split off as after any
+                // failed secondary flush (its cache may have lost more
+                // than these copies); the primary pauses the copy.
+                let degraded = self.destination() == Some(Dev::Secondary);
+                if degraded {
+                    crate::exec::host::secondary_flush_failed(vol, &e);
+                }
+                for job in &self.copied {
+                    vol.finish_copy(*job, false);
+                }
+                if let Some(job) = self.copied.first() {
+                    report.errors.push(CopyError {
+                        track: job.track,
+                        message: format!("flushing the {}: {e}", dev_name(job.to)),
+                        skipped: false,
+                        degraded,
+                    });
+                    report.paused |= !degraded;
+                }
+            }
+        }
+        drop(self.tickets);
+    }
+}
+
+/// Copies up to `max` tracks in I/Os of up to `io_bytes`; leaves the
+/// finish (after a flush) and commits to the caller.
+async fn copy_tracks<'v, B: Backend>(
+    vol: &'v Volume,
     b: &B,
     max: usize,
+    io_bytes: u64,
     cfg: &EngineConfig,
-) -> BatchResult {
+) -> BatchResult<'v> {
     let ticket = admit(vol, b).await;
     let jobs = vol.next_copies(&ticket, max);
-    let runs = coalesce(&jobs, cfg.max_io);
+    let runs = coalesce(&jobs, io_bytes);
     let results = join_all(runs.iter().map(|run| copy_run(b, run))).await;
-    let mut out = BatchResult::default();
+    let mut out = BatchResult {
+        picked: jobs.len(),
+        group: FlushGroup::default(),
+        errors: Vec::new(),
+    };
     for (run, res) in runs.iter().zip(results) {
         for (job, res) in run.iter().zip(res) {
-            // A skipped track counts as done for the table (it is no longer
-            // pending) but not as copied.
-            let done = match &res {
-                Ok(()) => {
-                    out.tracks += 1;
-                    out.bytes += job.len;
-                    true
-                }
+            match &res {
+                Ok(()) => out.group.copied.push(*job),
                 Err(CopyFault::Read(e)) => {
-                    // `on_error` is about unreadable sources only.
+                    // `on_error` is about unreadable sources only. A skipped
+                    // track counts as done for the table (it is no longer
+                    // pending) but not as copied.
                     let skipped = cfg.on_error == OnError::Skip;
                     out.errors.push(CopyError {
                         track: job.track,
@@ -126,7 +220,11 @@ async fn copy_tracks<B: Backend>(
                         skipped,
                         degraded: false,
                     });
-                    skipped
+                    if skipped {
+                        out.group.skipped.push(*job);
+                    } else {
+                        vol.finish_copy(*job, false);
+                    }
                 }
                 Err(CopyFault::Write(e)) => {
                     // A destination that cannot be written is never
@@ -143,13 +241,14 @@ async fn copy_tracks<B: Backend>(
                         skipped: false,
                         degraded,
                     });
-                    false
+                    vol.finish_copy(*job, false);
                 }
-            };
-            vol.finish_copy(*job, done);
+            }
         }
     }
-    drop(ticket);
+    if !out.group.is_empty() {
+        out.group.tickets.push(ticket);
+    }
     out
 }
 
@@ -166,15 +265,83 @@ pub struct RunReport {
     pub paused: bool,
 }
 
+/// Copied tracks wait at most about this long for their flush...
+const GROUP_WAIT: Duration = Duration::from_millis(20);
+/// ...or until this many full depths of them wait. Their tracks stay
+/// locked until then: a host write to one waits. Measured with the
+/// in-process bench (`restore_p99_ratio`): 4 depths or 50 ms held host
+/// writes up to 20 ms (ratio 165); 1 depth or 20 ms gave 8.8.
+const GROUP_DEPTHS: usize = 1;
+
+/// A host-latency window closes after this many host requests...
+const WINDOW_REQUESTS: u64 = 64;
+/// ...or after this long, whichever comes first.
+const WINDOW_MAX: Duration = Duration::from_millis(200);
+
+/// Measures the host's requests window by window for the [`Pacer`].
+struct WindowMeter {
+    at: Instant,
+    started: u64,
+    hist: Histogram,
+    copying: bool,
+}
+
+impl WindowMeter {
+    fn new(load: &HostLoad, copying: bool) -> Self {
+        WindowMeter {
+            at: Instant::now(),
+            started: load.started(),
+            hist: load.histogram(),
+            copying,
+        }
+    }
+
+    /// Host requests started since the window opened.
+    fn requests(&self, load: &HostLoad) -> u64 {
+        load.started().wrapping_sub(self.started)
+    }
+
+    /// The window, if it is complete; a new one opens then.
+    fn close_if_due(&mut self, load: &HostLoad, copying_now: bool) -> Option<Window> {
+        self.copying |= copying_now;
+        let requests = self.requests(load);
+        if requests < WINDOW_REQUESTS && self.at.elapsed() < WINDOW_MAX {
+            return None;
+        }
+        let hist = load.histogram();
+        let w = Window {
+            host_requests: requests,
+            p99: hist.since(&self.hist).quantile(0.99),
+            copying: self.copying,
+        };
+        *self = WindowMeter {
+            at: Instant::now(),
+            started: self.started.wrapping_add(requests),
+            hist,
+            copying: copying_now,
+        };
+        Some(w)
+    }
+}
+
+/// What runs concurrently in [`run_copies`]: batches and flushes.
+enum Done<'v> {
+    Batch(BatchResult<'v>),
+    Flushed(FlushGroup<'v>, io::Result<()>),
+}
+
 /// Runs the copy operation(s) until nothing is left to copy, `stop` is set,
 /// or an error pauses them.
 ///
-/// Keeps up to `max_inflight` tracks in flight as concurrent batches (hot
-/// tracks first: `next_copies` orders them), but only `busy_inflight` while
-/// `load` shows host requests, so host I/O does not queue behind a deep
-/// copy backlog. Honours `rate_limit` with a token bucket, requests a
-/// metadata commit every `commit_every` batches, and ends each operation
-/// with [`complete_if_done`] (restore → resync → established runs through).
+/// Keeps tracks in flight as concurrent batches (hot tracks first:
+/// `next_copies` orders them), as many and in I/Os as large as the
+/// [`Pacer`] allows from the host's latency (`restore.priority`), none
+/// while a host merge runs or a host request waits for a commit. Copied
+/// tracks are flushed on their destination in groups (`GROUP_DEPTHS`
+/// full depths, or after `GROUP_WAIT`), then finished.
+/// Honours `rate_limit` with a token bucket, requests a metadata commit
+/// every `commit_every` groups, and ends each operation with
+/// [`complete_if_done`] (restore → resync → established runs through).
 pub async fn run_copies<B: Backend>(
     vol: &Volume,
     b: &B,
@@ -182,38 +349,88 @@ pub async fn run_copies<B: Backend>(
     stop: &AtomicBool,
     load: &HostLoad,
 ) -> io::Result<RunReport> {
-    type Batch<'a> = Pin<Box<dyn Future<Output = BatchResult> + 'a>>;
+    type Task<'a> = Pin<Box<dyn Future<Output = Done<'a>> + 'a>>;
     let mut report = RunReport::default();
     let mut bucket = TokenBucket::new(cfg.rate_limit, cfg.max_io);
-    let mut running: Vec<(usize, Batch<'_>)> = Vec::new();
+    // (tracks, task): tracks in flight of a batch; 0 for the flush
+    let mut running: Vec<(usize, Task<'_>)> = Vec::new();
     let mut inflight = 0usize;
+    let mut flushing = false;
+    let mut group = FlushGroup::default();
+    // When the oldest track of `group` was copied.
+    let mut group_since: Option<Instant> = None;
     let mut since_commit = 0usize;
-    let mut host_seen = load.started();
+    let track = vol.geometry().track_size();
+    let mut pacer = Pacer::new(PaceConfig::for_priority(
+        cfg.priority,
+        cfg.max_inflight,
+        (cfg.max_io / track.max(1)) as usize,
+    ));
+    let mut meter = WindowMeter::new(load, false);
     // A batch found nothing to pick: start no more until the running ones
     // end, then look at what is left.
     let mut dry = false;
     loop {
         let halt =
             stop.load(Ordering::Relaxed) || report.paused || vol.state().copy_kind().is_none();
-        let host_now = load.started();
-        let busy = load.inflight() > 0 || host_now != host_seen;
-        host_seen = host_now;
-        let cap = if busy {
-            cfg.busy_inflight.min(cfg.max_inflight)
-        } else {
-            cfg.max_inflight
+        let copying = inflight > 0 || flushing;
+        if let Some(w) = meter.close_if_due(load, copying) {
+            pacer.observe(&w);
         }
-        .max(1);
-        // A host request waits for a commit (whose flush writes back every
-        // copy issued before it): issue nothing new until it is through.
-        let cap = if vol.commit_waiters() > 0 { 0 } else { cap };
-        // Under load, two half-size batches keep the devices busy while one
-        // of them is between its read and its write.
-        let size = if busy { (cap / 2).max(1) } else { cfg.batch };
+        if pacer.probing() && !copying && meter.copying {
+            // The copies drained: the probe window starts clean.
+            meter = WindowMeter::new(load, false);
+        }
+        let lim = pacer.limits();
+        load.set_copy_depth(lim.tracks() as u64);
+        let cap = copy_cap(
+            vol,
+            cfg,
+            &lim,
+            load.inflight() > 0 || meter.requests(load) > 0,
+        );
+        let io_bytes = (lim.io_tracks as u64 * track).max(track);
+        let size = cfg.batch.min(cap).max(1);
         while !halt && !dry && inflight < cap && bucket.ready() {
             let n = size.min(cap - inflight).max(1);
-            running.push((n, Box::pin(copy_tracks(vol, b, n, cfg))));
+            running.push((
+                n,
+                Box::pin(async move { Done::Batch(copy_tracks(vol, b, n, io_bytes, cfg).await) }),
+            ));
             inflight += n;
+        }
+        // Flush what was copied once `GROUP_DEPTHS` depths' worth waits, or
+        // the oldest has waited `GROUP_WAIT` (its track stays locked until
+        // then), or no batch runs (the engine holds back for a host
+        // request that waits: it may wait for these very tracks), or
+        // nothing more will be copied for now. Not after every batch: at
+        // the pacer's floor that would be a flush of the primary per
+        // track.
+        let group_due = group.tracks() >= GROUP_DEPTHS * cfg.max_inflight
+            || inflight == 0
+            || halt
+            || dry
+            || group_since.is_some_and(|t| t.elapsed() >= GROUP_WAIT);
+        if !flushing && !group.is_empty() && group_due {
+            group_since = None;
+            let g = std::mem::take(&mut group);
+            match g.destination() {
+                Some(dev) => {
+                    flushing = true;
+                    running.push((
+                        0,
+                        Box::pin(async move {
+                            let r = b.flush(dev).await;
+                            Done::Flushed(g, r)
+                        }),
+                    ));
+                }
+                // Only skipped tracks: nothing to flush.
+                None => {
+                    g.finish(vol, Ok(()), &mut report);
+                    since_commit += 1;
+                }
+            }
         }
         if running.is_empty() {
             if halt {
@@ -235,38 +452,64 @@ pub async fn run_copies<B: Backend>(
                 }
             }
             if bucket.ready() {
-                // The tracks left are held by host writes, or a host write
-                // waits for a commit: both end soon.
+                // The tracks left are held by host writes, a host request
+                // waits for a commit or merges, or the pacer probes: all
+                // end soon.
                 b.pause().await;
             } else {
                 b.sleep(bucket.time_to_ready()).await;
             }
             continue;
         }
-        let (n, r) = next_done(&mut running).await;
-        inflight -= n;
-        bucket.spend(r.bytes);
-        if r.tracks == 0 && r.errors.is_empty() {
-            dry = true;
-        }
-        if r.changed_tables() {
-            since_commit += 1;
-            if since_commit >= cfg.commit_every {
-                b.request_commit();
-                since_commit = 0;
+        let (n, done) = next_done(&mut running).await;
+        match done {
+            Done::Batch(r) => {
+                inflight -= n;
+                bucket.spend(r.group.copied.iter().map(|j| j.len).sum());
+                if r.picked == 0 {
+                    dry = true;
+                }
+                if r.errors.iter().any(|e| !e.skipped && !e.degraded) {
+                    report.paused = true;
+                }
+                report.errors.extend(r.errors);
+                if !r.group.is_empty() && group_since.is_none() {
+                    group_since = Some(Instant::now());
+                }
+                group.join(r.group);
+            }
+            Done::Flushed(g, res) => {
+                flushing = false;
+                g.finish(vol, res, &mut report);
+                since_commit += 1;
             }
         }
-        report.tracks += r.tracks;
-        report.bytes += r.bytes;
-        if r.errors.iter().any(|e| !e.skipped && !e.degraded) {
-            report.paused = true;
+        if since_commit >= cfg.commit_every {
+            b.request_commit();
+            since_commit = 0;
         }
-        report.errors.extend(r.errors);
     }
+    load.set_copy_depth(0);
     if since_commit > 0 {
         b.request_commit();
     }
     Ok(report)
+}
+
+/// Tracks the engine may have in flight now: what the pacer allows
+/// (bounded by `busy_inflight` while the host is busy), and none while a
+/// host merge runs or a host request waits for a commit (they go first;
+/// the merge's two I/Os would otherwise queue behind new copies).
+fn copy_cap(vol: &Volume, cfg: &EngineConfig, lim: &Limits, host_busy: bool) -> usize {
+    if vol.commit_waiters() > 0 || vol.merges() > 0 {
+        return 0;
+    }
+    let cap = lim.tracks().min(cfg.max_inflight);
+    if host_busy {
+        cap.min(cfg.busy_inflight.max(1))
+    } else {
+        cap
+    }
 }
 
 /// Waits for the first of `running` to finish and removes it.
@@ -346,13 +589,6 @@ impl TokenBucket {
             std::thread::sleep(Duration::from_millis(5));
         }
         !stop.load(Ordering::Relaxed)
-    }
-}
-
-impl BatchResult {
-    /// Whether the batch changed the tables (a commit has work to do).
-    fn changed_tables(&self) -> bool {
-        self.tracks > 0 || self.errors.iter().any(|e| e.skipped)
     }
 }
 

@@ -239,7 +239,7 @@ async fn run_write<B: Backend>(
                 return Err(e);
             }
         }
-        let (outcome, primary_error) = run_steps(b, &plan, buf, fua).await;
+        let (outcome, primary_error) = run_steps(vol, b, &plan, buf, fua).await;
         let done = vol.finish_write(plan, outcome);
         if let Some(seq) = done.ack_after {
             wait_commit(vol, b, seq).await?;
@@ -257,6 +257,7 @@ async fn run_write<B: Backend>(
 
 /// Runs a write's data I/O; returns what failed and the primary's error.
 async fn run_steps<B: Backend>(
+    vol: &Volume,
     b: &B,
     plan: &WritePlan,
     buf: &[u8],
@@ -306,7 +307,7 @@ async fn run_steps<B: Backend>(
                     Payload::Data => Some(&buf[buf_offset as usize..(buf_offset + len) as usize]),
                     Payload::Zeros { .. } => None,
                 };
-                if let Err(e) = merge(b, track_offset, track_len, offset, len, host, fua).await {
+                if let Err(e) = merge(vol, b, track_offset, track_len, offset, len, host).await {
                     out.primary_failed = true;
                     primary_error = Some(e);
                 }
@@ -337,16 +338,22 @@ async fn put<B: Backend>(
 
 /// Claim 6: the secondary's track combined with the host's bytes (`host`;
 /// `None`: zeros, for a discard or write-zeroes) at `offset..offset+len`
-/// lands on the primary as one whole track.
+/// lands on the primary as one whole track, always with FUA: the track is
+/// then durable on its own, and the commit that records it restored (which
+/// the host's acknowledgement waits for) is one metadata write, not a flush
+/// of the whole primary with whatever the copy left in its cache
+/// (`Volume::finish_write`). While it runs the copy engine starts no new
+/// copies, so its two I/Os do not queue behind them.
 async fn merge<B: Backend>(
+    vol: &Volume,
     b: &B,
     track_offset: u64,
     track_len: u64,
     offset: u64,
     len: u64,
     host: Option<&[u8]>,
-    fua: bool,
 ) -> io::Result<()> {
+    let _ahead = vol.merge_guard();
     let mut track = b.buffer(track_len as usize);
     b.read(Dev::Secondary, track_offset, &mut track).await?;
     let range = (offset - track_offset) as usize..(offset - track_offset + len) as usize;
@@ -354,7 +361,7 @@ async fn merge<B: Backend>(
         Some(host) => track[range].copy_from_slice(host),
         None => track[range].fill(0),
     }
-    b.write(Dev::Primary, track_offset, &track, fua).await
+    b.write(Dev::Primary, track_offset, &track, true).await
 }
 
 /// Host flush: every device that holds acknowledged data. Its result is

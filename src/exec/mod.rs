@@ -9,4 +9,5 @@
 pub mod engine;
 pub mod host;
 pub mod load;
+pub mod pace;
 pub(crate) mod verify;

@@ -87,8 +87,6 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, vol: &Volume, b: &RingBackend, buf:
     let offset = iod.start_sector << 9;
     let len = (iod.nr_sectors as usize) << 9;
     let in_range = len <= buf.len() && vol.geometry().contains(offset, len as u64);
-    let _busy = b.load.enter();
-    let started = std::time::Instant::now();
     let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
     let kind = match op {
         sys::UBLK_IO_OP_READ => HostOp::Read,
@@ -97,6 +95,13 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, vol: &Volume, b: &RingBackend, buf:
         sys::UBLK_IO_OP_WRITE_ZEROES => HostOp::WriteZeroes,
         _ => HostOp::Flush,
     };
+    // Reads' and writes' latencies tell the copy engine how much it may copy.
+    let _busy = if kind == HostOp::Flush {
+        b.load.enter_untimed()
+    } else {
+        b.load.enter()
+    };
+    let started = std::time::Instant::now();
     let res = match op {
         sys::UBLK_IO_OP_READ if in_range => host::read(vol, b, offset, &mut buf[..len]).await,
         sys::UBLK_IO_OP_WRITE if in_range => host::write(vol, b, offset, &buf[..len], fua).await,

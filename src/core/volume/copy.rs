@@ -6,6 +6,7 @@ use crate::core::geometry::Track;
 use crate::core::plan::*;
 use crate::core::state::VolumeState;
 use crate::core::table::TrackTable;
+use crate::core::Dev;
 use std::sync::atomic::Ordering::SeqCst;
 
 impl Volume {
@@ -84,6 +85,20 @@ impl Volume {
     /// the commit that records it flushes the destination first (see the
     /// metadata store), so "copied" is never durable before the data.
     pub fn finish_copy(&self, job: CopyJob, ok: bool) {
+        self.end_copy(job, ok, false);
+    }
+
+    /// Ends a copy whose destination was flushed after its data was
+    /// written (the copy engine does that, off the host's path, so that
+    /// metadata commits during a restore need not flush the primary). The
+    /// source still needs the commit's flush where host writes reach it
+    /// (establish, resync: the primary); during a restore nothing writes
+    /// the secondary (frozen since the restore's state change flushed it).
+    pub fn finish_flushed_copy(&self, job: CopyJob, ok: bool) {
+        self.end_copy(job, ok, true);
+    }
+
+    fn end_copy(&self, job: CopyJob, ok: bool, destination_flushed: bool) {
         if ok {
             if let Some((table, from, _)) = self.copy_source() {
                 if from == job.from {
@@ -91,7 +106,13 @@ impl Volume {
                     // the source's volatile cache; if the source lost them
                     // and the destination kept them, the devices would
                     // differ on a track recorded as identical.
-                    self.need_flush(DevSet::BOTH);
+                    let flush = match (destination_flushed, self.state()) {
+                        (true, VolumeState::Restoring) => DevSet::NONE,
+                        (true, _) if from == Dev::Primary => DevSet::PRIMARY,
+                        (true, _) => DevSet::SECONDARY,
+                        (false, _) => DevSet::BOTH,
+                    };
+                    self.need_flush(flush);
                     table.clear(job.track);
                 }
             }
@@ -105,7 +126,12 @@ impl Volume {
     /// durable before the data they describe).
     pub fn commit_flush_set(&self) -> DevSet {
         match self.state() {
-            VolumeState::Restoring => DevSet::PRIMARY,
+            // Every clear of a pending bit comes with its own flush: a copy
+            // flushed by the engine, a merge written with FUA, or
+            // `need_flush` (full-track writes, skipped tracks). A commit
+            // that carries only merges then writes metadata and nothing
+            // else (see `finish_write`).
+            VolumeState::Restoring => DevSet::NONE,
             VolumeState::Syncing | VolumeState::Resyncing => DevSet::SECONDARY,
             _ => DevSet::NONE,
         }

@@ -125,6 +125,18 @@ pub struct Volume {
     /// Requests waiting for a track lock or a state change (the gate, a
     /// drain): woken by lock releases, ended requests and state changes.
     progress_wakes: WakeList,
+    /// Host merges in flight: the copy engine issues no new copies
+    /// meanwhile, so a merge's I/O does not queue behind them.
+    merging: AtomicU64,
+}
+
+/// A host merge in flight (see [`Volume::merge_guard`]).
+pub struct MergeGuard<'a>(&'a AtomicU64);
+
+impl Drop for MergeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
 }
 
 impl Volume {
@@ -151,6 +163,7 @@ impl Volume {
             intent_recent: AtomicBitmap::new(tracks.div_ceil(64)),
             intent_age: Mutex::new(Vec::new()),
             progress_wakes: WakeList::default(),
+            merging: AtomicU64::new(0),
         }
     }
 
@@ -328,6 +341,18 @@ impl Volume {
     /// Requests waiting for a commit now.
     pub fn commit_waiters(&self) -> u64 {
         self.clock.waiters()
+    }
+
+    /// Held by a host merge while its reads and writes run: merges go
+    /// ahead of copies (the copy engine starts none meanwhile).
+    pub fn merge_guard(&self) -> MergeGuard<'_> {
+        self.merging.fetch_add(1, SeqCst);
+        MergeGuard(&self.merging)
+    }
+
+    /// Host merges in flight now.
+    pub fn merges(&self) -> u64 {
+        self.merging.load(SeqCst)
     }
 
     /// The commit that will cover everything changed up to now.

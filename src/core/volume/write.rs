@@ -255,7 +255,12 @@ impl Volume {
             // copy the old data over this write. "changed" is set before
             // "pending" is cleared and the store takes pending first, so no
             // commit records the track as neither (the resync would miss it).
-            self.need_flush(DevSet::PRIMARY);
+            // A merge wrote its track with FUA (durable already: the commit
+            // need not flush the primary for it); a full-track write may
+            // sit in the primary's cache, so the commit flushes it first.
+            if !plan.merges(t) {
+                self.need_flush(DevSet::PRIMARY);
+            }
             self.tables.changed.set(t);
             self.tables.pending.clear(t);
             ack = later(ack, self.clock.needed_for(&self.tables.pending, t));

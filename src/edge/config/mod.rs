@@ -123,6 +123,36 @@ pub struct RestoreConfig {
     #[serde(deserialize_with = "de_size")]
     pub rate_limit: u64,
     pub on_error: OnError,
+    /// Who comes first while a copy runs: the host's I/O or the copy.
+    pub priority: RestorePriority,
+}
+
+/// The balance between host I/O and a running copy (`restore.priority`).
+/// The copy engine measures host latency and adapts how much it copies at
+/// once; this sets how much host latency it accepts (see
+/// `exec::pace::PaceConfig::for_priority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestorePriority {
+    /// Host I/O stays near its idle latency; the copy takes what is left
+    /// (never less than a floor, so a copy under constant load still ends).
+    #[default]
+    Host,
+    /// Host latency may grow to about three times idle; the copy keeps a
+    /// larger floor.
+    Balanced,
+    /// The copy runs at full depth whatever the host does.
+    Restore,
+}
+
+impl RestorePriority {
+    pub fn name(self) -> &'static str {
+        match self {
+            RestorePriority::Host => "host",
+            RestorePriority::Balanced => "balanced",
+            RestorePriority::Restore => "restore",
+        }
+    }
 }
 
 /// What a read error during a copy does (the one definition: the copy
@@ -195,6 +225,7 @@ impl Default for RestoreConfig {
             max_inflight: 64,
             rate_limit: 0,
             on_error: OnError::Pause,
+            priority: RestorePriority::Host,
         }
     }
 }

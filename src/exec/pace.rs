@@ -1,0 +1,201 @@
+//! How much the copy engine copies at once while the host works.
+//!
+//! A copy shares the devices' queues with host I/O: every copy I/O queued
+//! ahead of a host request adds its service time to that request's
+//! latency. The [`Pacer`] watches the host's p99 latency, window by
+//! window, against an idle baseline and sets how many copy I/Os may be in
+//! flight and how large each may be (AIMD: halve on a window above the
+//! target, grow by one step on a window well below it, jump to full speed
+//! when the host is away). It never goes below a floor, so a copy under
+//! constant host load still ends. The baseline is the host's p99 in a
+//! window with no copy in flight: the pacer asks for one such *probe*
+//! window at the start and then every `probe_every` windows (a few percent
+//! of the copy's time).
+//!
+//! Pure arithmetic over windows the engine measures: no clock, no I/O, so
+//! the tests drive it with made-up windows.
+
+use crate::edge::config::RestorePriority;
+use std::time::Duration;
+
+/// The pacer's bounds and targets, from `restore.priority`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PaceConfig {
+    /// Copy I/Os in flight at most.
+    pub max_ios: usize,
+    /// Tracks per copy I/O at most.
+    pub max_io_tracks: usize,
+    /// Host p99 allowed, as a multiple of the idle baseline; `None`: never
+    /// yield (full depth whatever the host does).
+    pub target: Option<f64>,
+    /// The floor: never fewer copy I/Os than this...
+    pub floor_ios: usize,
+    /// ...nor smaller ones (tracks).
+    pub floor_io_tracks: usize,
+    /// Windows between two probes of the idle baseline.
+    pub probe_every: u32,
+}
+
+impl PaceConfig {
+    /// The bounds for `priority` when the engine may keep `max_inflight`
+    /// tracks in flight in I/Os of up to `max_io_tracks` tracks.
+    pub fn for_priority(
+        priority: RestorePriority,
+        max_inflight: usize,
+        max_io_tracks: usize,
+    ) -> Self {
+        let max_io_tracks = max_io_tracks.clamp(1, max_inflight.max(1));
+        let max_ios = (max_inflight / max_io_tracks).max(1);
+        let (target, floor_ios, floor_io_tracks) = match priority {
+            // p99 within 1.5× idle leaves room for the bucket width (≤ 25 %)
+            // under a goal of 2×; one track at a time is the floor.
+            RestorePriority::Host => (Some(1.5), 1, 1),
+            RestorePriority::Balanced => (Some(3.0), 1, max_io_tracks.div_ceil(2)),
+            RestorePriority::Restore => (None, max_ios, max_io_tracks),
+        };
+        PaceConfig {
+            max_ios,
+            max_io_tracks,
+            target,
+            floor_ios: floor_ios.min(max_ios),
+            floor_io_tracks: floor_io_tracks.min(max_io_tracks),
+            probe_every: 50,
+        }
+    }
+}
+
+/// What the engine saw during one window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Window {
+    /// Host requests started in the window.
+    pub host_requests: u64,
+    /// The host's p99 latency over the requests that ended in the window
+    /// (`None`: none ended).
+    pub p99: Option<Duration>,
+    /// Whether any copy I/O was in flight during the window.
+    pub copying: bool,
+}
+
+/// What the engine may have in flight now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Copy I/Os in flight; 0 while a probe window is due or running.
+    pub ios: usize,
+    /// Tracks per copy I/O.
+    pub io_tracks: usize,
+}
+
+impl Limits {
+    /// Tracks in flight.
+    pub fn tracks(&self) -> usize {
+        self.ios * self.io_tracks
+    }
+}
+
+/// The AIMD controller (see the module's comment).
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    cfg: PaceConfig,
+    ios: usize,
+    io_tracks: usize,
+    baseline: Option<Duration>,
+    since_probe: u32,
+    probing: bool,
+}
+
+impl Pacer {
+    /// Starts at full speed: the first busy window sets it straight.
+    pub fn new(cfg: PaceConfig) -> Self {
+        Pacer {
+            cfg,
+            ios: cfg.max_ios,
+            io_tracks: cfg.max_io_tracks,
+            baseline: None,
+            since_probe: 0,
+            probing: false,
+        }
+    }
+
+    pub fn config(&self) -> &PaceConfig {
+        &self.cfg
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            ios: if self.probing { 0 } else { self.ios },
+            io_tracks: self.io_tracks,
+        }
+    }
+
+    /// Whether the engine should let its copies drain for a probe window.
+    pub fn probing(&self) -> bool {
+        self.probing
+    }
+
+    /// The host's idle p99, once probed.
+    pub fn baseline(&self) -> Option<Duration> {
+        self.baseline
+    }
+
+    /// Takes one window into account.
+    pub fn observe(&mut self, w: &Window) {
+        let Some(target) = self.cfg.target else {
+            self.full_speed();
+            return;
+        };
+        if w.host_requests == 0 {
+            // The host is away: nothing to yield to.
+            self.full_speed();
+            self.probing = false;
+            return;
+        }
+        let Some(p99) = w.p99 else { return };
+        if !w.copying {
+            // A window with no copy in flight: the host's own latency.
+            self.baseline = Some(p99);
+            self.probing = false;
+            self.since_probe = 0;
+            return;
+        }
+        let Some(baseline) = self.baseline else {
+            // Busy host, no reference yet: measure one first.
+            self.probing = true;
+            return;
+        };
+        // A copying window faster than the baseline: the baseline was high.
+        self.baseline = Some(baseline.min(p99));
+        let ratio = p99.as_secs_f64() / baseline.as_secs_f64().max(1e-9);
+        if ratio > target {
+            self.decrease();
+        } else if ratio < target * 0.75 {
+            self.increase();
+        }
+        self.since_probe += 1;
+        if self.since_probe >= self.cfg.probe_every {
+            self.probing = true;
+        }
+    }
+
+    fn full_speed(&mut self) {
+        self.ios = self.cfg.max_ios;
+        self.io_tracks = self.cfg.max_io_tracks;
+    }
+
+    /// Fewer I/Os first (queueing), then smaller ones (service time).
+    fn decrease(&mut self) {
+        if self.ios > self.cfg.floor_ios {
+            self.ios = (self.ios / 2).max(self.cfg.floor_ios);
+        } else {
+            self.io_tracks = (self.io_tracks / 2).max(self.cfg.floor_io_tracks);
+        }
+    }
+
+    /// The reverse order, one step at a time.
+    fn increase(&mut self) {
+        if self.io_tracks < self.cfg.max_io_tracks {
+            self.io_tracks += 1;
+        } else if self.ios < self.cfg.max_ios {
+            self.ios += 1;
+        }
+    }
+}

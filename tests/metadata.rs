@@ -585,6 +585,33 @@ fn the_committer_commits_on_request_and_at_stop() {
     assert!(again.table(TableId::Changed).get(11) && again.table(TableId::Changed).get(12));
 }
 
+/// A clean stop records no write intent: nothing is written any more and
+/// both devices were flushed, so a later start (perhaps without the
+/// secondary, which folds intent into "changed") has nothing to resync.
+#[test]
+fn the_committer_clears_write_intent_at_its_last_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    let vol = Arc::new(fresh(true));
+    let store = MetadataStore::format(&path, &binding(), &vol, false).unwrap();
+    let c = Committer::start(store, vol.clone(), no_flush(), Duration::from_secs(3600));
+    vol.table(TableId::Intent).set(5);
+    vol.table(TableId::Intent).set(70);
+    c.stop().unwrap();
+    let (_, again) = MetadataStore::open(&path, &binding()).unwrap();
+    // Opening turns recorded intent into tracks to resync (stale).
+    assert_eq!(
+        again.table(TableId::Stale).count(),
+        0,
+        "intent left at stop"
+    );
+    assert_eq!(
+        again.table(TableId::Intent).count(),
+        0,
+        "intent left at stop"
+    );
+}
+
 #[test]
 fn the_committer_reports_failures_and_recovers() {
     let dir = tempfile::tempdir().unwrap();

@@ -164,6 +164,12 @@ fn run<D: MetaDevice>(
             vol.age_intents(INTENT_AGE_PASSES);
             next_aging = Instant::now() + interval;
         }
+        if wake.stop {
+            // Stopping: nothing is written any more, so the last commit
+            // records no write intent that a later start (perhaps without
+            // the secondary) would have to fold into "changed".
+            vol.clear_idle_intents();
+        }
         let requested = shared.ctl().want > vol.commits_done();
         let failing = shared.failed().is_some();
         let result = if wake.stop || requested || failing || vol.needs_commit() {

@@ -285,16 +285,15 @@ check_items() {
     info "$_nf file and $_nr raw-block expectations checked"
 }
 
-# A mirrored volume may come back `syncing`: the tracks under write intent
-# at the cut (written in the last few commit intervals) are copied
-# primary -> secondary again, as md resyncs its dirty bitmap chunks. That
-# copy rolls nothing back; it must only be partial (not every track).
+# A mirrored volume may come back `syncing`: the write-intent regions (64
+# tracks each) written in the last few commit intervals before the cut are
+# copied primary -> secondary again, as md resyncs its dirty bitmap chunks.
+# That copy rolls nothing back (the data checks above and below see to
+# that); on this small volume it may well cover every region.
 intent_resync_ok() {
     [ "$_s" = syncing ] || return 1
-    _stale=$(json_get secondary_stale)
-    _tracks=$(json_get tracks)
-    [ "$_stale" -lt "$_tracks" ] || { problem "syncing every track ($_stale of $_tracks)"; return 0; }
-    info "syncing the $_stale tracks under write intent at the cut"
+    _total=$(json_get total)
+    info "syncing ${_total:-?} tracks (write intent at the cut)"
 }
 
 check_state() { # LIST

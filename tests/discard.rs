@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{pattern, Harness};
+use common::Harness;
 use splitmirror::core::{Command, Dev, TableId, VolumeState};
 
 const TRACK: u64 = 16 * 1024;
@@ -12,10 +12,7 @@ const TRACKS: u64 = 16;
 const SIZE: u64 = TRACK * TRACKS;
 
 fn established(seed: u64) -> (Harness, Vec<u8>) {
-    let h = Harness::new(seed, SIZE, TRACK, VolumeState::Established);
-    let base = pattern(seed, SIZE as usize);
-    h.preload(&base);
-    (h, base)
+    common::preloaded(seed, SIZE, TRACK, VolumeState::Established)
 }
 
 /// `base` with `offset..offset+len` zeroed.

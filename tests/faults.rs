@@ -12,10 +12,7 @@ const TRACKS: u64 = 16;
 const SIZE: u64 = TRACK * TRACKS;
 
 fn established(seed: u64) -> (Harness, Vec<u8>) {
-    let h = Harness::new(seed, SIZE, TRACK, VolumeState::Established);
-    let base = pattern(seed, SIZE as usize);
-    h.preload(&base);
-    (h, base)
+    common::preloaded(seed, SIZE, TRACK, VolumeState::Established)
 }
 
 fn with_on_error(seed: u64, on_error: OnError) -> (Harness, Vec<u8>) {
@@ -728,8 +725,7 @@ fn a_missing_secondary_runs_degraded_and_its_return_copies_only_the_changes() {
 fn a_missing_secondary_is_out_of_every_flush_and_a_replaced_one_copies_all() {
     // Enough tracks for several write-intent regions (64 tracks each).
     const BIG: u64 = 256;
-    let mut h = Harness::new(22, TRACK * BIG, TRACK, VolumeState::Established);
-    h.preload(&pattern(22, (TRACK * BIG) as usize));
+    let (mut h, _) = common::preloaded(22, TRACK * BIG, TRACK, VolumeState::Established);
     h.write(TRACK, &[1u8; 4096]).unwrap();
     assert_eq!(h.vol.secondary_missing(), Ok(VolumeState::Established));
     h.write(200 * TRACK, &[3u8; 4096]).unwrap();

@@ -426,6 +426,15 @@ async fn engine_task(
     }
 }
 
+/// A harness in `state` whose two devices both hold `pattern(seed, size)`,
+/// and that pattern.
+pub fn preloaded(seed: u64, size: u64, track: u64, state: VolumeState) -> (Harness, Vec<u8>) {
+    let h = Harness::new(seed, size, track, state);
+    let base = pattern(seed, size as usize);
+    h.preload(&base);
+    (h, base)
+}
+
 /// Deterministic bytes for a write: `len` bytes derived from `seed`.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut r = fastrand::Rng::with_seed(seed);

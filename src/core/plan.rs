@@ -110,6 +110,12 @@ pub enum Payload {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Hold {
     Shared,
+    /// Shared, with the bytes `start..end` of the track (a mirrored write:
+    /// see the locks' notes on overlapping writes).
+    Mirrored {
+        start: u32,
+        end: u32,
+    },
     Exclusive,
 }
 

@@ -94,13 +94,20 @@ impl Volume {
     ) -> Result<PlanVec<(Track, Hold)>, Wait> {
         let mut holds = PlanVec::with_capacity(spans.len());
         for (span, action) in spans.iter().zip(actions) {
-            let hold = if *action == Action::Merge {
-                Hold::Exclusive
-            } else {
-                Hold::Shared
+            let hold = match action {
+                Action::Merge => Hold::Exclusive,
+                Action::Mirror => {
+                    let start = span.offset - self.geometry.track_extent(span.track).0;
+                    Hold::Mirrored {
+                        start: start as u32,
+                        end: (start + span.len) as u32,
+                    }
+                }
+                _ => Hold::Shared,
             };
             let ok = match hold {
                 Hold::Shared => self.locks.try_shared(span.track),
+                Hold::Mirrored { start, end } => self.locks.try_mirrored(span.track, start, end),
                 Hold::Exclusive => self.locks.try_exclusive(span.track),
             };
             if !ok {
@@ -116,6 +123,7 @@ impl Volume {
         for &(t, hold) in holds {
             match hold {
                 Hold::Shared => self.locks.release_shared(t),
+                Hold::Mirrored { start, end } => self.locks.release_mirrored(t, start, end),
                 Hold::Exclusive => self.locks.release_exclusive(t),
             }
         }

@@ -351,15 +351,13 @@ fn child(dir: &Path, seed: u64, recover: bool) {
 }
 
 fn backend(pfd: i32, sfd: i32, committer: &Committer) -> UringBackend {
-    let (h1, h2) = (committer.handle(), committer.handle());
     let opts = UringOptions {
         buffer_size: TRACK as usize,
         ..Default::default()
     };
     UringBackend::new(pfd, sfd, opts)
         .expect("io_uring")
-        .with_commit(move || h1.request())
-        .with_commit_failed(move || h2.failed().is_some())
+        .with_committer(&committer.handle())
 }
 
 fn spawn_engine(
@@ -370,7 +368,7 @@ fn spawn_engine(
     pfd: i32,
     sfd: i32,
 ) -> std::thread::JoinHandle<()> {
-    let (h1, h2) = (committer.handle(), committer.handle());
+    let commit = committer.handle();
     std::thread::spawn(move || {
         let opts = UringOptions {
             buffer_size: TRACK as usize,
@@ -378,8 +376,7 @@ fn spawn_engine(
         };
         let b = UringBackend::new(pfd, sfd, opts)
             .expect("io_uring")
-            .with_commit(move || h1.request())
-            .with_commit_failed(move || h2.failed().is_some());
+            .with_committer(&commit);
         let cfg = EngineConfig {
             batch: 8,
             max_inflight: 16,

@@ -184,6 +184,14 @@ impl UringBackend {
         self
     }
 
+    /// Commits through the committer thread behind `commit`: requests go
+    /// to it, and its failure is what `commit_failed` answers.
+    pub fn with_committer(self, commit: &crate::metadata::CommitHandle) -> Self {
+        let (c1, c2) = (commit.clone(), commit.clone());
+        self.with_commit(move || c1.request())
+            .with_commit_failed(move || c2.failed().is_some())
+    }
+
     /// Sets the I/O priority of this backend's reads and writes from now
     /// on: the copy engine's I/O yields to host I/O where the device's
     /// scheduler honours priorities (see [`IoPriority`]).

@@ -580,12 +580,9 @@ impl Server {
             buffer_size: self.cfg.track_size as usize,
             ..Default::default()
         };
-        let (c1, c2) = (self.commit.clone(), self.commit.clone());
         match UringBackend::new(self.devs.primary.fd(), self.devs.secondary.fd(), opts) {
             Ok(b) => {
-                let b = b
-                    .with_commit(move || c1.request())
-                    .with_commit_failed(move || c2.failed().is_some());
+                let b = b.with_committer(&self.commit);
                 self.copy_until_stopped(|cfg| {
                     b.set_io_priority(cfg.io_priority());
                     b.block_on(engine::run_copies(

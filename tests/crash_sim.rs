@@ -117,6 +117,8 @@ struct Model {
     /// The secondary's content since the last split.
     split_image: Option<Vec<u64>>,
     event: u64,
+    /// Restores completed so far.
+    restores: u64,
 }
 
 impl Model {
@@ -131,6 +133,7 @@ impl Model {
             ],
             split_image: None,
             event: 0,
+            restores: 0,
         }
     }
 
@@ -146,6 +149,7 @@ impl Model {
     /// A restore became durable at `at`: the split image is the content,
     /// with writes not acknowledged before `at` possibly on top.
     fn restored(&mut self, at: u64) {
+        self.restores += 1;
         let image = self.split_image.clone().expect("restore after a split");
         for (b, id) in self.blocks.iter_mut().zip(image) {
             b.durable = id;
@@ -167,6 +171,10 @@ struct Write {
 struct Read {
     first: u64,
     before: Vec<Vec<u64>>,
+    /// `Model::restores` when the read was issued: a restore that
+    /// completes while the read waits (at the state change's gate) may
+    /// roll its blocks back to the split image before it runs.
+    restores: u64,
     slot: Slot<io::Result<Vec<u8>>>,
 }
 
@@ -337,6 +345,7 @@ impl Run {
         self.reads.push(Read {
             first,
             before,
+            restores: self.model.restores,
             slot,
         });
     }
@@ -428,6 +437,13 @@ impl Run {
             let got = &buf[i * BLOCK as usize..(i + 1) * BLOCK as usize];
             let mut ok = before.clone();
             ok.extend(self.model.blocks[b as usize].candidates());
+            let restoring = self
+                .command
+                .as_ref()
+                .is_some_and(|c| matches!(c.cmd, Command::Restore { .. }));
+            if restoring || self.model.restores != r.restores {
+                ok.extend(self.model.split_image.as_ref().map(|img| img[b as usize]));
+            }
             if !ok.iter().any(|&id| block_bytes(id, b) == got) {
                 return Err(format!(
                     "read of block {b} returned {:?}, expected one of {ok:?}",

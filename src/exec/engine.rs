@@ -690,8 +690,11 @@ async fn make_durable<B: Backend>(vol: &Volume, b: &B) {
     loop {
         // Both at once: this is on the path of `restore`'s instant return.
         let (p, s) = smol::future::zip(b.flush(Dev::Primary), b.flush(Dev::Secondary)).await;
-        if let Err(e) = s {
-            crate::exec::host::secondary_flush_failed(vol, &e);
+        match s {
+            Ok(()) => vol.secondary_flushed(),
+            Err(e) => {
+                crate::exec::host::secondary_flush_failed(vol, &e);
+            }
         }
         let r = match p {
             Ok(()) => wait_commit(vol, b, vol.next_commit()).await,

@@ -224,8 +224,8 @@ pub fn is_secondary_dropped(e: &io::Error) -> bool {
 
 /// A commit's data flush, one device at a time. The primary's failure
 /// fails the commit (it is retried). The secondary's never does: the
-/// secondary is split off (degraded, every track changed, out of every
-/// later flush set) and the commit is abandoned with [`SecondaryDropped`]
+/// secondary is split off (degraded, the tracks it may lack changed, out
+/// of every later flush set) and the commit is abandoned with [`SecondaryDropped`]
 /// so that the next one records the degraded state instead of tables whose
 /// clears relied on the secondary's data. While restoring the secondary is
 /// not written, nothing a commit records depends on its cache, and the
@@ -239,12 +239,15 @@ pub fn flush_data_devices(
         flush(DevSet::PRIMARY)?;
     }
     if devs.secondary {
-        if let Err(e) = flush(DevSet::SECONDARY) {
-            let dropped = crate::exec::host::secondary_flush_failed(vol, &e);
-            if dropped || vol.state() != VolumeState::Restoring {
-                return Err(io::Error::other(SecondaryDropped));
+        match flush(DevSet::SECONDARY) {
+            Ok(()) => vol.secondary_flushed(),
+            Err(e) => {
+                let dropped = crate::exec::host::secondary_flush_failed(vol, &e);
+                if dropped || vol.state() != VolumeState::Restoring {
+                    return Err(io::Error::other(SecondaryDropped));
+                }
+                log::warn!("secondary flush failed while restoring ({e}); it is not written now");
             }
-            log::warn!("secondary flush failed while restoring ({e}); it is not written now");
         }
     }
     Ok(())

@@ -190,6 +190,7 @@ impl Volume {
                 // is committed, or a crash could leave them differing
                 // with no intent to resync them.
                 self.need_flush(DevSet::BOTH);
+                self.intent_unflushed.set(t);
                 n += self.tables.intent.clear(t) as u64;
                 self.locks.release_exclusive(t);
                 self.wake_progress();

@@ -122,6 +122,10 @@ pub struct Volume {
     /// Aging passes each intent region has gone without a write; only the
     /// aging pass touches it (allocated at its first run).
     intent_age: Mutex<Vec<u8>>,
+    /// Tracks whose write intent was cleared since the secondary's last
+    /// good flush: their last writes may still sit in its volatile cache
+    /// (in memory only; see `Volume::secondary_flush_failed`).
+    intent_unflushed: TrackTable,
     /// Requests waiting for a track lock or a state change (the gate, a
     /// drain): woken by lock releases, ended requests and state changes.
     progress_wakes: WakeList,
@@ -162,6 +166,7 @@ impl Volume {
             progress: AtomicU64::new(0),
             intent_recent: AtomicBitmap::new(tracks.div_ceil(64)),
             intent_age: Mutex::new(Vec::new()),
+            intent_unflushed: TrackTable::new(tracks),
             progress_wakes: WakeList::default(),
             merging: AtomicU64::new(0),
         }

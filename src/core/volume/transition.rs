@@ -11,11 +11,15 @@ use std::sync::atomic::Ordering::SeqCst;
 
 impl Volume {
     /// A FLUSH of the secondary failed: whatever it had in its volatile
-    /// cache may be lost, and splitmirror does not know which tracks those
-    /// were (bits cleared since its last good flush claim data that may be
-    /// gone). So the secondary is split off with every track recorded as
-    /// changed: the next `establish` copies the whole volume. From then on
-    /// no commit waits for the secondary's flush. Returns whether the
+    /// cache may be lost. Every write it got since its last good flush is
+    /// under a bit still: a mirrored write's write intent (set before the
+    /// write, cleared only by the committer, which then flushes both
+    /// devices before anything else), a copy's stale bit (cleared once the
+    /// engine flushed the copy), or, for an intent cleared since the last
+    /// good flush, `intent_unflushed`. So the secondary is split off with
+    /// exactly those tracks recorded as changed, and the next `establish`
+    /// (or `attach-secondary`) copies them, not the whole volume. From then
+    /// on no commit waits for the secondary's flush. Returns whether the
     /// volume changed (false while restoring: the secondary is not written
     /// then, and the restore's start flushed it, so nothing depends on it).
     pub fn secondary_flush_failed(&self) -> bool {
@@ -23,11 +27,33 @@ impl Volume {
         if self.state() == VolumeState::Restoring || self.secondary_out.swap(true, SeqCst) {
             return false;
         }
-        self.tables.changed.fill();
-        self.tables.stale.clear_all();
+        self.fold_unflushed_into_changed();
         self.set_operation(None);
         self.set_state(VolumeState::Degraded);
         true
+    }
+
+    /// What the secondary may lack or have lost becomes `changed`: the
+    /// tracks under write intent, those whose intent was cleared since its
+    /// last good flush, and the stale ones (copies not yet done).
+    fn fold_unflushed_into_changed(&self) {
+        self.tables.changed.merge_from(&self.tables.intent);
+        self.tables.changed.merge_from(&self.intent_unflushed);
+        self.tables.changed.merge_from(&self.tables.stale);
+        self.tables.stale.clear_all();
+    }
+
+    /// A flush of the secondary by the committer or by a state change
+    /// succeeded: the writes under every intent cleared before it are
+    /// durable there. The committer clears intent (aging) and flushes after
+    /// clearing, on the same thread; a state change clears it (split) with
+    /// every request drained and flushes after, with none admitted until
+    /// it ends. So every write whose intent was cleared by the time this is
+    /// called had completed before the flush began.
+    pub fn secondary_flushed(&self) {
+        if !self.intent_unflushed.is_clear() {
+            self.intent_unflushed.clear_all();
+        }
     }
 
     /// Whether the secondary was split off after a failed flush (until the
@@ -46,16 +72,15 @@ impl Volume {
             return;
         }
         self.set_state(VolumeState::Degraded);
-        self.tables.changed.merge_from(&self.tables.intent);
-        self.tables.changed.merge_from(&self.tables.stale);
-        self.tables.stale.clear_all();
+        self.fold_unflushed_into_changed();
         self.set_operation(None);
     }
 
     /// The secondary is missing (absent or unopenable at start, or let go
     /// of to be reopened): the volume runs `degraded` on the primary alone.
     /// Every track that may differ between the two (changed since a split,
-    /// stale, under write intent) is recorded as changed, so a later
+    /// stale, under write intent or cleared since the last good flush) is
+    /// recorded as changed, so a later
     /// `establish` on the same disk copies just those; no commit waits for
     /// the secondary's flush meanwhile. Refused while restoring: the
     /// secondary then holds the part of the split image not yet on the
@@ -66,10 +91,7 @@ impl Volume {
         if state == VolumeState::Restoring {
             return Err(state);
         }
-        let tables = &self.tables;
-        tables.changed.merge_from(&tables.intent);
-        tables.changed.merge_from(&tables.stale);
-        tables.stale.clear_all();
+        self.fold_unflushed_into_changed();
         self.secondary_out.store(true, SeqCst);
         if state != VolumeState::Degraded {
             self.set_operation(None);
@@ -112,7 +134,10 @@ impl Volume {
         let tables = &self.tables;
         match cmd {
             Command::Split => {
-                // Drained: every mirror write has reached both devices.
+                // Drained: every mirror write has reached both devices,
+                // though perhaps only their caches until this change's
+                // flush (see `secondary_flush_failed`).
+                self.intent_unflushed.merge_from(&tables.intent);
                 tables.intent.clear_all();
                 tables.changed.clear_all();
                 self.set_state(VolumeState::Split);

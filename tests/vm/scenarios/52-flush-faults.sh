@@ -12,8 +12,8 @@
 #     keep the failed write;
 #  3. the secondary fails writes AND flushes (flakey error_writes fails an
 #     empty FLUSH bio too): (a) idle, a host fsync succeeds and the volume
-#     is degraded with every track changed; (b) while fio writes with
-#     fsync: degraded, fio sees no error, metadata commits go on; each time
+#     is degraded with the tracks its cache may hold changed (not all);
+#     (b) while fio writes with fsync: degraded, fio sees no error, metadata commits go on; each time
 #     the secondary is repaired and establish resyncs;
 #  4. ENOSPC: a primary file on a full ext4 reaches the host as ENOSPC.
 . "${VMLIB:?run me through tests/vm/run.sh}"
@@ -82,9 +82,13 @@ fi
 dd if=/dev/null of="$DEVICE" count=0 conv=notrunc,fsync || fail "a host flush failed while only the secondary fails"
 wait_state degraded 60
 j=$(status_json); info "status: $j"
-# the flush failure's signature: every track changed (the cache may have
-# lost any write), where a write error records only the tracks written
-[ "$(json_get changed_since_split "$j")" = "$TRACKS" ] || fail "not every track changed after a failed secondary flush: $j"
+# the tracks its cache may have held are changed (under write intent, or
+# cleared since its last good flush), not the whole volume; the establish
+# below copies them and the devices must then be equal
+_c=$(json_get changed_since_split "$j")
+case $_c in ''|*[!0-9]*) fail "no changed_since_split in: $j" ;; esac
+[ "$_c" -lt "$TRACKS" ] || fail "every track changed after a failed secondary flush: $j"
+info "$_c of $TRACKS tracks changed after the failed flush"
 case $j in *"metadata commit failing"*) fail "metadata commits fail after the secondary failed its flush: $j" ;; esac
 gen_file "$SCRATCH/C" 1 4
 write_at "$DEVICE" $((220 * MIB)) "$SCRATCH/C"

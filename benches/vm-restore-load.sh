@@ -14,7 +14,8 @@
 #   SPLITMIRROR_VM_DISK_MIB  disk size (default here 8192)
 #
 # Output: the VM tier's PASS/FAIL line, then per job the idle and
-# during-restore figures (IOPS, p50/p99/p99.9 µs), their ratios, and the
+# during-restore figures (IOPS, p50/p99/p99.9 µs, the guest's CPUs busy),
+# their ratios, and the
 # restore's rate under that load as a fraction of its idle rate.
 set -euo pipefail
 {
@@ -71,12 +72,12 @@ function val(k,    i, kv) { for (i = 2; i <= NF; i++) { split($i, kv, "="); if (
   if (kind == "restore-idle") { idle_rate[r] = val("rate"); next }
   k = kind SUBSEP j SUBSEP r
   iops[k] = val("iops"); p50[k] = val("p50"); p99[k] = val("p99"); p999[k] = val("p999")
-  rate[k] = val("rate"); st[k] = val("state_end"); dp[k] = val("depths")
+  rate[k] = val("rate"); st[k] = val("state_end"); dp[k] = val("depths"); cpu[k] = val("cpu")
   if (!(j in seen)) { seen[j] = 1; order[++nj] = j }
   if (r > rounds) rounds = r
 }
 END {
-  printf "%-15s %-5s %-10s %8s %8s %8s %8s | %6s %6s %7s %s\n", "job", "round", "kind", "IOPS", "p50", "p99", "p99.9", "IOPS×", "p99×", "rate×", "state at end; copy depth (tracks) each second"
+  printf "%-15s %-5s %-10s %8s %8s %8s %8s %4s | %6s %6s %7s %s\n", "job", "round", "kind", "IOPS", "p50", "p99", "p99.9", "cpu%", "IOPS×", "p99×", "rate×", "state at end; copy depth (tracks) each second"
   for (a = 1; a <= nj; a++) for (r = 1; r <= rounds; r++) {
     j = order[a]; i = "idle" SUBSEP j SUBSEP r
     for (b = 1; b <= 3; b++) {
@@ -89,7 +90,7 @@ END {
       rr = "-"
       if (kind == "restoring" && idle_rate[r] > 0) rr = sprintf("%.2f", rate[k] / idle_rate[r])
       if (kind == "dmclone") rr = sprintf("%.0fMiB/s", rate[k] / 1048576)
-      printf "%-15s %-5s %-10s %8d %8d %8d %8d | %6s %6s %7s %s %s\n", j, r, kind, iops[k], p50[k], p99[k], p999[k], ri, rp, rr, st[k], dp[k]
+      printf "%-15s %-5s %-10s %8d %8d %8d %8d %4s | %6s %6s %7s %s %s\n", j, r, kind, iops[k], p50[k], p99[k], p999[k], cpu[k], ri, rp, rr, st[k], dp[k]
     }
   }
   for (r = 1; r <= rounds; r++) printf "restore idle rate, round %d: %.0f MiB/s\n", r, idle_rate[r] / 1048576

@@ -490,10 +490,17 @@ impl Run {
         let mut r = Resumed::open(&images, self.seed.wrapping_add(1))?;
         let mut model = self.model;
         let mut split_known = true;
+        // Tracks still to restore right after the reopen (before the
+        // engine ran).
+        let pending = r.vol.table(splitmirror::core::TableId::Pending).count();
         if let Some(c) = &self.command {
             match c.cmd {
-                // The restore is durable iff the volume left `split`.
-                Command::Restore { .. } if r.vol.state() != VolumeState::Split => {
+                // The restore is durable iff the volume left `split`, and
+                // has tracks to restore: a volume that comes back
+                // restoring with none left is the restore before, whose
+                // end (a protected restore ends split) was not durable
+                // yet when the power went, with this one never started.
+                Command::Restore { .. } if r.vol.state() != VolumeState::Split && pending > 0 => {
                     model.restored(c.start)
                 }
                 Command::Split => split_known = false,

@@ -731,10 +731,12 @@ fn format_over_an_older_version_wants_force_and_keeps_its_restore() {
     MetadataStore::open(&path, &binding()).unwrap();
 }
 
-/// The metadata device, counting which offsets are read.
+/// The metadata device, counting which offsets are read, and logging the
+/// writes ("write"), flushes ("flush") and durable writes ("durable").
 struct CountingMeta {
     inner: FileMeta,
     reads: Arc<Mutex<Vec<u64>>>,
+    ops: Arc<Mutex<Vec<&'static str>>>,
 }
 
 impl MetaDevice for CountingMeta {
@@ -743,10 +745,16 @@ impl MetaDevice for CountingMeta {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.ops.lock().unwrap().push("write");
         self.inner.write_at(buf, offset)
     }
     fn flush(&mut self) -> io::Result<()> {
+        self.ops.lock().unwrap().push("flush");
         self.inner.flush()
+    }
+    fn write_at_durable(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.ops.lock().unwrap().push("durable");
+        self.inner.write_at_durable(buf, offset)
     }
     fn size(&mut self) -> io::Result<u64> {
         self.inner.size()
@@ -771,6 +779,7 @@ fn opening_reads_only_the_pages_that_hold_something() {
         let dev = CountingMeta {
             inner: FileMeta::open(&path, false).unwrap(),
             reads: reads.clone(),
+            ops: Arc::default(),
         };
         let (store, vol) = MetadataStore::open_dev(dev, &binding()).unwrap();
         let layout = Layout::new(vol.geometry().tracks(), 4);
@@ -830,4 +839,40 @@ fn open_without_the_secondary_and_record_another_one() {
     let mut new = binding();
     new.secondary_id = "serial:NEWDISK".into();
     assert!(MetadataStore::open(&path, &new).is_ok());
+}
+
+/// A commit flushes the metadata device once, between its pages and its
+/// header, and writes the header durable (FUA where the device has it):
+/// no flush of the whole device after it. A commit that writes no page (a
+/// state change; a table all ones or all clear is a flag in the header) is
+/// the header's durable write alone. Both read back after a reopen, through
+/// the real `pwritev2(RWF_DSYNC)` path.
+#[test]
+fn a_commit_flushes_once_before_its_header_and_writes_the_header_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.meta");
+    drop(MetadataStore::format(&path, &binding(), &fresh(true), false).unwrap());
+    let ops = Arc::new(Mutex::new(Vec::new()));
+    let dev = CountingMeta {
+        inner: FileMeta::open(&path, false).unwrap(),
+        reads: Arc::default(),
+        ops: ops.clone(),
+    };
+    let (mut store, vol) = MetadataStore::open_dev(dev, &binding()).unwrap();
+    let mut commit = |what: &str| {
+        ops.lock().unwrap().clear();
+        store.commit_with(&vol, |_| Ok(())).unwrap();
+        let got = ops.lock().unwrap().clone();
+        eprintln!("{what}: {got:?}");
+        got
+    };
+    vol.table(TableId::Changed).set(7);
+    assert_eq!(commit("one page"), ["write", "flush", "durable"]);
+    vol.table(TableId::Stale).fill();
+    assert_eq!(commit("a table all ones"), ["durable"]);
+    drop((store, vol));
+    let (_store, vol) = MetadataStore::open(&path, &binding()).unwrap();
+    assert!(vol.table(TableId::Changed).get(7));
+    assert_eq!(vol.table(TableId::Changed).count(), 1);
+    assert_eq!(vol.table(TableId::Stale).count(), vol.geometry().tracks());
 }

@@ -18,8 +18,9 @@
 # from the secondary with its defaults.
 #
 # Lines: "RL kind=idle|restoring|raw|dmclone round=R job=J iops=N p50=U
-# p99=U p999=U [rate=B/s state_end=S depths=D,D,...]" (latencies: fio
-# completion latency percentiles, µs; depths: the tracks the copy engine
+# p99=U p999=U cpu=P [rate=B/s state_end=S depths=D,D,...]" (latencies: fio
+# completion latency percentiles, µs; cpu: the guest's CPUs busy during
+# the job, percent; depths: the tracks the copy engine
 # allowed itself in flight, `status`'s operation.copy_depth, sampled every
 # second during the job) and "RL kind=restore-idle round=R rate=B/s".
 . "${VMLIB:?run me through benches/vm-restore-load.sh}"
@@ -54,12 +55,14 @@ for j in $RL_JOBS; do
     case $j in randread-qd*|randwrite-qd*) job_file "$j" ;; *) fail "unknown job $j" ;; esac
 done
 
-# fio_line JOB DEV: runs the job, prints "iops=N p50=U p99=U p999=U"
+# fio_line JOB DEV: runs the job, prints "iops=N p50=U p99=U p999=U cpu=P"
 # (terse output: read IOPS field 8, write 49; the completion latency
 # percentiles of the read section come before the write section's)
 fio_line() {
+    _c0=$(cpu_ticks)
     _out=$(DEV=$2 RUNTIME=$RL_RUNTIME fio --minimal "$SCRATCH/$1.fio" 2>"$SCRATCH/fio.err") \
         || { cat "$SCRATCH/fio.err" >&2; fail "fio $1 on $2 failed"; }
+    _cpu=$(echo "$_c0 $(cpu_ticks)" | awk '{ t = $3 - $1; printf "%d", t > 0 ? 100 * (t - ($4 - $2)) / t : 0 }')
     case $1 in randread*) _sec=1 ;; *) _sec=2 ;; esac
     printf '%s\n' "$_out" | awk -F';' -v sec="$_sec" 'NF > 49 {
         iops = (sec == 1) ? $8 : $49
@@ -69,7 +72,15 @@ fio_line() {
             if ($i ~ /^99\.000000%=/) { n99++; if (n99 == sec) { split($i, a, "="); p99 = a[2] } }
             if ($i ~ /^99\.900000%=/) { n999++; if (n999 == sec) { split($i, a, "="); p999 = a[2] } }
         }
-        printf "iops=%d p50=%s p99=%s p999=%s\n", iops, p50, p99, p999; exit }'
+        printf "iops=%d p50=%s p99=%s p999=%s", iops, p50, p99, p999; exit }'
+    echo " cpu=$_cpu"
+}
+
+# cpu_ticks: "TOTAL IDLE" jiffies of all the guest's CPUs (idle + iowait
+# as idle). Under TCG the guest's CPUs are emulated on the host's: a busy
+# guest is the limit of every figure here, not the disks.
+cpu_ticks() {
+    awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6; exit }' /proc/stat
 }
 
 # done_bytes: bytes the running operation has copied (0 without one)

@@ -14,6 +14,13 @@ pub trait MetaDevice {
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable.
     fn flush(&mut self) -> io::Result<()>;
+    /// A write that is durable when it returns (FUA), without flushing
+    /// anything else: a commit's last write, its header. Without a FUA
+    /// path: the write, then a flush.
+    fn write_at_durable(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)?;
+        self.flush()
+    }
     fn size(&mut self) -> io::Result<u64>;
     /// Grows the device to `bytes`; block devices cannot.
     fn grow(&mut self, bytes: u64) -> io::Result<()>;
@@ -100,6 +107,50 @@ impl MetaDevice for FileMeta {
     fn flush(&mut self) -> io::Result<()> {
         // fdatasync: on a block device it also flushes the drive's cache.
         self.file.sync_data()
+    }
+
+    /// `pwritev2(RWF_DSYNC)`: on a block device opened O_DIRECT the kernel
+    /// sends one FUA write (or the write and a flush, where the device has
+    /// no FUA), not a flush of the whole cache; on a file, whatever the
+    /// filesystem needs to make that range durable (an O_DIRECT overwrite
+    /// of allocated blocks can be a FUA write alone).
+    fn write_at_durable(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &buf[done..];
+            let iov = libc::iovec {
+                iov_base: rest.as_ptr() as *mut libc::c_void,
+                iov_len: rest.len(),
+            };
+            // SAFETY: one iovec over a live slice; the fd is ours.
+            let n = unsafe {
+                libc::pwritev2(
+                    self.file.as_raw_fd(),
+                    &iov,
+                    1,
+                    (offset + done as u64) as libc::off_t,
+                    libc::RWF_DSYNC,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // A kernel or file without the flag: write, then flush.
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) if done == 0 => {
+                        self.write_at(buf, offset)?;
+                        return self.flush();
+                    }
+                    _ => return Err(e),
+                }
+            }
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::WriteZero));
+            }
+            done += n as usize;
+        }
+        Ok(())
     }
 
     fn size(&mut self) -> io::Result<u64> {

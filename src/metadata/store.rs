@@ -361,19 +361,27 @@ impl<D: MetaDevice> MetadataStore<D> {
         if batch.flush != DevSet::NONE {
             flush_data(batch.flush)?;
         }
-        let next = self.write_pages(batch)?;
-        self.dev.flush()?;
+        let (next, pages) = self.write_pages(batch)?;
+        // The pages must be durable before the header that points at them;
+        // a commit that wrote none (a state change, a table all ones or
+        // all clear) needs no flush here.
+        if pages > 0 {
+            self.dev.flush()?;
+        }
         self.uncertain = true;
-        write_header(&mut self.dev, &self.sb, &next)?;
-        self.dev.flush()?;
+        // Durable when it returns (FUA where the device has it): no flush
+        // of the whole metadata device after it.
+        write_header_durable(&mut self.dev, &self.sb, &next)?;
         self.uncertain = false;
         self.current = next;
         Ok(())
     }
 
     /// Writes each page into the copy the current header does not use;
-    /// returns the header that will reference them.
-    fn write_pages(&mut self, batch: &CommitBatch) -> io::Result<Header> {
+    /// returns the header that will reference them and how many pages
+    /// were written.
+    fn write_pages(&mut self, batch: &CommitBatch) -> io::Result<(Header, usize)> {
+        let mut written = 0;
         let layout = self.sb.layout;
         let mut next = Header {
             generation: self.current.generation + 1,
@@ -399,10 +407,11 @@ impl<D: MetaDevice> MetadataStore<D> {
             let slot = !self.current.selectors[i];
             let page = page_buf(words);
             self.dev.write_at(&page, layout.page_offset(i, slot))?;
+            written += 1;
             next.selectors[i] = slot;
             next.crcs[i] = page_crc(&page);
         }
-        Ok(next)
+        Ok((next, written))
     }
 
     /// After a failed header write: flush, then trust what is on the device.
@@ -666,9 +675,20 @@ fn write_superblocks<D: MetaDevice>(dev: &mut D, sb: &Superblock) -> io::Result<
 }
 
 fn write_header<D: MetaDevice>(dev: &mut D, sb: &Superblock, h: &Header) -> io::Result<()> {
+    let (b, at) = encode_header(sb, h);
+    dev.write_at(&b, at)
+}
+
+fn write_header_durable<D: MetaDevice>(dev: &mut D, sb: &Superblock, h: &Header) -> io::Result<()> {
+    let (b, at) = encode_header(sb, h);
+    dev.write_at_durable(&b, at)
+}
+
+/// The header's bytes and where its generation's slot is.
+fn encode_header(sb: &Superblock, h: &Header) -> (AlignedBuf, u64) {
     let mut b = AlignedBuf::new(sb.layout.header_bytes as usize);
     h.encode(&sb.uuid, &mut b);
-    dev.write_at(&b, sb.layout.header_offset(Header::slot(h.generation)))
+    (b, sb.layout.header_offset(Header::slot(h.generation)))
 }
 
 /// A superblock read from the device, and which copies were good.

@@ -62,7 +62,7 @@ fio_line() {
     _c0=$(cpu_ticks)
     _out=$(DEV=$2 RUNTIME=$RL_RUNTIME fio --minimal "$SCRATCH/$1.fio" 2>"$SCRATCH/fio.err") \
         || { cat "$SCRATCH/fio.err" >&2; fail "fio $1 on $2 failed"; }
-    _cpu=$(echo "$_c0 $(cpu_ticks)" | awk '{ t = $3 - $1; printf "%d", t > 0 ? 100 * (t - ($4 - $2)) / t : 0 }')
+    _cpu=$(echo "$_c0 $(cpu_ticks)" | awk '{ t = $3 - $1; printf "%d", (t > 0 ? 100 * (t - ($4 - $2)) / t : 0) }')
     case $1 in randread*) _sec=1 ;; *) _sec=2 ;; esac
     printf '%s\n' "$_out" | awk -F';' -v sec="$_sec" 'NF > 49 {
         iops = (sec == 1) ? $8 : $49

@@ -199,11 +199,11 @@ function median(a, n,    i, j, t, b) {
   k = f["job"] SUBSEP f["target"] SUBSEP f["round"]
   v[k] = f["iops"]
   if ("restore_s" in f) rs[f["round"]] = f["restore_s"]
-  delete f
   # server CPU per I/O: ticks are 10 ms; fio counts I/Os after its 2 s ramp,
   # the ticks include it, so this slightly overstates the cost
   if (f["server_ticks"] > 0) cpu[k] = f["server_ticks"] * 10000 / (f["iops"] * (runtime + 2))
   if (f["wall"] > 0) busy[k] = 100 * (1 - f["idle_ticks"] / (f["wall"] * 100 * ncpu))
+  delete f
 }
 END {
   nj = split(jobs, J, " "); nt = split(targets, T, " ")

@@ -44,6 +44,36 @@ struct Shard {
     mirrored: Vec<(Track, u32, u32)>,
 }
 
+impl Shard {
+    fn find(&self, t: Track) -> Option<usize> {
+        self.held.iter().position(|&(track, _)| track == t)
+    }
+
+    /// One more shared holder of `t`, unless it is held exclusive.
+    fn add_shared(&mut self, t: Track) -> bool {
+        match self.find(t) {
+            None => self.held.push((t, 1)),
+            Some(i) if self.held[i].1 & EXCLUSIVE != 0 => return false,
+            Some(i) => self.held[i].1 += 1,
+        }
+        true
+    }
+
+    fn drop_shared(&mut self, t: Track) {
+        let i = self.find(t);
+        debug_assert!(
+            i.is_some_and(|i| self.held[i].1 & EXCLUSIVE == 0),
+            "release of an unheld shared lock"
+        );
+        if let Some(i) = i {
+            self.held[i].1 -= 1;
+            if self.held[i].1 == 0 {
+                self.held.swap_remove(i);
+            }
+        }
+    }
+}
+
 pub struct TrackLocks {
     shards: Box<[Mutex<Shard>]>,
 }
@@ -64,46 +94,20 @@ impl TrackLocks {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    fn find(shard: &Shard, t: Track) -> Option<usize> {
-        shard.held.iter().position(|&(track, _)| track == t)
-    }
-
     /// Who holds track `t` now: 0 (free), a count of shared holders, or
     /// the exclusive mark. A waiter for `t` compares two readings: a
     /// change means a holder left or came.
     pub fn holders(&self, t: Track) -> u32 {
         let shard = self.shard(t);
-        Self::find(&shard, t).map_or(0, |i| shard.held[i].1)
+        shard.find(t).map_or(0, |i| shard.held[i].1)
     }
 
     pub fn try_shared(&self, t: Track) -> bool {
-        let mut shard = self.shard(t);
-        match Self::find(&shard, t) {
-            None => {
-                shard.held.push((t, 1));
-                true
-            }
-            Some(i) if shard.held[i].1 & EXCLUSIVE != 0 => false,
-            Some(i) => {
-                shard.held[i].1 += 1;
-                true
-            }
-        }
+        self.shard(t).add_shared(t)
     }
 
     pub fn release_shared(&self, t: Track) {
-        let mut shard = self.shard(t);
-        let i = Self::find(&shard, t);
-        debug_assert!(
-            i.is_some_and(|i| shard.held[i].1 & EXCLUSIVE == 0),
-            "release of an unheld shared lock"
-        );
-        if let Some(i) = i {
-            shard.held[i].1 -= 1;
-            if shard.held[i].1 == 0 {
-                shard.held.swap_remove(i);
-            }
-        }
+        self.shard(t).drop_shared(t)
     }
 
     /// A shared hold of `t` for a mirrored write of `start..end` (bytes in
@@ -115,33 +119,26 @@ impl TrackLocks {
             .mirrored
             .iter()
             .any(|&(track, s, e)| track == t && s < end && start < e);
-        if overlaps {
+        if overlaps || !shard.add_shared(t) {
             return false;
-        }
-        match Self::find(&shard, t) {
-            None => shard.held.push((t, 1)),
-            Some(i) if shard.held[i].1 & EXCLUSIVE != 0 => return false,
-            Some(i) => shard.held[i].1 += 1,
         }
         shard.mirrored.push((t, start, end));
         true
     }
 
     pub fn release_mirrored(&self, t: Track, start: u32, end: u32) {
-        {
-            let mut shard = self.shard(t);
-            let i = shard.mirrored.iter().position(|&r| r == (t, start, end));
-            debug_assert!(i.is_some(), "release of an unheld mirrored range");
-            if let Some(i) = i {
-                shard.mirrored.swap_remove(i);
-            }
+        let mut shard = self.shard(t);
+        let i = shard.mirrored.iter().position(|&r| r == (t, start, end));
+        debug_assert!(i.is_some(), "release of an unheld mirrored range");
+        if let Some(i) = i {
+            shard.mirrored.swap_remove(i);
         }
-        self.release_shared(t);
+        shard.drop_shared(t);
     }
 
     pub fn try_exclusive(&self, t: Track) -> bool {
         let mut shard = self.shard(t);
-        if Self::find(&shard, t).is_some() {
+        if shard.find(t).is_some() {
             return false;
         }
         shard.held.push((t, EXCLUSIVE));
@@ -150,7 +147,7 @@ impl TrackLocks {
 
     pub fn release_exclusive(&self, t: Track) {
         let mut shard = self.shard(t);
-        let i = Self::find(&shard, t);
+        let i = shard.find(t);
         debug_assert!(
             i.is_some_and(|i| shard.held[i].1 == EXCLUSIVE),
             "release of an unheld exclusive lock"
@@ -161,7 +158,7 @@ impl TrackLocks {
     }
 
     pub fn is_free(&self, t: Track) -> bool {
-        Self::find(&self.shard(t), t).is_none()
+        self.shard(t).find(t).is_none()
     }
 
     /// Tracks held now (for tests and memory accounting).

@@ -403,8 +403,7 @@ pub fn secondary_flush_failed(vol: &Volume, e: &io::Error) -> bool {
         log::error!(
             "secondary flush failed ({e}): its cache may have lost writes, so it is split off \
              (volume degraded, every track it may lack marked changed); host I/O goes on to the \
-             primary; \
-             repair or replace the secondary, then `establish`"
+             primary; repair or replace the secondary, then `establish`"
         );
     }
     changed

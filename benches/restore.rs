@@ -167,6 +167,9 @@ impl Committer {
         let thread = thread::spawn(move || {
             let mut commits = 0;
             while !s.load(Ordering::Acquire) {
+                // A restore log record first, as the server's committer
+                // does: the writes waiting for it need no commit.
+                store.write_restore_log(&vol).expect("restore log write");
                 if w.swap(false, Ordering::AcqRel) {
                     let t = Instant::now();
                     let batch = store.begin_commit(&vol);
@@ -185,7 +188,7 @@ impl Committer {
                         .expect("metadata commit");
                     durs.lock().unwrap().push(t.elapsed());
                     commits += 1;
-                } else {
+                } else if !vol.restore_log_wanted() {
                     thread::park_timeout(Duration::from_millis(20));
                 }
             }
@@ -199,6 +202,12 @@ impl Committer {
             thread: Some(thread),
             meta,
         }
+    }
+
+    /// What a backend's `request_commit` and `request_log` call.
+    fn requesters(&self) -> (impl Fn() + Clone + Send + 'static, impl Fn() + Send + 'static) {
+        let t = self.thread.as_ref().unwrap().thread().clone();
+        (self.requester(), move || t.unpark())
     }
 
     /// What a backend's `request_commit` calls.
@@ -375,7 +384,7 @@ type WriteSample = (Duration, bool);
 fn host_writes(
     pair: &Pair,
     vol: &Volume,
-    commit: impl Fn() + 'static,
+    (commit, log): (impl Fn() + 'static, impl Fn() + 'static),
     load: &HostLoad,
     span: u64,
     until: impl Fn(usize) -> bool,
@@ -385,7 +394,8 @@ fn host_writes(
     let be = backend(pair.fds(), 4, move || {
         a.set(a.get() + 1);
         commit()
-    });
+    })
+    .with_log(log);
     let mut rng = fastrand::Rng::with_seed(42);
     let mut buf = AlignedBuf::new(4096);
     let mut lat = Vec::new();
@@ -457,7 +467,7 @@ fn latency_under_restore(pair: &Pair) {
         let (vol, c) = warm_split(pair);
         let load = HostLoad::default();
         let deadline = Instant::now() + Duration::from_secs(2);
-        let lat = host_writes(pair, &vol, c.requester(), &load, span, |_| {
+        let lat = host_writes(pair, &vol, c.requesters(), &load, span, |_| {
             Instant::now() > deadline
         });
         c.finish();
@@ -475,7 +485,7 @@ fn latency_under_restore(pair: &Pair) {
             default_cfg(),
             load.clone(),
         );
-        let lat = host_writes(pair, &vol, c.requester(), &load, span, |_| h.is_finished());
+        let lat = host_writes(pair, &vol, c.requesters(), &load, span, |_| h.is_finished());
         let (t, r) = h.join().unwrap();
         let commits = c.durations.lock().unwrap().clone();
         c.finish();

@@ -203,6 +203,12 @@ struct Run {
     command: Option<CommandRun>,
     /// The workload step from which the secondary fails every flush.
     flush_fault_at: Option<u64>,
+    /// The crash is the process dying (`kill -9`), not a power cut: every
+    /// completed write survives, in the same boot.
+    kill: bool,
+    /// The event at which the volume was first seen restoring (the
+    /// restore's state change itself, not its command's start).
+    restoring_since: Option<u64>,
 }
 
 fn engine_config() -> EngineConfig {
@@ -223,7 +229,7 @@ fn options() -> Options {
 }
 
 impl Run {
-    fn new(seed: u64, flush_fault: bool) -> Run {
+    fn new(seed: u64, flush_fault: bool, kill: bool) -> Run {
         let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed_c0de);
         let flush_fault_at = flush_fault.then(|| rng.u64(0..MAX_STEPS / 2));
         let assume_clean = rng.bool();
@@ -253,6 +259,8 @@ impl Run {
             flushes: Vec::new(),
             command: None,
             flush_fault_at,
+            kill,
+            restoring_since: None,
         }
     }
 
@@ -267,6 +275,13 @@ impl Run {
             }
             self.maybe_spawn();
             self.h.sched.step();
+            // Before `collect`: a step runs one task, so a write finished
+            // in it came after a state change seen here.
+            if self.h.vol.state() != VolumeState::Restoring {
+                self.restoring_since = None;
+            } else if self.restoring_since.is_none() {
+                self.restoring_since = Some(self.model.tick());
+            }
             self.collect()?;
             if self.h.power.is_off() {
                 return Ok(());
@@ -486,8 +501,9 @@ impl Run {
     /// half the seeds crashing once more on the way), then checks.
     fn recover(self) -> Result<(), String> {
         let mut rng = fastrand::Rng::with_seed(self.seed ^ 0xdead_beef);
-        let mut images = Images::take(&self.h.disks, &self.h.meta, &mut rng);
-        let mut r = Resumed::open(&images, self.seed.wrapping_add(1))?;
+        let kill = self.kill;
+        let mut images = Images::take(&self.h.disks, &self.h.meta, &mut rng, kill);
+        let mut r = Resumed::open(&images, self.seed.wrapping_add(1), &self.h.power, kill)?;
         let mut model = self.model;
         let mut split_known = true;
         // Tracks still to restore right after the reopen (before the
@@ -500,12 +516,23 @@ impl Run {
                 // restoring with none left is the restore before, whose
                 // end (a protected restore ends split) was not durable
                 // yet when the power went, with this one never started.
+                // After a kill, writes acknowledged before the restore's
+                // state change are legitimately overwritten by it, and
+                // those after it must all survive: the model needs the
+                // change's own moment, not the command's start.
                 Command::Restore { .. } if r.vol.state() != VolumeState::Split && pending > 0 => {
-                    model.restored(c.start)
+                    let at = if kill { self.restoring_since } else { None };
+                    model.restored(at.unwrap_or(c.start))
                 }
                 Command::Split => split_known = false,
                 _ => {}
             }
+        }
+        if kill {
+            // Nothing completed is lost when only the process dies: every
+            // acknowledged write must read back (or a later one in flight).
+            let at = model.tick();
+            model.flushed(at);
         }
         let mut ctx = format!("crashed {}, reopened {}", self.h.vol.state(), r.vol.state());
         if rng.bool() {
@@ -515,8 +542,8 @@ impl Run {
             // waits for its commit.
             r.h.power.disarm();
             if r.h.power.is_off() {
-                images = Images::take(&r.h.disks, &r.h.meta, &mut rng);
-                r = Resumed::open(&images, self.seed.wrapping_add(2))?;
+                images = Images::take(&r.h.disks, &r.h.meta, &mut rng, kill);
+                r = Resumed::open(&images, self.seed.wrapping_add(2), &r.h.power, kill)?;
                 ctx += &format!(", crashed again, reopened {}", r.vol.state());
             }
         }
@@ -540,7 +567,8 @@ impl Run {
     }
 }
 
-/// What survives a power cut.
+/// What survives a power cut (or, with `kill`, the process's death: all
+/// that was written, cached or not).
 struct Images {
     primary: Vec<u8>,
     secondary: Vec<u8>,
@@ -548,7 +576,14 @@ struct Images {
 }
 
 impl Images {
-    fn take(disks: &SimDisks, meta: &SimMetaDevice, rng: &mut fastrand::Rng) -> Images {
+    fn take(disks: &SimDisks, meta: &SimMetaDevice, rng: &mut fastrand::Rng, kill: bool) -> Images {
+        if kill {
+            return Images {
+                primary: disks.primary.borrow().clone(),
+                secondary: disks.secondary.borrow().clone(),
+                meta: meta.current_image(),
+            };
+        }
         let (primary, secondary) = disks.crash_images(rng);
         let meta = meta.crash_image(rng);
         Images {
@@ -566,8 +601,14 @@ struct Resumed {
 }
 
 impl Resumed {
-    fn open(images: &Images, seed: u64) -> Result<Resumed, String> {
-        let power = Power::new();
+    /// Reopens after a crash: a new boot after a power cut, the same boot
+    /// as `before` after a kill.
+    fn open(images: &Images, seed: u64, before: &Power, kill: bool) -> Result<Resumed, String> {
+        let power = if kill {
+            before.same_boot()
+        } else {
+            Power::new()
+        };
         let meta = SimMetaDevice::new(images.meta.clone(), power.clone());
         let (store, vol) = MetadataStore::open_dev(meta.clone(), &binding())
             .map_err(|e| format!("reopen failed: {e}"))?;
@@ -679,9 +720,9 @@ fn block(d: &[u8], b: usize) -> &[u8] {
     &d[b * BLOCK as usize..(b + 1) * BLOCK as usize]
 }
 
-fn run_seed(seed: u64, flush_fault: bool) -> Result<(), String> {
+fn run_seed(seed: u64, flush_fault: bool, kill: bool) -> Result<(), String> {
     let t0 = std::time::Instant::now();
-    let mut run = Run::new(seed, flush_fault);
+    let mut run = Run::new(seed, flush_fault, kill);
     run.until_crash()?;
     let t1 = t0.elapsed();
     let r = run.recover();
@@ -705,7 +746,17 @@ fn seeds() -> std::ops::Range<u64> {
 
 #[test]
 fn crash_anywhere_loses_no_flushed_write() {
-    run_seeds(false);
+    run_seeds(false, false);
+}
+
+/// The process dies (`kill -9`) at a random device write or flush instead:
+/// the devices' caches survive, and the restart is in the same boot. No
+/// acknowledged write may be lost, flushed or not: in particular a write
+/// that restored a track during a restore, acknowledged after a restore
+/// log record alone, must not be copied over from the secondary.
+#[test]
+fn kill_9_anywhere_loses_no_acknowledged_write() {
+    run_seeds(false, true);
 }
 
 /// The same with a secondary that fails every FLUSH from a random point
@@ -715,13 +766,13 @@ fn crash_anywhere_loses_no_flushed_write() {
 /// (an `establish` on the healed secondary makes the devices equal).
 #[test]
 fn crash_with_a_secondary_failing_flushes_loses_no_flushed_write() {
-    run_seeds(true);
+    run_seeds(true, false);
 }
 
-fn run_seeds(flush_fault: bool) {
+fn run_seeds(flush_fault: bool, kill: bool) {
     let mut failures = Vec::new();
     for seed in seeds() {
-        let result = std::panic::catch_unwind(|| run_seed(seed, flush_fault))
+        let result = std::panic::catch_unwind(|| run_seed(seed, flush_fault, kill))
             .unwrap_or_else(|p| Err(format!("panicked: {p:?}")));
         if let Err(e) = result {
             eprintln!("seed {seed}: {e}");
@@ -737,16 +788,18 @@ fn run_seeds(flush_fault: bool) {
 }
 
 /// A merge (a partial write to a pending track during a restore) is cheap
-/// and still crash-safe: once the host has its acknowledgement (which
-/// waited for the commit recording the track restored), the merged track
-/// survives any power cut, although no flush of the primary ran for it:
-/// its track write carried FUA. Without FUA the track sits in the
-/// primary's volatile cache and some crash images lose it, while the
-/// durable metadata says restored: a resumed restore would not copy it
-/// again and the host's write (and the secondary's rest of the track)
-/// would be gone.
+/// and still crash-safe (`core::restore_log`). Its acknowledgement waits
+/// for one restore log record, written without any flush: no flush of the
+/// primary, none of the metadata. Then:
+///
+/// - the process dies (`kill -9`: the caches survive, same boot): the
+///   restart finds the track restored from the log, with the host's bytes;
+/// - the power is cut before a host flush (a new boot): the log is ignored,
+///   the track is pending again and holds the secondary's data once the
+///   restore resumes, as if the unflushed write had been lost;
+/// - after a host flush, every power cut keeps the merged track, restored.
 #[test]
-fn an_acknowledged_merge_is_durable_without_a_flush_of_the_primary() {
+fn an_acknowledged_merge_needs_no_flush_and_survives_kill_9_and_a_flush() {
     const TRACK: u64 = 4096;
     const SIZE: u64 = 16 * TRACK;
     let secondary: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
@@ -755,19 +808,30 @@ fn an_acknowledged_merge_is_durable_without_a_flush_of_the_primary() {
     let disks = SimDisks::volatile(primary, secondary.clone(), power.clone());
     let vol = Volume::new(Geometry::new(SIZE, TRACK).unwrap(), VolumeState::Split);
     let meta = SimMetaDevice::new(Vec::new(), power.clone());
-    let store = MetadataStore::format_dev(meta.clone(), &common::binding(SIZE, TRACK), &vol, false)
+    let binding = common::binding(SIZE, TRACK);
+    let store = MetadataStore::format_dev(meta.clone(), &binding, &vol, false)
         .expect("format the sim metadata");
     let opts = Options {
         engine: None,
         clear_idle_intents: false,
     };
-    let mut h = Harness::start(5, vol, disks.clone(), store, meta, power, opts);
+    let mut h = Harness::start(
+        5,
+        vol,
+        disks.clone(),
+        store,
+        meta.clone(),
+        power.clone(),
+        opts,
+    );
     h.command(Command::Restore {
         incremental: false,
         protect: false,
     })
     .expect("restore");
     assert_eq!(h.vol.state(), VolumeState::Restoring);
+    // No commit gets in: the write must be acknowledged by the log alone.
+    h.b.commits_fail.set(true);
     let flushes_before = disks.flush_log.borrow().len();
     // 512 bytes into track 3: a merge.
     let at = 3 * TRACK + 1024;
@@ -778,18 +842,48 @@ fn an_acknowledged_merge_is_durable_without_a_flush_of_the_primary() {
         "track 3 is restored"
     );
     assert!(
-        !disks.flush_log.borrow()[flushes_before..].contains(&splitmirror::core::Dev::Primary),
-        "no flush of the whole primary for a merge: {:?}",
+        disks.flush_log.borrow()[flushes_before..].is_empty(),
+        "no device flush for a merge: {:?}",
         &disks.flush_log.borrow()[flushes_before..]
     );
-    let mut want = secondary[(3 * TRACK) as usize..(4 * TRACK) as usize].to_vec();
+    let track = (3 * TRACK) as usize..(4 * TRACK) as usize;
+    let mut want = secondary[track.clone()].to_vec();
     want[1024..1024 + 512].copy_from_slice(&host);
+
+    // kill -9: everything written survives, in the same boot.
+    let reopen = |meta_image: Vec<u8>, power: std::rc::Rc<Power>| {
+        let m = SimMetaDevice::new(meta_image, power);
+        MetadataStore::open_dev(m, &binding).expect("reopen").1
+    };
+    let killed = reopen(meta.current_image(), power.same_boot());
+    assert_eq!(killed.state(), VolumeState::Restoring);
+    assert!(
+        !killed.table(splitmirror::core::TableId::Pending).get(3),
+        "after kill -9 the log says track 3 is restored"
+    );
+    assert!(killed.table(splitmirror::core::TableId::Changed).get(3));
+    assert_eq!(&disks.primary.borrow()[track.clone()], &want[..]);
+
+    // A power cut before any flush: a new boot ignores the log.
     let mut rng = fastrand::Rng::with_seed(17);
+    for _ in 0..16 {
+        let cut = reopen(meta.crash_image(&mut rng), Power::new());
+        assert!(
+            cut.table(splitmirror::core::TableId::Pending).get(3),
+            "after a power cut the unflushed merge's track is pending again"
+        );
+    }
+
+    // A host flush makes it durable: it waits for the settling commit.
+    h.b.commits_fail.set(false);
+    h.flush();
     for cut in 0..64 {
         let (p, _) = disks.crash_images(&mut rng);
         assert!(
-            p[(3 * TRACK) as usize..(4 * TRACK) as usize] == want[..],
-            "crash image {cut}: the acknowledged merge is lost"
+            p[track.clone()] == want[..],
+            "crash image {cut}: the flushed merge is lost"
         );
+        let v = reopen(meta.crash_image(&mut rng), Power::new());
+        assert!(!v.table(splitmirror::core::TableId::Pending).get(3));
     }
 }

@@ -115,6 +115,10 @@ impl Backend for BlockingBackend {
         self.commit.request();
     }
 
+    fn request_log(&self) {
+        self.commit.request_log();
+    }
+
     fn commit_failed(&self) -> bool {
         self.commit.failed().is_some()
     }

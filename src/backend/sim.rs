@@ -371,11 +371,18 @@ impl<'a> Scheduler<'a> {
 
 /// The power supply of a crash test: counts device writes and flushes and
 /// cuts at a chosen one; from then on every write and flush fails.
+/// Each power-up is a new boot, with its own boot id (see
+/// `core::restore_log`).
 #[derive(Debug)]
 pub struct Power {
     ops: Cell<u64>,
     cut_at: Cell<u64>,
     off: Cell<bool>,
+    boot: u64,
+}
+
+thread_local! {
+    static BOOTS: Cell<u64> = const { Cell::new(0) };
 }
 
 impl Default for Power {
@@ -384,13 +391,35 @@ impl Default for Power {
             ops: Cell::new(0),
             cut_at: Cell::new(u64::MAX),
             off: Cell::new(false),
+            boot: BOOTS.with(|b| {
+                b.set(b.get() + 1);
+                b.get()
+            }),
         }
     }
 }
 
 impl Power {
+    /// A power-up: a new boot.
     pub fn new() -> Rc<Self> {
         Rc::new(Power::default())
+    }
+
+    /// The same boot, for a server restarted after its process died
+    /// (`kill -9`): the devices' caches were not lost.
+    pub fn same_boot(&self) -> Rc<Self> {
+        Rc::new(Power {
+            boot: self.boot,
+            ..Power::default()
+        })
+    }
+
+    /// The boot id the metadata's restore log records.
+    pub fn boot_id(&self) -> [u8; 16] {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&self.boot.to_le_bytes());
+        id[8..].copy_from_slice(b"sim-boot");
+        id
     }
 
     /// Cuts the power at the `n`th write or flush from now (n >= 1).
@@ -544,6 +573,12 @@ impl SimMetaDevice {
     pub fn crash_image(&self, rng: &mut fastrand::Rng) -> Vec<u8> {
         self.disk.cache.crash_image(rng)
     }
+
+    /// Everything written, cached or not: what a restart after `kill -9`
+    /// reads.
+    pub fn current_image(&self) -> Vec<u8> {
+        self.disk.current.borrow().clone()
+    }
 }
 
 impl crate::metadata::MetaDevice for SimMetaDevice {
@@ -582,5 +617,9 @@ impl crate::metadata::MetaDevice for SimMetaDevice {
 
     fn describe(&self) -> String {
         "sim-meta".into()
+    }
+
+    fn boot_id(&self) -> Option<[u8; 16]> {
+        Some(self.disk.power.boot_id())
     }
 }

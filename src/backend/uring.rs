@@ -128,6 +128,8 @@ pub struct UringBackend {
     /// submitting thread's, i.e. best effort).
     ioprio: Cell<u16>,
     on_commit: CommitHook,
+    /// What `request_log` does; unset: `on_commit`.
+    on_log: Option<CommitHook>,
     on_commit_failed: FailedHook,
 }
 
@@ -168,6 +170,7 @@ impl UringBackend {
             kick_armed: Cell::new(false),
             ioprio: Cell::new(0),
             on_commit: Box::new(|| {}),
+            on_log: None,
             on_commit_failed: Box::new(|| false),
         })
     }
@@ -175,6 +178,12 @@ impl UringBackend {
     /// What `request_commit` does (the server passes its `CommitHandle`).
     pub fn with_commit(mut self, request: impl Fn() + 'static) -> Self {
         self.on_commit = Box::new(request);
+        self
+    }
+
+    /// What `request_log` does (else it requests a commit).
+    pub fn with_log(mut self, request: impl Fn() + 'static) -> Self {
+        self.on_log = Some(Box::new(request));
         self
     }
 
@@ -187,8 +196,9 @@ impl UringBackend {
     /// Commits through the committer thread behind `commit`: requests go
     /// to it, and its failure is what `commit_failed` answers.
     pub fn with_committer(self, commit: &crate::metadata::CommitHandle) -> Self {
-        let (c1, c2) = (commit.clone(), commit.clone());
+        let (c1, c2, c3) = (commit.clone(), commit.clone(), commit.clone());
         self.with_commit(move || c1.request())
+            .with_log(move || c3.request_log())
             .with_commit_failed(move || c2.failed().is_some())
     }
 
@@ -460,6 +470,13 @@ impl Backend for UringBackend {
 
     fn request_commit(&self) {
         (self.on_commit)()
+    }
+
+    fn request_log(&self) {
+        match &self.on_log {
+            Some(f) => f(),
+            None => (self.on_commit)(),
+        }
     }
 
     fn commit_failed(&self) -> bool {

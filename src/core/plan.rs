@@ -191,11 +191,22 @@ pub struct WriteOutcome {
 }
 
 /// How a host write ends: `ok` is the status for the host, and the
-/// acknowledgement waits until `ack_after` is durable.
+/// acknowledgement waits until `ack_after` is durable and `logged` is
+/// written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriteDone {
     pub ok: bool,
     pub ack_after: Option<CommitSeq>,
+    pub logged: Option<Logged>,
+}
+
+/// A write that restored tracks, acknowledged once restore log record
+/// `record` is written (see `core::restore_log`); if the log fails first,
+/// once commit `settle` is durable. A FUA write waits for `settle` too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Logged {
+    pub record: super::restore_log::RecordSeq,
+    pub settle: CommitSeq,
 }
 
 /// One track to copy from `from` to `to`; the track is locked exclusive

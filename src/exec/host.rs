@@ -77,6 +77,21 @@ pub async fn wait_commit<B: Backend>(vol: &Volume, b: &B, seq: CommitSeq) -> io:
     Ok(())
 }
 
+/// Waits until restore log record `seq` is written; false: the log failed
+/// first (wait for the commit instead).
+async fn wait_log<B: Backend>(vol: &Volume, b: &B, seq: crate::core::RecordSeq) -> bool {
+    if vol.restore_record_written(seq) == Some(true) {
+        return true;
+    }
+    b.request_log();
+    // Woken with the commit waiters when a record is written or fails.
+    wait_on(b, vol.commit_wakes(), || {
+        vol.restore_record_written(seq) != Some(false)
+    })
+    .await;
+    vol.restore_record_written(seq) == Some(true)
+}
+
 /// Waits until the holders of track `t` changed (one left) or it is free.
 /// Only `t` itself counts: retries caused by other tracks' releases could
 /// wake two waiters of crossing multi-track writes alternately forever.
@@ -244,6 +259,12 @@ async fn run_write<B: Backend>(
         if let Some(seq) = done.ack_after {
             wait_commit(vol, b, seq).await?;
         }
+        if let Some(logged) = done.logged {
+            // A FUA write is durable when acknowledged: its commit, then.
+            if fua || !wait_log(vol, b, logged.record).await {
+                wait_commit(vol, b, logged.settle).await?;
+            }
+        }
         drop(ticket);
         return match (done.ok, primary_error) {
             (true, _) => Ok(()),
@@ -338,12 +359,12 @@ async fn put<B: Backend>(
 
 /// Claim 6: the secondary's track combined with the host's bytes (`host`;
 /// `None`: zeros, for a discard or write-zeroes) at `offset..offset+len`
-/// lands on the primary as one whole track, always with FUA: the track is
-/// then durable on its own, and the commit that records it restored (which
-/// the host's acknowledgement waits for) is one metadata write, not a flush
-/// of the whole primary with whatever the copy left in its cache
-/// (`Volume::finish_write`). While it runs the copy engine starts no new
-/// copies, so its two I/Os do not queue behind them.
+/// lands on the primary as one whole track. With the restore log it is a
+/// plain write, acknowledged after a log record; without it, a FUA write,
+/// durable on its own so that the commit the acknowledgement waits for
+/// need not flush the whole primary (`Volume::finish_write`). While it runs
+/// the copy engine starts no new copies, so its two I/Os do not queue
+/// behind them.
 async fn merge<B: Backend>(
     vol: &Volume,
     b: &B,
@@ -361,7 +382,8 @@ async fn merge<B: Backend>(
         Some(host) => track[range].copy_from_slice(host),
         None => track[range].fill(0),
     }
-    b.write(Dev::Primary, track_offset, &track, true).await
+    let fua = !vol.restore_log_enabled();
+    b.write(Dev::Primary, track_offset, &track, fua).await
 }
 
 /// Host flush: every device that holds acknowledged data. Its result is
@@ -390,6 +412,13 @@ pub async fn flush<B: Backend>(vol: &Volume, b: &B) -> io::Result<()> {
     // Still admitted: no state change runs between the flush and this.
     if let Err(e) = s {
         secondary_flush_failed(vol, &e);
+    }
+    // Tracks restored by logged writes: durable once the commit that
+    // records them is (it flushes the primary first).
+    if p.is_ok() {
+        if let Some(seq) = vol.unsettled_restores() {
+            wait_commit(vol, b, seq).await?;
+        }
     }
     drop(ticket);
     p

@@ -67,6 +67,13 @@ impl CommitHandle {
         }
     }
 
+    /// Asks for a restore log record (see `core::restore_log`): written
+    /// before any commit the thread has to make.
+    pub fn request_log(&self) {
+        let _ctl = self.shared.ctl();
+        self.shared.wake.notify_one();
+    }
+
     /// Records another disk as the secondary in the metadata's superblock
     /// (on the committer thread, which owns the store); returns when it is
     /// durable or has failed.
@@ -150,6 +157,9 @@ fn run<D: MetaDevice>(
     let mut next_aging = Instant::now() + interval;
     loop {
         let wake = wait(shared, vol, next_aging);
+        // First: host writes wait for it, and it is one small write. A
+        // failure has turned the log off (they wait for a commit now).
+        let _ = store.write_restore_log(vol);
         let rebind = shared.ctl().rebind.take();
         if let Some((id, size)) = rebind {
             let r = store
@@ -264,7 +274,7 @@ fn wait(shared: &Shared, vol: &Volume, deadline: Instant) -> Wake {
     let mut ctl = shared.ctl();
     loop {
         let requested = ctl.want > vol.commits_done() && shared.failed().is_none();
-        if ctl.stop || requested || ctl.rebind.is_some() {
+        if ctl.stop || requested || ctl.rebind.is_some() || vol.restore_log_wanted() {
             return Wake {
                 stop: ctl.stop,
                 timed_out: false,

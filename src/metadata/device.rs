@@ -22,6 +22,21 @@ pub trait MetaDevice {
         self.flush()
     }
     fn size(&mut self) -> io::Result<u64>;
+    /// The running kernel's boot id: restore log records are valid only in
+    /// the boot that wrote them (see `core::restore_log`). `None`: unknown,
+    /// and the log is not used.
+    fn boot_id(&self) -> Option<[u8; 16]> {
+        let s = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        let hex: String = s.trim().chars().filter(|c| *c != '-').collect();
+        if hex.len() != 32 {
+            return None;
+        }
+        let mut id = [0u8; 16];
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(id)
+    }
     /// Grows the device to `bytes`; block devices cannot.
     fn grow(&mut self, bytes: u64) -> io::Result<()>;
     /// For messages: the path, or what the device is.

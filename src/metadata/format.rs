@@ -1,5 +1,5 @@
 //! The on-disk layout: superblock (and its backup), two header slots, two
-//! page slots per (table, chunk). Every field is little-endian; see
+//! page slots per (table, chunk), two restore log slots. Every field is little-endian; see
 //! docs/design.md, "Metadata format", for the byte map. Encoding and
 //! decoding only: no I/O.
 
@@ -74,13 +74,100 @@ impl Layout {
         self.pages_offset() + (2 * index as u64 + slot as u64) * BLOCK
     }
 
+    fn pages_end(&self) -> u64 {
+        self.pages_offset() + 2 * self.pages() as u64 * BLOCK
+    }
+
+    /// Offset of restore log slot `slot` (0 or 1), after the pages.
+    pub fn log_offset(&self, slot: u64) -> u64 {
+        self.pages_end() + slot * LOG_SLOT_BYTES
+    }
+
     /// The last block of the metadata area: the backup superblock.
     pub fn backup_offset(&self) -> u64 {
-        self.pages_offset() + 2 * self.pages() as u64 * BLOCK
+        self.log_offset(2)
     }
 
     pub fn total_bytes(&self) -> u64 {
         self.backup_offset() + BLOCK
+    }
+
+    /// What metadata made before the restore log needs: the area without
+    /// the log slots (open grows such a file, or runs without the log).
+    pub fn total_bytes_without_log(&self) -> u64 {
+        self.pages_end() + BLOCK
+    }
+}
+
+/// Bytes of one restore log slot; a record fills whole blocks of it.
+pub const LOG_SLOT_BYTES: u64 = 16 * BLOCK;
+pub const LOG_MAGIC: [u8; 8] = *b"SMRESTLG";
+/// Bytes of a record before its tracks.
+const LOG_FIXED: usize = 64;
+
+/// One record of the restore log (see `core::restore_log`): the tracks
+/// that host writes restored and no durable commit recorded yet, valid in
+/// the boot that wrote it. Magic, uuid, boot id, number, track count, the
+/// crc32c of it all (with the crc field zero), then the tracks as u64.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreRecord {
+    pub boot: [u8; 16],
+    pub seq: u64,
+    pub tracks: Vec<u64>,
+}
+
+impl RestoreRecord {
+    /// Tracks one record can carry.
+    pub fn capacity() -> usize {
+        (LOG_SLOT_BYTES as usize - LOG_FIXED) / 8
+    }
+
+    /// Bytes the record takes: whole blocks.
+    pub fn encoded_len(&self) -> usize {
+        (LOG_FIXED + 8 * self.tracks.len()).next_multiple_of(BLOCK as usize)
+    }
+
+    /// Encodes into `b` (at least [`RestoreRecord::encoded_len`] bytes).
+    pub fn encode(&self, uuid: &[u8; 16], b: &mut [u8]) {
+        let end = LOG_FIXED + 8 * self.tracks.len();
+        b[..self.encoded_len()].fill(0);
+        b[0..8].copy_from_slice(&LOG_MAGIC);
+        b[8..24].copy_from_slice(uuid);
+        b[24..40].copy_from_slice(&self.boot);
+        put_u64(b, 40, self.seq);
+        put_u64(b, 48, self.tracks.len() as u64);
+        for (i, &t) in self.tracks.iter().enumerate() {
+            put_u64(b, LOG_FIXED + 8 * i, t);
+        }
+        let crc = crc32c::crc32c(&b[..end]);
+        put_u32(b, 56, crc);
+    }
+
+    /// A slot's record, if it holds a complete one of this volume.
+    pub fn decode(b: &[u8], uuid: &[u8; 16]) -> Option<RestoreRecord> {
+        if b.len() < LOG_FIXED || b[0..8] != LOG_MAGIC || b[8..24] != *uuid {
+            return None;
+        }
+        let count = get_u64(b, 48);
+        if count > Self::capacity() as u64 {
+            return None;
+        }
+        let end = LOG_FIXED + 8 * count as usize;
+        if end > b.len() {
+            return None;
+        }
+        let mut copy = b[..end].to_vec();
+        put_u32(&mut copy, 56, 0);
+        if crc32c::crc32c(&copy) != get_u32(b, 56) {
+            return None;
+        }
+        Some(RestoreRecord {
+            boot: b[24..40].try_into().unwrap(),
+            seq: get_u64(b, 40),
+            tracks: (0..count as usize)
+                .map(|i| get_u64(b, LOG_FIXED + 8 * i))
+                .collect(),
+        })
     }
 }
 
@@ -521,11 +608,30 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_record_round_trips_and_refuses_damage() {
+        let r = RestoreRecord {
+            boot: [7; 16],
+            seq: 42,
+            tracks: (0..600).collect(),
+        };
+        assert_eq!(r.encoded_len(), 2 * BLOCK as usize);
+        let mut b = vec![0u8; LOG_SLOT_BYTES as usize];
+        r.encode(&[1; 16], &mut b);
+        assert_eq!(RestoreRecord::decode(&b, &[1; 16]), Some(r.clone()));
+        assert_eq!(RestoreRecord::decode(&b, &[2; 16]), None, "another volume");
+        b[LOG_FIXED + 8 * 599] ^= 1;
+        assert_eq!(RestoreRecord::decode(&b, &[1; 16]), None, "a damaged track");
+        assert_eq!(RestoreRecord::decode(&[0; 4096], &[1; 16]), None, "zeros");
+    }
+
+    #[test]
     fn layout_grows_the_header_with_the_page_count() {
         let small = Layout::new(64, 4);
         assert_eq!(small.chunks, 1);
-        assert_eq!(small.total_bytes(), 4096 * 3 + 8 * 4096 + 4096);
+        assert_eq!(small.total_bytes(), 4096 * 3 + 8 * 4096 + 32 * 4096 + 4096);
+        assert_eq!(small.total_bytes_without_log(), 4096 * 3 + 8 * 4096 + 4096);
         assert_eq!(small.backup_offset(), small.total_bytes() - 4096);
+        assert_eq!(small.log_offset(1), small.log_offset(0) + LOG_SLOT_BYTES);
         // 1 TiB in 128 KiB tracks: 1024 pages, their crcs fit in 2 blocks.
         let tib = Layout::new(8 << 20, 4);
         assert_eq!(tib.header_bytes, 4096 * 2);

@@ -40,7 +40,8 @@
 
 use super::device::{FileMeta, MetaDevice};
 use super::format::{
-    decode_page, encode_page, page_crc, Bad, Header, Layout, Slot, Superblock, BLOCK,
+    decode_page, encode_page, page_crc, Bad, Header, Layout, RestoreRecord, Slot, Superblock,
+    BLOCK, LOG_SLOT_BYTES,
 };
 use super::{Binding, DataFlush};
 use crate::backend::buf::AlignedBuf;
@@ -58,6 +59,9 @@ pub struct MetadataStore<D: MetaDevice = FileMeta> {
     current: Header,
     /// A header write failed: whether it landed is unknown.
     uncertain: bool,
+    /// This boot's id, when the restore log is in use (the metadata has
+    /// its area and the boot is known).
+    log_boot: Option<[u8; 16]>,
 }
 
 /// What one commit carries: taken from the volume by
@@ -211,11 +215,16 @@ impl<D: MetaDevice> MetadataStore<D> {
         };
         let current = write_fresh(&mut dev, &sb, vol)?;
         vol.reset_commits(current.generation);
+        let log_boot = dev.boot_id();
+        if log_boot.is_some() {
+            vol.enable_restore_log(RestoreRecord::capacity());
+        }
         Ok(MetadataStore {
             dev,
             sb,
             current,
             uncertain: false,
+            log_boot,
         })
     }
 
@@ -229,11 +238,13 @@ impl<D: MetaDevice> MetadataStore<D> {
         let (header, vol) = load_volume(&mut dev, &sb, binding)?;
         vol.recover_intents();
         repair_superblock(&mut dev, &found)?;
+        let log_boot = open_restore_log(&mut dev, &sb, &vol)?;
         let store = MetadataStore {
             dev,
             sb,
             current: header,
             uncertain: false,
+            log_boot,
         };
         Ok((store, vol))
     }
@@ -274,6 +285,7 @@ impl<D: MetaDevice> MetadataStore<D> {
             sb: sb.clone(),
             current: header,
             uncertain: false,
+            log_boot: None,
         };
         // The data devices hold nothing this commit claims: no data flush.
         store.commit_with(&vol, |_| Ok(()))?;
@@ -362,10 +374,11 @@ impl<D: MetaDevice> MetadataStore<D> {
             flush_data(batch.flush)?;
         }
         let (next, pages) = self.write_pages(batch)?;
+        let cleared = self.clear_log_for_restore(&next)?;
         // The pages must be durable before the header that points at them;
         // a commit that wrote none (a state change, a table all ones or
         // all clear) needs no flush here.
-        if pages > 0 {
+        if pages > 0 || cleared {
             self.dev.flush()?;
         }
         self.uncertain = true;
@@ -414,6 +427,51 @@ impl<D: MetaDevice> MetadataStore<D> {
         Ok((next, written))
     }
 
+    /// A restore starts with this header: the log's records (of an earlier
+    /// restore) are destroyed durably before it, so that a record is never
+    /// applied to another restore than its own.
+    fn clear_log_for_restore(&mut self, next: &Header) -> io::Result<bool> {
+        let starts =
+            next.state == VolumeState::Restoring && self.current.state != VolumeState::Restoring;
+        if !starts || self.log_boot.is_none() {
+            return Ok(false);
+        }
+        let zero = AlignedBuf::new(BLOCK as usize);
+        for slot in 0..2 {
+            self.dev.write_at(&zero, self.sb.layout.log_offset(slot))?;
+        }
+        Ok(true)
+    }
+
+    /// Writes the restore log record the volume wants, if any (on the
+    /// committer's thread; no flush: see `core::restore_log`). A failure
+    /// turns the log off, and the writes waiting for it wait for commits.
+    pub fn write_restore_log(&mut self, vol: &Volume) -> io::Result<()> {
+        let Some(boot) = self.log_boot else {
+            return Ok(());
+        };
+        let Some((seq, tracks)) = vol.take_restore_log() else {
+            return Ok(());
+        };
+        let record = RestoreRecord { boot, seq, tracks };
+        let mut b = AlignedBuf::new(record.encoded_len());
+        record.encode(&self.sb.uuid, &mut b);
+        match self.dev.write_at(&b, self.sb.layout.log_offset(seq % 2)) {
+            Ok(()) => {
+                vol.restore_log_written(seq);
+                Ok(())
+            }
+            Err(e) => {
+                log::error!(
+                    "restore log write failed ({e}): writes that restore a track wait for a \
+                     metadata commit from now on"
+                );
+                vol.restore_log_failed();
+                Err(e)
+            }
+        }
+    }
+
     /// After a failed header write: flush, then trust what is on the device.
     fn reload_header(&mut self) -> io::Result<()> {
         self.dev.flush()?;
@@ -452,7 +510,7 @@ fn load_volume<D: MetaDevice>(
     binding: &Binding,
 ) -> Result<(Header, Volume)> {
     let layout = sb.layout;
-    if dev.size()? < layout.total_bytes() {
+    if dev.size()? < layout.total_bytes_without_log() {
         return Err(corrupt(dev, "it is truncated"));
     }
     let header = newest_header(dev, sb)?;
@@ -465,6 +523,60 @@ fn load_volume<D: MetaDevice>(
     vol.load_header(header.state, header.operation);
     vol.reset_commits(header.generation);
     Ok((header, vol))
+}
+
+/// Makes the restore log ready on an opened volume: metadata made before
+/// the log gets its area (a file grows, and its backup superblock moves to
+/// the new end; a block device too small for it runs without the log).
+/// A volume in the middle of a restore then gets back the tracks that
+/// writes of this boot restored (see `core::restore_log`). Returns the boot
+/// id when the log is in use.
+fn open_restore_log<D: MetaDevice>(
+    dev: &mut D,
+    sb: &Superblock,
+    vol: &Volume,
+) -> Result<Option<[u8; 16]>> {
+    let Some(boot) = dev.boot_id() else {
+        log::warn!("the kernel's boot id is unknown: restoring writes wait for metadata commits");
+        return Ok(None);
+    };
+    let layout = sb.layout;
+    if dev.size()? < layout.total_bytes() {
+        if dev.grow(layout.total_bytes()).is_err() {
+            log::info!(
+                "metadata {} has no room for the restore log ({} bytes more): restoring \
+                 writes wait for metadata commits",
+                dev.describe(),
+                layout.total_bytes() - dev.size()?
+            );
+            return Ok(None);
+        }
+        let zero = AlignedBuf::new(LOG_SLOT_BYTES as usize);
+        for slot in 0..2 {
+            dev.write_at(&zero, layout.log_offset(slot))?;
+        }
+        write_superblocks(dev, sb)?;
+    }
+    vol.enable_restore_log(RestoreRecord::capacity());
+    if vol.state() == VolumeState::Restoring {
+        let mut tracks = Vec::new();
+        let mut b = AlignedBuf::new(LOG_SLOT_BYTES as usize);
+        for slot in 0..2 {
+            dev.read_at(&mut b, layout.log_offset(slot))?;
+            match RestoreRecord::decode(&b, &sb.uuid) {
+                Some(r) if r.boot == boot => tracks.extend(r.tracks),
+                _ => {}
+            }
+        }
+        let n = vol.replay_restore_log(&tracks);
+        if n > 0 {
+            log::info!(
+                "restore log: {n} tracks restored by host writes acknowledged before the restart \
+                 (same boot: the devices' caches still hold them)"
+            );
+        }
+    }
+    Ok(Some(boot))
 }
 
 /// What `format` finds on its target decides whether it may go on: zeros

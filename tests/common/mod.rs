@@ -380,6 +380,13 @@ async fn commit_task(
                 vol.age_intents(age);
             }
         }
+        if vol.restore_log_wanted() {
+            let r = store.write_restore_log(&vol);
+            if r.is_err() && b.disks.volatile.as_ref().is_some_and(|v| v.power.is_off()) {
+                return;
+            }
+            b.pause().await;
+        }
         if (b.take_commit_request() || vol.needs_commit()) && !b.commits_fail.get() {
             let batch = store.begin_commit(&vol);
             let n = rng.borrow_mut().u32(0..4);

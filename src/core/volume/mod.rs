@@ -28,6 +28,7 @@ use super::commit::{CommitClock, CommitSeq};
 use super::geometry::Geometry;
 use super::locks::TrackLocks;
 use super::plan::*;
+use super::restore_log::{RecordSeq, RestoreLog};
 use super::state::{Operation, OperationKind, VolumeState};
 use super::table::TrackTable;
 use super::wake::WakeList;
@@ -132,6 +133,9 @@ pub struct Volume {
     /// Host merges in flight: the copy engine issues no new copies
     /// meanwhile, so a merge's I/O does not queue behind them.
     merging: AtomicU64,
+    /// Tracks restored by host writes ahead of their commit (see
+    /// `core::restore_log`).
+    pub(super) restore_log: RestoreLog,
 }
 
 /// A host merge in flight (see [`Volume::merge_guard`]).
@@ -169,6 +173,7 @@ impl Volume {
             intent_unflushed: TrackTable::new(tracks),
             progress_wakes: WakeList::default(),
             merging: AtomicU64::new(0),
+            restore_log: RestoreLog::new(tracks),
         }
     }
 
@@ -373,11 +378,90 @@ impl Volume {
     /// Commit `seq` is on stable storage (the store, or the simulation's
     /// in-memory commit).
     pub(crate) fn finish_commit(&self, seq: CommitSeq) {
-        self.clock.finish(seq)
+        self.clock.finish(seq);
+        // Tracks this commit settled leave the log (and `holds`) now.
+        self.restore_log.settle(|s| self.clock.is_durable(s));
     }
 
     /// The store formatted or opened the metadata at `generation`.
     pub(crate) fn reset_commits(&self, generation: CommitSeq) {
         self.clock.reset(generation)
+    }
+
+    // ---- The restore log (see `core::restore_log`) ----
+
+    /// The store has a log area with room for `capacity` tracks per
+    /// record, and knows the boot.
+    pub(crate) fn enable_restore_log(&self, capacity: usize) {
+        self.restore_log.enable(capacity)
+    }
+
+    /// Whether host writes that restore a track are acknowledged after a
+    /// log record instead of a commit.
+    pub fn restore_log_enabled(&self) -> bool {
+        self.restore_log.enabled()
+    }
+
+    /// A log record is wanted (the committer writes it).
+    pub fn restore_log_wanted(&self) -> bool {
+        self.restore_log.wanted()
+    }
+
+    /// For the store: the next record to write, if one is wanted.
+    pub(crate) fn take_restore_log(&self) -> Option<(RecordSeq, Vec<super::geometry::Track>)> {
+        self.restore_log.take(|seq| self.clock.is_durable(seq))
+    }
+
+    /// Record `seq` is written: the writes waiting for it are acknowledged.
+    pub(crate) fn restore_log_written(&self, seq: RecordSeq) {
+        self.restore_log.mark_written(seq);
+        self.clock.wakes().wake_all();
+    }
+
+    /// A log write failed: waiting writes fall back to the commit.
+    pub(crate) fn restore_log_failed(&self) {
+        self.restore_log.fail();
+        self.clock.wakes().wake_all();
+    }
+
+    /// Whether record `seq` is written; `None`: the log failed, wait for
+    /// the commit instead.
+    pub fn restore_record_written(&self, seq: RecordSeq) -> Option<bool> {
+        if self.restore_log.is_written(seq) {
+            Some(true)
+        } else if self.restore_log.failed() {
+            None
+        } else {
+            Some(false)
+        }
+    }
+
+    /// The commit a host flush must wait for: it makes durable every track
+    /// a logged write restored.
+    pub fn unsettled_restores(&self) -> Option<CommitSeq> {
+        self.restore_log.unsettled(|seq| self.clock.is_durable(seq))
+    }
+
+    /// A restart found `tracks` restored by writes of this boot (the
+    /// records the store read): restored, changed, and logged again until
+    /// a commit made durable after a flush of the primary settles them.
+    pub(crate) fn replay_restore_log(&self, tracks: &[super::geometry::Track]) -> usize {
+        let mut replayed = Vec::new();
+        for &t in tracks {
+            if t < self.geometry.tracks() && self.tables.pending.get(t) {
+                self.tables.changed.set(t);
+                self.tables.pending.clear(t);
+                replayed.push(t);
+            }
+        }
+        if !replayed.is_empty() {
+            self.need_flush(DevSet::PRIMARY);
+            let settle = self.clock.next();
+            let logged = self
+                .restore_log
+                .append(&replayed, settle, |seq| self.clock.is_durable(seq));
+            debug_assert!(logged.is_some(), "a replayed record fits the log");
+        }
+        replayed.len()
     }
 }

@@ -154,6 +154,11 @@ impl Volume {
             let need = match action {
                 Action::Mirror => self.mark_intent(t),
                 Action::PrimaryStale => self.clock.needed_for(&self.tables.stale, t),
+                // A track a logged write restored: a power cut makes it
+                // pending again, and the resumed restore copies the
+                // secondary over this write too (unflushed, so it may be
+                // lost); a host flush waits for the commit that settles it.
+                Action::PrimaryChanged if self.restore_log.holds(t) => None,
                 Action::PrimaryChanged => later(
                     self.mark(&self.tables.changed, t),
                     // claim 7 during a restore: the track's "restored" bit
@@ -248,6 +253,7 @@ impl Volume {
             return WriteDone {
                 ok: false,
                 ack_after: None,
+                logged: None,
             };
         }
         let mut ack = None;
@@ -257,28 +263,53 @@ impl Volume {
                 ack = later(ack, self.mark(&self.tables.changed, t));
             }
         }
-        for &t in &plan.restores {
-            // Claims 5, 6: the whole track is on primary now. Restored must be
-            // durable before the host hears of it, or a resumed restore would
-            // copy the old data over this write. "changed" is set before
-            // "pending" is cleared and the store takes pending first, so no
-            // commit records the track as neither (the resync would miss it).
-            // A merge wrote its track with FUA (durable already: the commit
-            // need not flush the primary for it); a full-track write may
-            // sit in the primary's cache, so the commit flushes it first.
-            if !plan.merges(t) {
-                self.need_flush(DevSet::PRIMARY);
-            }
-            self.tables.changed.set(t);
-            self.tables.pending.clear(t);
-            ack = later(ack, self.clock.needed_for(&self.tables.pending, t));
-            ack = later(ack, self.clock.needed_for(&self.tables.changed, t));
-        }
+        let logged = self.restored_by_write(&plan, &mut ack);
         self.release(&plan.holds);
         WriteDone {
             ok: true,
             ack_after: ack,
+            logged,
         }
+    }
+
+    /// Claims 5, 6: the write put whole tracks on the primary; they are
+    /// restored now. "changed" is set before "pending" is cleared and the
+    /// store takes pending first, so no commit records a track as neither
+    /// (the resync would miss it).
+    ///
+    /// The acknowledgement must wait until a restart would find them
+    /// restored, or a resumed restore would copy the old data over this
+    /// write: until a restore log record carries them (`core::restore_log`:
+    /// no device flush), or, without the log, until the commit that
+    /// clears "pending" is durable. Either way the commit flushes the
+    /// primary first, except after a merge written with FUA (made only
+    /// when there is no log: it is durable on its own, and the commit is
+    /// then one metadata write, not a flush of the whole primary with
+    /// whatever the copy left in its cache).
+    fn restored_by_write(&self, plan: &WritePlan, ack: &mut Option<CommitSeq>) -> Option<Logged> {
+        if plan.restores.is_empty() {
+            return None;
+        }
+        let log = self.restore_log_enabled();
+        for &t in &plan.restores {
+            if log || !plan.merges(t) {
+                self.need_flush(DevSet::PRIMARY);
+            }
+            self.tables.changed.set(t);
+            self.tables.pending.clear(t);
+        }
+        let settle = self.clock.next();
+        if log {
+            let durable = |seq| self.clock.is_durable(seq);
+            if let Some(record) = self.restore_log.append(&plan.restores, settle, durable) {
+                return Some(Logged { record, settle });
+            }
+        }
+        for &t in &plan.restores {
+            *ack = later(*ack, self.clock.needed_for(&self.tables.pending, t));
+            *ack = later(*ack, self.clock.needed_for(&self.tables.changed, t));
+        }
+        None
     }
 
     /// A mirrored write failed on the primary: the host is told so, but the

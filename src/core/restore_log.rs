@@ -1,0 +1,202 @@
+//! Tracks restored by host writes whose "restored" bit is not durable yet.
+//!
+//! A host write that restores a pending track (a full-track write, claim 5,
+//! or a merge, claim 6) must not be acknowledged before a restart would
+//! find the track restored: a resumed restore would copy the secondary over
+//! it. Making the bit durable costs a flush of the primary (the track's data
+//! must be durable before the bit is) and a metadata commit: two or three
+//! device flushes per first touch of a track.
+//!
+//! The two ways a server goes down differ in what they lose:
+//!
+//! - **The process dies** (`kill -9`, a panic, an upgrade): every completed
+//!   write is still in the devices' caches. A record in the metadata's
+//!   *restore log*, written without a flush, is enough for the restart to
+//!   find the track restored.
+//! - **The machine loses power** (or reboots): the devices' caches are
+//!   gone, and with them any write the host did not flush. The track may
+//!   hold anything on the primary, but its durable bit still says pending,
+//!   so the resumed restore copies the secondary's data over it: the track
+//!   reads back as it was before those writes, which is what a lost
+//!   unflushed write may look like. A host flush waits for the commit that
+//!   makes the bit durable, so no flushed write is lost.
+//!
+//! Each log record carries the kernel's boot id, and a restart applies only
+//! records of its own boot: the records are facts about device caches,
+//! which a reboot empties. The log is cleared when a restore starts, so a
+//! record never outlives its restore.
+//!
+//! This module keeps the in-memory side: which tracks the next record must
+//! carry (every logged track whose commit is not yet durable) and which
+//! record a host write waits for. The store writes and reads the records.
+
+use super::commit::CommitSeq;
+use super::geometry::Track;
+use super::table::TrackTable;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::Mutex;
+
+/// Number of a restore log record; a host write waits until the record
+/// with its number (or a later one) is written.
+pub type RecordSeq = u64;
+
+pub struct RestoreLog {
+    /// Tracks a record can carry; 0: the metadata has no log area (or the
+    /// boot cannot be told), and restoring writes wait for commits.
+    capacity: AtomicUsize,
+    /// A log write failed: the log is off until the server restarts.
+    failed: AtomicBool,
+    /// Highest record written (completed, not necessarily durable).
+    written: AtomicU64,
+    /// Tracks logged and not yet settled by a durable commit; mirrors
+    /// `entries` for a lock-free test on the host path.
+    logged: TrackTable,
+    inner: Mutex<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    /// Each logged track and the commit that makes its bits durable.
+    tracks: Vec<(Track, CommitSeq)>,
+    /// Highest record number handed out.
+    appended: RecordSeq,
+}
+
+impl RestoreLog {
+    pub fn new(tracks: u64) -> Self {
+        RestoreLog {
+            capacity: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
+            written: AtomicU64::new(0),
+            logged: TrackTable::new(tracks),
+            inner: Mutex::new(Entries::default()),
+        }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The store found room for `capacity` tracks per record.
+    pub fn enable(&self, capacity: usize) {
+        self.capacity.store(capacity, SeqCst);
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.capacity.load(SeqCst) > 0 && !self.failed.load(SeqCst)
+    }
+
+    /// A log write failed: from now on restoring writes wait for commits.
+    pub fn fail(&self) {
+        self.failed.store(true, SeqCst);
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failed.load(SeqCst)
+    }
+
+    /// Logs `tracks`, restored by one host write, settled by commit
+    /// `settle`. `None`: the log is off or full, and the write must wait
+    /// for `settle` instead.
+    pub fn append(
+        &self,
+        tracks: &[Track],
+        settle: CommitSeq,
+        durable: impl Fn(CommitSeq) -> bool,
+    ) -> Option<RecordSeq> {
+        if !self.enabled() {
+            return None;
+        }
+        let mut e = self.entries();
+        self.prune(&mut e, &durable);
+        if e.tracks.len() + tracks.len() > self.capacity.load(SeqCst) {
+            return None;
+        }
+        for &t in tracks {
+            self.logged.set(t);
+            e.tracks.push((t, settle));
+        }
+        e.appended += 1;
+        Some(e.appended)
+    }
+
+    /// Drops entries whose commit is durable: the header has them now.
+    fn prune(&self, e: &mut Entries, durable: &impl Fn(CommitSeq) -> bool) {
+        e.tracks.retain(|&(t, seq)| {
+            let keep = !durable(seq);
+            if !keep {
+                self.logged.clear(t);
+            }
+            keep
+        });
+    }
+
+    /// Drops what durable commits settled (the store, after each commit).
+    pub fn settle(&self, durable: impl Fn(CommitSeq) -> bool) {
+        let mut e = self.entries();
+        self.prune(&mut e, &durable);
+    }
+
+    /// Whether `t` is logged and not yet settled: its bits are not durable,
+    /// but a power cut would make it pending again, so a write on top of it
+    /// needs no commit of its own (see the module header).
+    pub fn holds(&self, t: Track) -> bool {
+        self.logged.get(t)
+    }
+
+    /// The record to write next: its number and every unsettled track.
+    /// `None`: the last record written is current.
+    pub fn take(&self, durable: impl Fn(CommitSeq) -> bool) -> Option<(RecordSeq, Vec<Track>)> {
+        if !self.wanted() {
+            return None;
+        }
+        let mut e = self.entries();
+        self.prune(&mut e, &durable);
+        Some((e.appended, e.tracks.iter().map(|&(t, _)| t).collect()))
+    }
+
+    /// A record was appended that is not written yet.
+    pub fn wanted(&self) -> bool {
+        self.enabled() && self.entries().appended > self.written.load(SeqCst)
+    }
+
+    pub fn mark_written(&self, seq: RecordSeq) {
+        self.written.fetch_max(seq, SeqCst);
+    }
+
+    pub fn is_written(&self, seq: RecordSeq) -> bool {
+        self.written.load(SeqCst) >= seq
+    }
+
+    /// The commit that settles every logged track, if one is not durable:
+    /// a host flush waits for it.
+    pub fn unsettled(&self, durable: impl Fn(CommitSeq) -> bool) -> Option<CommitSeq> {
+        let mut e = self.entries();
+        self.prune(&mut e, &durable);
+        e.tracks.iter().map(|&(_, seq)| seq).max()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_carries_every_track_until_its_commit_is_durable() {
+        let log = RestoreLog::new(64);
+        assert_eq!(log.append(&[1], 5, |_| false), None, "off until enabled");
+        log.enable(3);
+        let r1 = log.append(&[1], 5, |_| false).unwrap();
+        let r2 = log.append(&[2, 3], 6, |_| false).unwrap();
+        assert!(r2 > r1 && log.holds(2));
+        assert_eq!(log.append(&[4], 6, |_| false), None, "full");
+        assert_eq!(log.take(|_| false), Some((r2, vec![1, 2, 3])));
+        log.mark_written(r2);
+        assert!(log.is_written(r1) && !log.wanted());
+        assert_eq!(log.unsettled(|s| s <= 5), Some(6));
+        assert!(!log.holds(1) && log.holds(3), "commit 5 settled track 1");
+        assert_eq!(log.unsettled(|_| true), None);
+        log.fail();
+        assert_eq!(log.append(&[9], 7, |_| false), None, "off after a failure");
+    }
+}

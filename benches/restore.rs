@@ -139,6 +139,7 @@ struct Committer {
     stop: Arc<AtomicBool>,
     wanted: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<u64>>,
+    log_thread: Option<thread::JoinHandle<()>>,
     meta: PathBuf,
 }
 
@@ -157,8 +158,19 @@ impl Committer {
         };
         let mut store =
             MetadataStore::format(&meta, &binding, &vol, true).expect("format metadata");
-        let fds = pair.fds();
         let stop = Arc::new(AtomicBool::new(false));
+        // The restore log on a thread of its own, as the server runs it.
+        let log_thread = store.take_restore_log_writer().map(|mut w| {
+            let (v, s) = (vol.clone(), stop.clone());
+            thread::spawn(move || {
+                while !s.load(Ordering::Acquire) {
+                    if !w.write(&v).expect("restore log write") {
+                        thread::park_timeout(Duration::from_millis(20));
+                    }
+                }
+            })
+        });
+        let fds = pair.fds();
         let wanted = Arc::new(AtomicBool::new(false));
         let snapshot_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let durations = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -167,9 +179,6 @@ impl Committer {
         let thread = thread::spawn(move || {
             let mut commits = 0;
             while !s.load(Ordering::Acquire) {
-                // A restore log record first, as the server's committer
-                // does: the writes waiting for it need no commit.
-                store.write_restore_log(&vol).expect("restore log write");
                 if w.swap(false, Ordering::AcqRel) {
                     let t = Instant::now();
                     let batch = store.begin_commit(&vol);
@@ -188,7 +197,7 @@ impl Committer {
                         .expect("metadata commit");
                     durs.lock().unwrap().push(t.elapsed());
                     commits += 1;
-                } else if !vol.restore_log_wanted() {
+                } else {
                     thread::park_timeout(Duration::from_millis(20));
                 }
             }
@@ -200,14 +209,24 @@ impl Committer {
             stop,
             wanted,
             thread: Some(thread),
+            log_thread,
             meta,
         }
     }
 
     /// What a backend's `request_commit` and `request_log` call.
-    fn requesters(&self) -> (impl Fn() + Clone + Send + 'static, impl Fn() + Send + 'static) {
-        let t = self.thread.as_ref().unwrap().thread().clone();
-        (self.requester(), move || t.unpark())
+    fn requesters(
+        &self,
+    ) -> (
+        impl Fn() + Clone + Send + 'static,
+        impl Fn() + Send + 'static,
+    ) {
+        let t = self.log_thread.as_ref().map(|t| t.thread().clone());
+        (self.requester(), move || {
+            if let Some(t) = &t {
+                t.unpark()
+            }
+        })
     }
 
     /// What a backend's `request_commit` calls.
@@ -225,6 +244,10 @@ impl Committer {
         let t = self.thread.take().unwrap();
         t.thread().unpark();
         let n = t.join().unwrap();
+        if let Some(l) = self.log_thread.take() {
+            l.thread().unpark();
+            l.join().unwrap();
+        }
         let _ = std::fs::remove_file(&self.meta);
         n
     }

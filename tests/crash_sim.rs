@@ -887,3 +887,55 @@ fn an_acknowledged_merge_needs_no_flush_and_survives_kill_9_and_a_flush() {
         assert!(!v.table(splitmirror::core::TableId::Pending).get(3));
     }
 }
+
+/// A restore log record is a fact about its own restore only: the commit
+/// that starts the next restore destroys it first. Track 3 is merged (and
+/// logged) in one restore; in the next one it is pending again, and a
+/// restart after `kill -9` (same boot, every record written still there
+/// but for that clearing) must find it pending, not restored by the old
+/// record, or the resumed restore would never give it the split image.
+#[test]
+fn a_restore_log_record_never_reaches_a_later_restore() {
+    const TRACK: u64 = 4096;
+    const SIZE: u64 = 16 * TRACK;
+    let secondary: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+    let power = Power::new();
+    let disks = SimDisks::volatile(vec![0xEE; SIZE as usize], secondary, power.clone());
+    let vol = Volume::new(Geometry::new(SIZE, TRACK).unwrap(), VolumeState::Split);
+    let meta = SimMetaDevice::new(Vec::new(), power.clone());
+    let binding = common::binding(SIZE, TRACK);
+    let store = MetadataStore::format_dev(meta.clone(), &binding, &vol, false).unwrap();
+    let opts = Options {
+        engine: Some(EngineConfig::default()),
+        clear_idle_intents: false,
+    };
+    let mut h = Harness::start(9, vol, disks, store, meta.clone(), power.clone(), opts);
+    let restore = Command::Restore {
+        incremental: false,
+        protect: true,
+    };
+    h.engine_paused.set(true);
+    h.command(restore).expect("first restore");
+    // No commit settles it first: the record carries track 3.
+    h.b.commits_fail.set(true);
+    h.write(3 * TRACK + 1024, &[0x5A; 512])
+        .expect("a logged merge");
+    h.b.commits_fail.set(false);
+    h.engine_paused.set(false);
+    h.settle();
+    assert_eq!(
+        h.vol.state(),
+        VolumeState::Split,
+        "the protected restore ended"
+    );
+    h.engine_paused.set(true);
+    h.command(restore).expect("second restore");
+    assert!(h.vol.table(splitmirror::core::TableId::Pending).get(3));
+    let m = SimMetaDevice::new(meta.current_image(), power.same_boot());
+    let (_, v) = MetadataStore::open_dev(m, &binding).expect("reopen");
+    assert_eq!(v.state(), VolumeState::Restoring);
+    assert!(
+        v.table(splitmirror::core::TableId::Pending).get(3),
+        "the first restore's record was applied to the second"
+    );
+}

@@ -622,4 +622,8 @@ impl crate::metadata::MetaDevice for SimMetaDevice {
     fn boot_id(&self) -> Option<[u8; 16]> {
         Some(self.disk.power.boot_id())
     }
+
+    fn try_clone(&self) -> io::Result<Self> {
+        Ok(self.clone())
+    }
 }

@@ -35,8 +35,11 @@
 //!
 //! The secondary is never written while restoring (claim 1A). Writes to a
 //! track locked exclusive wait for that track only (claim 3); reads never
-//! wait. A write that restores a track is acknowledged only after the
-//! "restored" bit is durable.
+//! wait. A write that restores a track is acknowledged only once a restart
+//! would find the track restored: after a restore log record (see
+//! `restore_log`; a power cut voids it, and a host flush waits for the
+//! commit that makes the bit durable), or without the log after that
+//! commit.
 //!
 //! # Copies
 //!

@@ -3,6 +3,7 @@
 //! anything.
 
 use super::device::MetaDevice;
+use super::restore_log::RestoreLogWriter;
 use super::store::MetadataStore;
 use super::DataFlush;
 use crate::core::{CommitSeq, DevSet, Volume, VolumeState};
@@ -26,6 +27,8 @@ struct Ctl {
 struct Shared {
     ctl: Mutex<Ctl>,
     wake: Condvar,
+    /// Wakes the restore log's thread (a record is wanted, or a stop).
+    log_wake: Condvar,
     /// Signalled when a rebind is done.
     rebound: Condvar,
     failed: Mutex<Option<String>>,
@@ -47,6 +50,7 @@ pub struct Committer {
     shared: Arc<Shared>,
     vol: Arc<Volume>,
     thread: JoinHandle<io::Result<()>>,
+    log_thread: Option<JoinHandle<()>>,
 }
 
 #[derive(Clone)]
@@ -67,11 +71,11 @@ impl CommitHandle {
         }
     }
 
-    /// Asks for a restore log record (see `core::restore_log`): written
-    /// before any commit the thread has to make.
+    /// Asks for a restore log record (see `core::restore_log`), which the
+    /// log's own thread writes: never behind a commit.
     pub fn request_log(&self) {
         let _ctl = self.shared.ctl();
-        self.shared.wake.notify_one();
+        self.shared.log_wake.notify_one();
     }
 
     /// Records another disk as the secondary in the metadata's superblock
@@ -111,12 +115,19 @@ struct Wake {
 
 impl Committer {
     pub fn start<D: MetaDevice + Send + 'static>(
-        store: MetadataStore<D>,
+        mut store: MetadataStore<D>,
         vol: Arc<Volume>,
         flush_data: DataFlush,
         interval: Duration,
     ) -> Committer {
         let shared = Arc::new(Shared::default());
+        let log_thread = store.take_restore_log_writer().map(|w| {
+            let (s, v) = (shared.clone(), vol.clone());
+            std::thread::Builder::new()
+                .name("sm-restore-log".into())
+                .spawn(move || run_log(w, &v, &s))
+                .expect("spawn the restore log thread")
+        });
         let (s, v) = (shared.clone(), vol.clone());
         let thread = std::thread::Builder::new()
             .name("sm-commit".into())
@@ -126,6 +137,7 @@ impl Committer {
             shared,
             vol,
             thread,
+            log_thread,
         }
     }
 
@@ -140,7 +152,11 @@ impl Committer {
     pub fn stop(self) -> io::Result<()> {
         self.shared.ctl().stop = true;
         self.shared.wake.notify_one();
+        self.shared.log_wake.notify_one();
         self.shared.rebound.notify_all();
+        if let Some(t) = self.log_thread {
+            let _ = t.join();
+        }
         self.thread
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the committer thread panicked")))
@@ -157,9 +173,6 @@ fn run<D: MetaDevice>(
     let mut next_aging = Instant::now() + interval;
     loop {
         let wake = wait(shared, vol, next_aging);
-        // First: host writes wait for it, and it is one small write. A
-        // failure has turned the log off (they wait for a commit now).
-        let _ = store.write_restore_log(vol);
         let rebind = shared.ctl().rebind.take();
         if let Some((id, size)) = rebind {
             let r = store
@@ -200,6 +213,25 @@ fn run<D: MetaDevice>(
         };
         if wake.stop {
             return result;
+        }
+    }
+}
+
+/// The restore log's thread: one record whenever one is wanted. After a
+/// failed write the log is off (the writer said so) and the thread ends.
+fn run_log<D: MetaDevice>(mut writer: RestoreLogWriter<D>, vol: &Volume, shared: &Shared) {
+    loop {
+        {
+            let mut ctl = shared.ctl();
+            while !ctl.stop && !vol.restore_log_wanted() {
+                ctl = shared.log_wake.wait(ctl).unwrap_or_else(|e| e.into_inner());
+            }
+            if ctl.stop {
+                return;
+            }
+        }
+        if writer.write(vol).is_err() {
+            return;
         }
     }
 }
@@ -274,7 +306,7 @@ fn wait(shared: &Shared, vol: &Volume, deadline: Instant) -> Wake {
     let mut ctl = shared.ctl();
     loop {
         let requested = ctl.want > vol.commits_done() && shared.failed().is_none();
-        if ctl.stop || requested || ctl.rebind.is_some() || vol.restore_log_wanted() {
+        if ctl.stop || requested || ctl.rebind.is_some() {
             return Wake {
                 stop: ctl.stop,
                 timed_out: false,

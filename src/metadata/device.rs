@@ -37,6 +37,14 @@ pub trait MetaDevice {
         }
         Some(id)
     }
+    /// A second handle to the same device (the restore log's writer runs
+    /// on its own thread); devices that cannot have no restore log.
+    fn try_clone(&self) -> io::Result<Self>
+    where
+        Self: Sized,
+    {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
     /// Grows the device to `bytes`; block devices cannot.
     fn grow(&mut self, bytes: u64) -> io::Result<()>;
     /// For messages: the path, or what the device is.
@@ -172,6 +180,16 @@ impl MetaDevice for FileMeta {
         use std::io::Seek;
         // Seeking to the end also works for block devices, unlike metadata().
         self.file.seek(io::SeekFrom::End(0))
+    }
+
+    /// A dup of the descriptor: the same open file (its O_DIRECT and its
+    /// lock), written at explicit offsets only.
+    fn try_clone(&self) -> io::Result<Self> {
+        Ok(FileMeta {
+            file: self.file.try_clone()?,
+            path: self.path.clone(),
+            block_device: self.block_device,
+        })
     }
 
     fn grow(&mut self, bytes: u64) -> io::Result<()> {

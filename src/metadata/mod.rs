@@ -7,7 +7,8 @@
 //!   rules that make it crash-consistent (explained there);
 //! - [`committer`]: the thread that runs group commits;
 //! - [`device`]: the metadata file or block device behind a [`MetaDevice`];
-//! - [`identity`]: who a data device is, and what is already on it.
+//! - [`identity`]: who a data device is, and what is already on it;
+//! - [`restore_log`]: the restore log's writer and replay.
 //!
 //! Use from the server:
 //!
@@ -25,6 +26,7 @@ pub mod committer;
 pub(crate) mod device;
 pub mod format;
 pub(crate) mod identity;
+pub mod restore_log;
 pub(crate) mod store;
 
 use crate::core::DevSet;
@@ -32,6 +34,7 @@ use std::io;
 
 pub use committer::{CommitHandle, Committer};
 pub use device::{FileMeta, MetaDevice};
+pub use restore_log::RestoreLogWriter;
 pub use store::{CommitBatch, FormatOptions, MetadataStore, Replaced};
 
 /// What the metadata is bound to; `open` refuses metadata made for other

@@ -43,6 +43,7 @@ use super::format::{
     decode_page, encode_page, page_crc, Bad, Header, Layout, RestoreRecord, Slot, Superblock,
     BLOCK, LOG_SLOT_BYTES,
 };
+use super::restore_log::RestoreLogWriter;
 use super::{Binding, DataFlush};
 use crate::backend::buf::AlignedBuf;
 use crate::core::commit::CommitTake;
@@ -59,9 +60,15 @@ pub struct MetadataStore<D: MetaDevice = FileMeta> {
     current: Header,
     /// A header write failed: whether it landed is unknown.
     uncertain: bool,
-    /// This boot's id, when the restore log is in use (the metadata has
-    /// its area and the boot is known).
-    log_boot: Option<[u8; 16]>,
+    /// The restore log, when in use (the metadata has its area, the boot
+    /// is known, the device can be opened twice): the store clears it as a
+    /// restore starts; its writer runs on a thread of its own.
+    log: Option<LogArea<D>>,
+}
+
+struct LogArea<D> {
+    /// Until the committer takes it.
+    writer: Option<RestoreLogWriter<D>>,
 }
 
 /// What one commit carries: taken from the volume by
@@ -215,16 +222,16 @@ impl<D: MetaDevice> MetadataStore<D> {
         };
         let current = write_fresh(&mut dev, &sb, vol)?;
         vol.reset_commits(current.generation);
-        let log_boot = dev.boot_id();
-        if log_boot.is_some() {
+        let log = RestoreLogWriter::new(&dev, &sb).map(|w| {
             vol.enable_restore_log(RestoreRecord::capacity());
-        }
+            LogArea { writer: Some(w) }
+        });
         Ok(MetadataStore {
             dev,
             sb,
             current,
             uncertain: false,
-            log_boot,
+            log,
         })
     }
 
@@ -238,13 +245,13 @@ impl<D: MetaDevice> MetadataStore<D> {
         let (header, vol) = load_volume(&mut dev, &sb, binding)?;
         vol.recover_intents();
         repair_superblock(&mut dev, &found)?;
-        let log_boot = open_restore_log(&mut dev, &sb, &vol)?;
+        let log = open_restore_log(&mut dev, &sb, &vol)?.map(|w| LogArea { writer: Some(w) });
         let store = MetadataStore {
             dev,
             sb,
             current: header,
             uncertain: false,
-            log_boot,
+            log,
         };
         Ok((store, vol))
     }
@@ -285,7 +292,7 @@ impl<D: MetaDevice> MetadataStore<D> {
             sb: sb.clone(),
             current: header,
             uncertain: false,
-            log_boot: None,
+            log: None,
         };
         // The data devices hold nothing this commit claims: no data flush.
         store.commit_with(&vol, |_| Ok(()))?;
@@ -427,13 +434,20 @@ impl<D: MetaDevice> MetadataStore<D> {
         Ok((next, written))
     }
 
+    /// The restore log's writer, for a thread of its own (once; `None`
+    /// without the log): host writes wait for its records, never for the
+    /// commits this store makes meanwhile.
+    pub fn take_restore_log_writer(&mut self) -> Option<RestoreLogWriter<D>> {
+        self.log.as_mut()?.writer.take()
+    }
+
     /// A restore starts with this header: the log's records (of an earlier
     /// restore) are destroyed durably before it, so that a record is never
     /// applied to another restore than its own.
     fn clear_log_for_restore(&mut self, next: &Header) -> io::Result<bool> {
         let starts =
             next.state == VolumeState::Restoring && self.current.state != VolumeState::Restoring;
-        if !starts || self.log_boot.is_none() {
+        if !starts || self.log.is_none() {
             return Ok(false);
         }
         let zero = AlignedBuf::new(BLOCK as usize);
@@ -441,35 +455,6 @@ impl<D: MetaDevice> MetadataStore<D> {
             self.dev.write_at(&zero, self.sb.layout.log_offset(slot))?;
         }
         Ok(true)
-    }
-
-    /// Writes the restore log record the volume wants, if any (on the
-    /// committer's thread; no flush: see `core::restore_log`). A failure
-    /// turns the log off, and the writes waiting for it wait for commits.
-    pub fn write_restore_log(&mut self, vol: &Volume) -> io::Result<()> {
-        let Some(boot) = self.log_boot else {
-            return Ok(());
-        };
-        let Some((seq, tracks)) = vol.take_restore_log() else {
-            return Ok(());
-        };
-        let record = RestoreRecord { boot, seq, tracks };
-        let mut b = AlignedBuf::new(record.encoded_len());
-        record.encode(&self.sb.uuid, &mut b);
-        match self.dev.write_at(&b, self.sb.layout.log_offset(seq % 2)) {
-            Ok(()) => {
-                vol.restore_log_written(seq);
-                Ok(())
-            }
-            Err(e) => {
-                log::error!(
-                    "restore log write failed ({e}): writes that restore a track wait for a \
-                     metadata commit from now on"
-                );
-                vol.restore_log_failed();
-                Err(e)
-            }
-        }
     }
 
     /// After a failed header write: flush, then trust what is on the device.
@@ -529,17 +514,13 @@ fn load_volume<D: MetaDevice>(
 /// the log gets its area (a file grows, and its backup superblock moves to
 /// the new end; a block device too small for it runs without the log).
 /// A volume in the middle of a restore then gets back the tracks that
-/// writes of this boot restored (see `core::restore_log`). Returns the boot
-/// id when the log is in use.
+/// writes of this boot restored (see `core::restore_log`). Returns the
+/// log's writer when the log is in use.
 fn open_restore_log<D: MetaDevice>(
     dev: &mut D,
     sb: &Superblock,
     vol: &Volume,
-) -> Result<Option<[u8; 16]>> {
-    let Some(boot) = dev.boot_id() else {
-        log::warn!("the kernel's boot id is unknown: restoring writes wait for metadata commits");
-        return Ok(None);
-    };
+) -> Result<Option<RestoreLogWriter<D>>> {
     let layout = sb.layout;
     if dev.size()? < layout.total_bytes() {
         if dev.grow(layout.total_bytes()).is_err() {
@@ -557,17 +538,12 @@ fn open_restore_log<D: MetaDevice>(
         }
         write_superblocks(dev, sb)?;
     }
+    let Some(writer) = RestoreLogWriter::new(dev, sb) else {
+        return Ok(None);
+    };
     vol.enable_restore_log(RestoreRecord::capacity());
     if vol.state() == VolumeState::Restoring {
-        let mut tracks = Vec::new();
-        let mut b = AlignedBuf::new(LOG_SLOT_BYTES as usize);
-        for slot in 0..2 {
-            dev.read_at(&mut b, layout.log_offset(slot))?;
-            match RestoreRecord::decode(&b, &sb.uuid) {
-                Some(r) if r.boot == boot => tracks.extend(r.tracks),
-                _ => {}
-            }
-        }
+        let tracks = writer.read_own(dev)?;
         let n = vol.replay_restore_log(&tracks);
         if n > 0 {
             log::info!(
@@ -576,7 +552,7 @@ fn open_restore_log<D: MetaDevice>(
             );
         }
     }
-    Ok(Some(boot))
+    Ok(Some(writer))
 }
 
 /// What `format` finds on its target decides whether it may go on: zeros

@@ -15,7 +15,7 @@ use splitmirror::core::{Command, Geometry, TransitionError, Volume, VolumeState}
 use splitmirror::exec::engine::{self, EngineConfig};
 use splitmirror::exec::host;
 use splitmirror::exec::load::HostLoad;
-use splitmirror::metadata::{committer, Binding, MetadataStore};
+use splitmirror::metadata::{committer, Binding, MetadataStore, RestoreLogWriter};
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
@@ -165,6 +165,10 @@ impl Harness {
         let engine_errors = Rc::new(RefCell::new(Vec::new()));
         let load = Rc::new(HostLoad::default());
         let engine_running = Rc::new(Cell::new(false));
+        let mut store = store;
+        if let Some(w) = store.take_restore_log_writer() {
+            sched.spawn(log_task(vol.clone(), b.clone(), w, rng.clone()));
+        }
         sched.spawn(commit_task(
             vol.clone(),
             b.clone(),
@@ -380,13 +384,6 @@ async fn commit_task(
                 vol.age_intents(age);
             }
         }
-        if vol.restore_log_wanted() {
-            let r = store.write_restore_log(&vol);
-            if r.is_err() && b.disks.volatile.as_ref().is_some_and(|v| v.power.is_off()) {
-                return;
-            }
-            b.pause().await;
-        }
         if (b.take_commit_request() || vol.needs_commit()) && !b.commits_fail.get() {
             let batch = store.begin_commit(&vol);
             let n = rng.borrow_mut().u32(0..4);
@@ -396,6 +393,28 @@ async fn commit_task(
                 committer::flush_data_devices(&vol, d, |x| disks.flush_now(x))
             });
             if r.is_err() && disks.volatile.as_ref().is_some_and(|v| v.power.is_off()) {
+                return;
+            }
+        }
+        b.pause().await;
+    }
+}
+
+/// The restore log's writer, as the committer's log thread runs it: a
+/// record whenever one is wanted, with other tasks (commits among them)
+/// running between taking it and writing it. Ends once a write fails (the
+/// log is then off, or the power is cut).
+async fn log_task(
+    vol: Rc<Volume>,
+    b: Rc<SimBackend>,
+    mut writer: RestoreLogWriter<SimMetaDevice>,
+    rng: sim::SimRng,
+) {
+    loop {
+        if vol.restore_log_wanted() {
+            let n = rng.borrow_mut().u32(0..3);
+            sim::YieldNow(n).await;
+            if writer.write(&vol).is_err() {
                 return;
             }
         }

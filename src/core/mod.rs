@@ -13,7 +13,7 @@
 //! | `changed` | primary differs from the frozen secondary            | split-mode writes, writes during a restore | establish, restore start |
 //! | `pending` | restore pending: primary invalid, secondary valid (claim 4) | restore start (claims 10, 11) | copy, full write (5), merge (6) |
 //! | `stale`   | secondary must be copied from primary                | establish, restore end, crash recovery | copy |
-//! | `intent`  | a mirror write may be in flight                      | mirror writes     | lazily when idle |
+//! | `intent`  | a mirror write may be in flight; outside a mirror, a primary write whose exact `changed` bit may not be durable yet (per region of 64 tracks) | host writes | lazily when idle; leaving a state without a mirror |
 //!
 //! Lock: *shared* while host writes to the track are in flight, *exclusive*
 //! while a copy or a merge runs on it. During a restore every track is
@@ -26,8 +26,8 @@
 //! |--------------|-------------------------------|-----------------------------------------------------------|-------|
 //! | established  | primary                       | both devices, intent durable first                        | both  |
 //! | syncing, resyncing | primary                 | stale: primary only; else both, intent durable first      | both  |
-//! | split, degraded | primary                    | primary, `changed` durable first                          | primary |
-//! | restoring    | pending: secondary; else primary | pending+full: primary, then restored (5); pending+partial: merge secondary track + host bytes → primary, then restored (6, 8, 9); restored: primary, `changed` durable first (7) | primary |
+//! | split, degraded | primary                    | primary, `changed` set, its region's intent durable first | primary |
+//! | restoring    | pending: secondary; else primary | pending+full: primary, then restored (5); pending+partial: merge secondary track + host bytes → primary, then restored (6, 8, 9); restored: primary, `changed` set, its region's intent and its restored bit durable first (7) | primary |
 //!
 //! A discard or write-zeroes is a write of zeros under the same rules
 //! (`Volume::plan_zero`): the range reads back as zeros on every device

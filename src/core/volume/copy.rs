@@ -178,19 +178,23 @@ impl Volume {
     }
 
     fn clear_intents_where(&self, mut idle_enough: impl FnMut(Track, &Self) -> bool) -> u64 {
-        if !self.state().mirrors() {
-            return 0;
-        }
+        let mirrors = self.state().mirrors();
         let mut n = 0;
         let set: Vec<Track> = self.tables.intent.iter_set().collect();
         for t in set {
             if idle_enough(t, self) && self.locks.try_exclusive(t) {
-                // The writes under this bit completed but may sit in a
-                // volatile cache: both devices are flushed before the clear
-                // is committed, or a crash could leave them differing
-                // with no intent to resync them.
-                self.need_flush(DevSet::BOTH);
-                self.intent_unflushed.set(t);
+                if mirrors {
+                    // The writes under this bit completed but may sit in a
+                    // volatile cache: both devices are flushed before the
+                    // clear is committed, or a crash could leave them
+                    // differing with no intent to resync them.
+                    self.need_flush(DevSet::BOTH);
+                    self.intent_unflushed.set(t);
+                }
+                // Outside a mirror the bit covers the primary-only writes
+                // whose exact "changed" bit (set before they were issued)
+                // is not durable yet: the commit that carries this clear
+                // takes "changed" first (`TAKE_ORDER`), so it carries them.
                 n += self.tables.intent.clear(t) as u64;
                 self.locks.release_exclusive(t);
                 self.wake_progress();

@@ -34,10 +34,14 @@ impl Volume {
     }
 
     /// What the secondary may lack or have lost becomes `changed`: the
-    /// tracks under write intent, those whose intent was cleared since its
-    /// last good flush, and the stale ones (copies not yet done).
+    /// tracks under write intent while mirroring (outside a mirror intent
+    /// only covers primary writes, whose "changed" bits are exact), those
+    /// whose intent was cleared since its last good flush, and the stale
+    /// ones (copies not yet done). Called before the state changes.
     fn fold_unflushed_into_changed(&self) {
-        self.tables.changed.merge_from(&self.tables.intent);
+        if self.state().mirrors() {
+            self.tables.changed.merge_from(&self.tables.intent);
+        }
         self.tables.changed.merge_from(&self.intent_unflushed);
         self.tables.changed.merge_from(&self.tables.stale);
         self.tables.stale.clear_all();
@@ -71,8 +75,8 @@ impl Volume {
         if !state.mirrors() {
             return;
         }
-        self.set_state(VolumeState::Degraded);
         self.fold_unflushed_into_changed();
+        self.set_state(VolumeState::Degraded);
         self.set_operation(None);
     }
 
@@ -131,6 +135,9 @@ impl Volume {
         // Split clears write intent: the mirror writes under it must be
         // durable on both devices first.
         self.need_flush(DevSet::BOTH);
+        if !self.state().mirrors() {
+            self.drop_primary_intent();
+        }
         let tables = &self.tables;
         match cmd {
             Command::Split => {
@@ -219,6 +226,7 @@ impl Volume {
         let tables = &self.tables;
         match self.state() {
             VolumeState::Restoring => {
+                self.drop_primary_intent();
                 let op = self.operation().expect("restoring has an operation");
                 if op.protect {
                     // Claim 1(E) withheld: the secondary stays split and intact;
@@ -247,6 +255,17 @@ impl Volume {
             _ => {}
         }
         true
+    }
+
+    /// Leaving a state without a mirror (drained, under the snapshot
+    /// lock): its write intent covered only the primary writes whose exact
+    /// "changed" bits were not durable yet, and this state change's commit
+    /// carries those bits, so the intent is dropped with it rather than
+    /// folded into the tables after a crash or a secondary failure later.
+    fn drop_primary_intent(&self) {
+        if !self.tables.intent.is_clear() {
+            self.tables.intent.clear_all();
+        }
     }
 
     /// An established volume whose `stale` tracks may differ between the

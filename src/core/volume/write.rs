@@ -158,13 +158,24 @@ impl Volume {
                 // pending again, and the resumed restore copies the
                 // secondary over this write too (unflushed, so it may be
                 // lost); a host flush waits for the commit that settles it.
-                Action::PrimaryChanged if self.restore_log.holds(t) => None,
-                Action::PrimaryChanged => later(
-                    self.mark(&self.tables.changed, t),
-                    // claim 7 during a restore: the track's "restored" bit
-                    // must be durable before new data goes on top of it.
-                    self.clock.needed_for(&self.tables.pending, t),
-                ),
+                Action::PrimaryChanged if self.restore_log.holds(t) => {
+                    self.tables.changed.set(t);
+                    None
+                }
+                Action::PrimaryChanged => {
+                    // "changed" is exact in memory and committed lazily; the
+                    // region's write intent, durable before the write is
+                    // issued, covers a crash (`recover_intents` folds it
+                    // into "changed"), as it covers mirror writes. So a
+                    // write to a warm region needs no commit at all.
+                    self.tables.changed.set(t);
+                    later(
+                        self.mark_intent(t),
+                        // claim 7 during a restore: the track's "restored"
+                        // bit must be durable before new data goes on top.
+                        self.clock.needed_for(&self.tables.pending, t),
+                    )
+                }
                 Action::RestoreFull | Action::Merge => {
                     plan.restores.push(t);
                     None

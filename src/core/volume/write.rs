@@ -255,7 +255,8 @@ impl Volume {
         if outcome.primary_failed {
             // The request fails. A pending track stays pending and will be
             // copied over the partial data; a split-mode track had its
-            // "changed" bit durable before the write was issued. Mirrored
+            // "changed" bit set, and its region's intent durable, before
+            // the write was issued. Mirrored
             // tracks need more: see `primary_write_failed`.
             if !outcome.not_issued {
                 self.primary_write_failed(&plan.mirrors);

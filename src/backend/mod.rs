@@ -81,11 +81,10 @@ pub trait Backend {
     }
     /// Asks the metadata committer for a commit soon.
     fn request_commit(&self);
-    /// Asks the metadata committer for a restore log record soon (see
-    /// `core::restore_log`).
-    fn request_log(&self) {
-        self.request_commit()
-    }
+    /// Asks for a restore log record soon (see `core::restore_log`). Every
+    /// executor says where that goes: a commit request instead would not
+    /// wake the log's writer.
+    fn request_log(&self);
     /// Whether metadata commits are failing: a write that needs one must
     /// not be acknowledged.
     fn commit_failed(&self) -> bool {

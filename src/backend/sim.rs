@@ -233,6 +233,9 @@ impl Backend for SimBackend {
         self.commit_wanted.set(true);
     }
 
+    /// The harness's log task looks at the volume each turn.
+    fn request_log(&self) {}
+
     fn commit_failed(&self) -> bool {
         self.commits_fail.get()
     }

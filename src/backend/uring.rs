@@ -181,7 +181,8 @@ impl UringBackend {
         self
     }
 
-    /// What `request_log` does (else it requests a commit).
+    /// What `request_log` does (unset: `request_commit`'s hook, for a
+    /// backend whose commit hook also wakes whatever writes the log).
     pub fn with_log(mut self, request: impl Fn() + 'static) -> Self {
         self.on_log = Some(Box::new(request));
         self

@@ -120,6 +120,10 @@ impl Backend for RingBackend {
         self.commit.request();
     }
 
+    fn request_log(&self) {
+        self.commit.request_log();
+    }
+
     fn waker(&self, w: &std::task::Waker) -> std::task::Waker {
         self.kick.waker(w)
     }

@@ -82,6 +82,12 @@ impl RestoreLog {
         self.capacity.store(capacity, SeqCst);
     }
 
+    /// The store set the log up (it may have failed since): merges may
+    /// have been written without FUA.
+    pub fn configured(&self) -> bool {
+        self.capacity.load(SeqCst) > 0
+    }
+
     pub fn enabled(&self) -> bool {
         self.capacity.load(SeqCst) > 0 && !self.failed.load(SeqCst)
     }

@@ -402,7 +402,7 @@ impl Volume {
         self.restore_log.enabled()
     }
 
-    /// A log record is wanted (the committer writes it).
+    /// A log record is wanted (the restore log's thread writes it).
     pub fn restore_log_wanted(&self) -> bool {
         self.restore_log.wanted()
     }

@@ -304,7 +304,9 @@ impl Volume {
         }
         let log = self.restore_log_enabled();
         for &t in &plan.restores {
-            if log || !plan.merges(t) {
+            // `configured`, not `log`: a merge issued while the log still
+            // worked was written without FUA even if the log failed since.
+            if self.restore_log.configured() || !plan.merges(t) {
                 self.need_flush(DevSet::PRIMARY);
             }
             self.tables.changed.set(t);

@@ -104,17 +104,11 @@ impl RestoreLog {
     /// Logs `tracks`, restored by one host write, settled by commit
     /// `settle`. `None`: the log is off or full, and the write must wait
     /// for `settle` instead.
-    pub fn append(
-        &self,
-        tracks: &[Track],
-        settle: CommitSeq,
-        durable: impl Fn(CommitSeq) -> bool,
-    ) -> Option<RecordSeq> {
+    pub fn append(&self, tracks: &[Track], settle: CommitSeq) -> Option<RecordSeq> {
         if !self.enabled() {
             return None;
         }
         let mut e = self.entries();
-        self.prune(&mut e, &durable);
         if e.tracks.len() + tracks.len() > self.capacity.load(SeqCst) {
             return None;
         }
@@ -126,21 +120,17 @@ impl RestoreLog {
         Some(e.appended)
     }
 
-    /// Drops entries whose commit is durable: the header has them now.
-    fn prune(&self, e: &mut Entries, durable: &impl Fn(CommitSeq) -> bool) {
-        e.tracks.retain(|&(t, seq)| {
+    /// Drops the entries whose commit is durable (the header has them
+    /// now): after every commit, the only way a commit becomes durable, so
+    /// the entries left are exactly the unsettled ones.
+    pub fn settle(&self, durable: impl Fn(CommitSeq) -> bool) {
+        self.entries().tracks.retain(|&(t, seq)| {
             let keep = !durable(seq);
             if !keep {
                 self.logged.clear(t);
             }
             keep
         });
-    }
-
-    /// Drops what durable commits settled (the store, after each commit).
-    pub fn settle(&self, durable: impl Fn(CommitSeq) -> bool) {
-        let mut e = self.entries();
-        self.prune(&mut e, &durable);
     }
 
     /// Whether `t` is logged and not yet settled: its bits are not durable,
@@ -152,12 +142,11 @@ impl RestoreLog {
 
     /// The record to write next: its number and every unsettled track.
     /// `None`: the last record written is current.
-    pub fn take(&self, durable: impl Fn(CommitSeq) -> bool) -> Option<(RecordSeq, Vec<Track>)> {
+    pub fn take(&self) -> Option<(RecordSeq, Vec<Track>)> {
         if !self.wanted() {
             return None;
         }
-        let mut e = self.entries();
-        self.prune(&mut e, &durable);
+        let e = self.entries();
         Some((e.appended, e.tracks.iter().map(|&(t, _)| t).collect()))
     }
 
@@ -176,10 +165,8 @@ impl RestoreLog {
 
     /// The commit that settles every logged track, if one is not durable:
     /// a host flush waits for it.
-    pub fn unsettled(&self, durable: impl Fn(CommitSeq) -> bool) -> Option<CommitSeq> {
-        let mut e = self.entries();
-        self.prune(&mut e, &durable);
-        e.tracks.iter().map(|&(_, seq)| seq).max()
+    pub fn unsettled(&self) -> Option<CommitSeq> {
+        self.entries().tracks.iter().map(|&(_, seq)| seq).max()
     }
 }
 
@@ -190,19 +177,21 @@ mod tests {
     #[test]
     fn a_record_carries_every_track_until_its_commit_is_durable() {
         let log = RestoreLog::new(64);
-        assert_eq!(log.append(&[1], 5, |_| false), None, "off until enabled");
+        assert_eq!(log.append(&[1], 5), None, "off until enabled");
         log.enable(3);
-        let r1 = log.append(&[1], 5, |_| false).unwrap();
-        let r2 = log.append(&[2, 3], 6, |_| false).unwrap();
+        let r1 = log.append(&[1], 5).unwrap();
+        let r2 = log.append(&[2, 3], 6).unwrap();
         assert!(r2 > r1 && log.holds(2));
-        assert_eq!(log.append(&[4], 6, |_| false), None, "full");
-        assert_eq!(log.take(|_| false), Some((r2, vec![1, 2, 3])));
+        assert_eq!(log.append(&[4], 6), None, "full");
+        assert_eq!(log.take(), Some((r2, vec![1, 2, 3])));
         log.mark_written(r2);
         assert!(log.is_written(r1) && !log.wanted());
-        assert_eq!(log.unsettled(|s| s <= 5), Some(6));
+        log.settle(|s| s <= 5);
+        assert_eq!(log.unsettled(), Some(6));
         assert!(!log.holds(1) && log.holds(3), "commit 5 settled track 1");
-        assert_eq!(log.unsettled(|_| true), None);
+        log.settle(|_| true);
+        assert_eq!(log.unsettled(), None);
         log.fail();
-        assert_eq!(log.append(&[9], 7, |_| false), None, "off after a failure");
+        assert_eq!(log.append(&[9], 7), None, "off after a failure");
     }
 }

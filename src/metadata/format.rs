@@ -156,9 +156,9 @@ impl RestoreRecord {
         if end > b.len() {
             return None;
         }
-        let mut copy = b[..end].to_vec();
-        put_u32(&mut copy, 56, 0);
-        if crc32c::crc32c(&copy) != get_u32(b, 56) {
+        // The crc of the record with its own field read as zeros.
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..56]), &[0; 4]);
+        if crc32c::crc32c_append(crc, &b[60..end]) != get_u32(b, 56) {
             return None;
         }
         Some(RestoreRecord {

@@ -409,7 +409,7 @@ impl Volume {
 
     /// For the store: the next record to write, if one is wanted.
     pub(crate) fn take_restore_log(&self) -> Option<(RecordSeq, Vec<super::geometry::Track>)> {
-        self.restore_log.take(|seq| self.clock.is_durable(seq))
+        self.restore_log.take()
     }
 
     /// Record `seq` is written: the writes waiting for it are acknowledged.
@@ -439,7 +439,7 @@ impl Volume {
     /// The commit a host flush must wait for: it makes durable every track
     /// a logged write restored.
     pub fn unsettled_restores(&self) -> Option<CommitSeq> {
-        self.restore_log.unsettled(|seq| self.clock.is_durable(seq))
+        self.restore_log.unsettled()
     }
 
     /// A restart found `tracks` restored by writes of this boot (the
@@ -457,9 +457,7 @@ impl Volume {
         if !replayed.is_empty() {
             self.need_flush(DevSet::PRIMARY);
             let settle = self.clock.next();
-            let logged = self
-                .restore_log
-                .append(&replayed, settle, |seq| self.clock.is_durable(seq));
+            let logged = self.restore_log.append(&replayed, settle);
             debug_assert!(logged.is_some(), "a replayed record fits the log");
         }
         replayed.len()

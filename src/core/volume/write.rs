@@ -314,8 +314,7 @@ impl Volume {
         }
         let settle = self.clock.next();
         if log {
-            let durable = |seq| self.clock.is_durable(seq);
-            if let Some(record) = self.restore_log.append(&plan.restores, settle, durable) {
+            if let Some(record) = self.restore_log.append(&plan.restores, settle) {
                 return Some(Logged { record, settle });
             }
         }

@@ -797,6 +797,8 @@ fn run_seeds(flush_fault: bool, kill: bool) {
 /// - the power is cut before a host flush (a new boot): the log is ignored,
 ///   the track is pending again and holds the secondary's data once the
 ///   restore resumes, as if the unflushed write had been lost;
+/// - a FUA write on top of it is durable when acknowledged, restored bit
+///   and all;
 /// - after a host flush, every power cut keeps the merged track, restored.
 #[test]
 fn an_acknowledged_merge_needs_no_flush_and_survives_kill_9_and_a_flush() {
@@ -874,8 +876,29 @@ fn an_acknowledged_merge_needs_no_flush_and_survives_kill_9_and_a_flush() {
         );
     }
 
-    // A host flush makes it durable: it waits for the settling commit.
+    // A FUA write on top of the logged track is durable when acknowledged:
+    // it waits for the commit that settles the track, or a power cut would
+    // make the track pending again and the resumed restore would copy the
+    // secondary over the FUA write.
+    let fua = vec![0xA5u8; 512];
+    let slot = h.spawn_write(3 * TRACK + 2048, fua.clone(), true);
+    assert!(
+        h.wait(&slot).is_err(),
+        "a FUA write was acknowledged while no commit could settle the track under it"
+    );
     h.b.commits_fail.set(false);
+    let slot = h.spawn_write(3 * TRACK + 2048, fua.clone(), true);
+    h.wait(&slot).expect("the FUA write is acknowledged");
+    want[2048..2048 + 512].copy_from_slice(&fua);
+    for cut in 0..16 {
+        let v = reopen(meta.crash_image(&mut rng), Power::new());
+        assert!(
+            !v.table(splitmirror::core::TableId::Pending).get(3),
+            "crash image {cut}: the track under an acknowledged FUA write is pending again"
+        );
+    }
+
+    // A host flush makes it durable: it waits for the settling commit.
     h.flush();
     for cut in 0..64 {
         let (p, _) = disks.crash_images(&mut rng);

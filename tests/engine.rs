@@ -299,18 +299,34 @@ fn feed(p: &mut Pacer, w: Window, n: usize) {
 #[test]
 fn pacer_shrinks_under_host_latency_down_to_the_floor_and_no_further() {
     let mut p = pacer(RestorePriority::Host);
+    assert_eq!(
+        (p.limits().ios, p.limits().io_tracks),
+        (1, 1),
+        "a load met at the start: the floor at once, not full speed"
+    );
+    feed(&mut p, busy(IDLE_P99), 14);
     let full = p.limits();
-    assert_eq!((full.ios, full.io_tracks), (8, 8), "starts at full speed");
-    // Host p99 at 4× idle: every window halves, I/O count first.
-    p.observe(&busy(IDLE_P99 * 4));
+    assert_eq!((full.ios, full.io_tracks), (8, 8), "grown to full speed");
+    // Host p99 at 2× idle (1.33× the target): every window halves, I/O
+    // count first.
+    p.observe(&busy(IDLE_P99 * 2));
     assert_eq!((p.limits().ios, p.limits().io_tracks), (4, 8));
-    p.observe(&busy(IDLE_P99 * 4));
-    p.observe(&busy(IDLE_P99 * 4));
-    p.observe(&busy(IDLE_P99 * 4));
+    p.observe(&busy(IDLE_P99 * 2));
+    p.observe(&busy(IDLE_P99 * 2));
+    p.observe(&busy(IDLE_P99 * 2));
     assert_eq!(
         (p.limits().ios, p.limits().io_tracks),
         (1, 4),
         "then smaller I/Os"
+    );
+    // Far over the target: one halving per doubling, in one window.
+    feed(&mut p, busy(IDLE_P99), 11);
+    assert_eq!((p.limits().ios, p.limits().io_tracks), (8, 8));
+    p.observe(&busy(IDLE_P99 * 20));
+    assert_eq!(
+        (p.limits().ios, p.limits().io_tracks),
+        (1, 4),
+        "20× idle is 13× the target: four halvings at once"
     );
     // Constant overload for a long time: it stays at the floor, never 0
     // outside a probe.
@@ -355,10 +371,18 @@ fn pacer_grows_back_when_the_host_is_fast_or_away() {
         before,
         "inside the band it neither grows nor shrinks"
     );
-    // The host goes away: full speed at once.
+    // The host goes away: full speed at once...
     feed(&mut p, busy(IDLE_P99 * 10), 20);
     p.observe(&Window::default());
     assert_eq!((p.limits().ios, p.limits().io_tracks), (8, 8));
+    p.observe(&Window::default());
+    assert_eq!((p.limits().ios, p.limits().io_tracks), (8, 8));
+    // ...and its first request brings back the limits it had under load,
+    // before any window closes.
+    p.host_active();
+    assert_eq!((p.limits().ios, p.limits().io_tracks), (1, 1));
+    p.host_active();
+    assert_eq!(p.limits().tracks(), 1, "only a return from away resets");
 }
 
 #[test]
@@ -366,6 +390,10 @@ fn pacer_follows_the_priority_setting() {
     // 2.5× idle: too much for host first, fine for balanced.
     let mut host = pacer(RestorePriority::Host);
     let mut balanced = pacer(RestorePriority::Balanced);
+    feed(&mut host, busy(IDLE_P99), 14);
+    feed(&mut balanced, busy(IDLE_P99), 14);
+    assert_eq!(host.limits().tracks(), 64);
+    assert_eq!(balanced.limits().tracks(), 64);
     feed(&mut host, busy(IDLE_P99 * 5 / 2), 3);
     feed(&mut balanced, busy(IDLE_P99 * 5 / 2), 3);
     assert!(host.limits().tracks() < 64);

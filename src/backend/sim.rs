@@ -479,12 +479,17 @@ impl WriteCache {
 
     pub fn record(&self, offset: u64, data: &[u8], fua: bool) {
         if fua {
-            // Written through: it supersedes earlier unflushed writes there
-            // (dropping the rest of such a unit is a legal loss anyway).
+            // Written through. The cache keeps earlier unflushed writes of
+            // the same units, now with these bytes on top: a later flush
+            // still makes the rest of such a unit durable.
             let end = offset + data.len() as u64;
-            self.unflushed
-                .borrow_mut()
-                .retain(|(o, d)| o + d.len() as u64 <= offset || *o >= end);
+            for (o, d) in self.unflushed.borrow_mut().iter_mut() {
+                let (from, to) = (offset.max(*o), end.min(*o + d.len() as u64));
+                if from < to {
+                    d[(from - *o) as usize..(to - *o) as usize]
+                        .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+                }
+            }
             apply(&mut self.durable.borrow_mut(), offset, data);
             return;
         }

@@ -137,6 +137,11 @@ pub struct WritePlan {
     /// durable before any data reaches a device: wait for this commit.
     pub commit_before_issue: Option<CommitSeq>,
     pub(crate) holds: PlanVec<(Track, Hold)>,
+    /// The write goes on top of tracks a logged write restored (their
+    /// "restored" bits are not durable): a FUA write is durable only once
+    /// this commit, which settles them, is (a power cut would make them
+    /// pending again, and the resumed restore would copy over it).
+    pub settle_if_fua: Option<CommitSeq>,
     /// Pending tracks this write makes restored once its data is on primary.
     pub(crate) restores: PlanVec<Track>,
     /// Tracks written to both devices (their secondary copy is meant to

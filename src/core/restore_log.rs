@@ -140,6 +140,19 @@ impl RestoreLog {
         self.logged.get(t)
     }
 
+    /// The commit that settles logged track `t`, if it is not durable yet.
+    pub fn settle_of(&self, t: Track) -> Option<CommitSeq> {
+        if !self.holds(t) {
+            return None;
+        }
+        let e = self.entries();
+        e.tracks
+            .iter()
+            .filter(|&&(u, _)| u == t)
+            .map(|&(_, seq)| seq)
+            .max()
+    }
+
     /// The record to write next: its number and every unsettled track.
     /// `None`: the last record written is current.
     pub fn take(&self) -> Option<(RecordSeq, Vec<Track>)> {
@@ -186,8 +199,10 @@ mod tests {
         assert_eq!(log.take(), Some((r2, vec![1, 2, 3])));
         log.mark_written(r2);
         assert!(log.is_written(r1) && !log.wanted());
+        assert_eq!((log.settle_of(1), log.settle_of(3)), (Some(5), Some(6)));
         log.settle(|s| s <= 5);
         assert_eq!(log.unsettled(), Some(6));
+        assert_eq!(log.settle_of(1), None, "settled");
         assert!(!log.holds(1) && log.holds(3), "commit 5 settled track 1");
         log.settle(|_| true);
         assert_eq!(log.unsettled(), None);

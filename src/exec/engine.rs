@@ -381,14 +381,13 @@ pub async fn run_copies<B: Backend>(
             // The copies drained: the probe window starts clean.
             meter = WindowMeter::new(load, false);
         }
+        let host_busy = load.inflight() > 0 || meter.requests(load) > 0;
+        if host_busy {
+            pacer.host_active();
+        }
         let lim = pacer.limits();
         load.set_copy_depth(lim.tracks() as u64);
-        let cap = copy_cap(
-            vol,
-            cfg,
-            &lim,
-            load.inflight() > 0 || meter.requests(load) > 0,
-        );
+        let cap = copy_cap(vol, cfg, &lim, host_busy);
         let io_bytes = (lim.io_tracks as u64 * track).max(track);
         let size = cfg.batch.min(cap).max(1);
         while !halt && !dry && inflight < cap && bucket.ready() {

@@ -6,6 +6,7 @@
 //! other requests of its executor.
 
 use crate::backend::Backend;
+use crate::core::commit::later;
 use crate::core::wake::WakeList;
 use crate::core::{
     CommitSeq, Dev, Payload, ReadSeg, RepairLock, Ticket, Volume, Wait, WriteOutcome, WritePlan,
@@ -255,8 +256,9 @@ async fn run_write<B: Backend>(
             }
         }
         let (outcome, primary_error) = run_steps(vol, b, &plan, buf, fua).await;
+        let settle_if_fua = plan.settle_if_fua.filter(|_| fua);
         let done = vol.finish_write(plan, outcome);
-        if let Some(seq) = done.ack_after {
+        if let Some(seq) = later(done.ack_after, settle_if_fua.filter(|_| done.ok)) {
             wait_commit(vol, b, seq).await?;
         }
         if let Some(logged) = done.logged {

@@ -5,8 +5,11 @@
 //! latency. The [`Pacer`] watches the host's p99 latency, window by
 //! window, against an idle baseline and sets how many copy I/Os may be in
 //! flight and how large each may be (AIMD: halve on a window above the
-//! target, grow by one step on a window well below it, jump to full speed
-//! when the host is away). It never goes below a floor, so a copy under
+//! target, once per doubling of the excess; grow by one step on a window
+//! well below it; jump to full speed when the host is away, and back to the
+//! last busy limits at the host's first request, so a load that starts
+//! during a copy never meets it at full speed for the windows a descent
+//! from there would take). It never goes below a floor, so a copy under
 //! constant host load still ends. The baseline is the host's p99 in a
 //! window with no copy in flight: the pacer asks for one such *probe*
 //! window at the start and then every `probe_every` windows (a few percent
@@ -101,10 +104,15 @@ pub struct Pacer {
     baseline: Option<Duration>,
     since_probe: u32,
     probing: bool,
+    /// While the host is away (full speed): the limits to resume at its
+    /// next request. The floor before the host was ever seen: a restore
+    /// started under load begins gently and grows from there.
+    away: Option<(usize, usize)>,
 }
 
 impl Pacer {
-    /// Starts at full speed: the first busy window sets it straight.
+    /// Starts at full speed as if the host were away; its first request
+    /// brings the limits down to the floor ([`Self::host_active`]).
     pub fn new(cfg: PaceConfig) -> Self {
         Pacer {
             cfg,
@@ -113,6 +121,7 @@ impl Pacer {
             baseline: None,
             since_probe: 0,
             probing: false,
+            away: cfg.target.map(|_| (cfg.floor_ios, cfg.floor_io_tracks)),
         }
     }
 
@@ -137,6 +146,17 @@ impl Pacer {
         self.baseline
     }
 
+    /// The host has a request running or started one: if the pacer ran at
+    /// full speed because the host was away, it drops to the limits it had
+    /// under load at once, without waiting for a window to close (a window
+    /// takes up to 64 requests; halving from full speed would take several).
+    pub fn host_active(&mut self) {
+        if let Some((ios, io_tracks)) = self.away.take() {
+            self.ios = ios;
+            self.io_tracks = io_tracks;
+        }
+    }
+
     /// Takes one window into account.
     pub fn observe(&mut self, w: &Window) {
         let Some(target) = self.cfg.target else {
@@ -145,10 +165,14 @@ impl Pacer {
         };
         if w.host_requests == 0 {
             // The host is away: nothing to yield to.
+            if self.away.is_none() {
+                self.away = Some((self.ios, self.io_tracks));
+            }
             self.full_speed();
             self.probing = false;
             return;
         }
+        self.host_active();
         let Some(p99) = w.p99 else { return };
         if !w.copying {
             // A window with no copy in flight: the host's own latency.
@@ -166,7 +190,12 @@ impl Pacer {
         self.baseline = Some(baseline.min(p99));
         let ratio = p99.as_secs_f64() / baseline.as_secs_f64().max(1e-9);
         if ratio > target {
-            self.decrease();
+            // Once per doubling over the target: a copy far too deep for
+            // the host gets there in one window, not one halving a window.
+            let halvings = (ratio / target).log2().ceil().clamp(1.0, 16.0) as u32;
+            for _ in 0..halvings {
+                self.decrease();
+            }
         } else if ratio < target * 0.75 {
             self.increase();
         }

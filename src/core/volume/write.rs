@@ -145,6 +145,7 @@ impl Volume {
             payload,
             steps: PlanVec::new(),
             commit_before_issue: None,
+            settle_if_fua: None,
             holds,
             restores: PlanVec::new(),
             mirrors: PlanVec::new(),
@@ -157,9 +158,11 @@ impl Volume {
                 // A track a logged write restored: a power cut makes it
                 // pending again, and the resumed restore copies the
                 // secondary over this write too (unflushed, so it may be
-                // lost); a host flush waits for the commit that settles it.
+                // lost); a host flush, or this write if FUA, waits for the
+                // commit that settles it.
                 Action::PrimaryChanged if self.restore_log.holds(t) => {
                     self.tables.changed.set(t);
+                    plan.settle_if_fua = later(plan.settle_if_fua, self.restore_log.settle_of(t));
                     None
                 }
                 Action::PrimaryChanged => {

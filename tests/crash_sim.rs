@@ -25,6 +25,7 @@ mod common;
 use common::{Harness, Options, Slot};
 use splitmirror::backend::sim::{Power, SimDisks, SimMetaDevice};
 use splitmirror::core::{Command, Geometry, TransitionError, Volume, VolumeState};
+use splitmirror::edge::config::RestorePriority;
 use splitmirror::exec::engine::EngineConfig;
 use splitmirror::metadata::{Binding, MetadataStore};
 use std::io;
@@ -209,22 +210,55 @@ struct Run {
     /// The event at which the volume was first seen restoring (the
     /// restore's state change itself, not its command's start).
     restoring_since: Option<u64>,
+    /// The track of the last random range.
+    last_track: u64,
 }
 
-fn engine_config() -> EngineConfig {
+/// The copy engine's settings, drawn per seed: how many tracks it copies
+/// at once and in which I/Os, and how it yields to the host, change which
+/// host requests meet which copies (the pacer's reaction to a new load
+/// once exposed a FUA write acknowledged too early).
+/// `SPLITMIRROR_CRASH_TRACE=t`: the track whose writes, flushes and
+/// state changes a failing seed prints (with `-- --nocapture`).
+fn traced() -> Option<u64> {
+    std::env::var("SPLITMIRROR_CRASH_TRACE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+}
+
+fn trace_track(what: &str, vol: &Volume, t: u64) {
+    use splitmirror::core::TableId;
+    eprintln!(
+        "trace: {what}; {} pending {} changed {}",
+        vol.state(),
+        vol.table(TableId::Pending).get(t),
+        vol.table(TableId::Changed).get(t),
+    );
+}
+
+fn engine_config(rng: &mut fastrand::Rng) -> EngineConfig {
+    let max_inflight = [1, 2, 3, 8][rng.usize(0..4)];
     EngineConfig {
-        batch: 3,
-        max_io: 2 * TRACK,
+        batch: rng.usize(1..=4).min(max_inflight),
+        max_inflight,
+        busy_inflight: max_inflight,
+        max_io: rng.u64(1..=3) * TRACK,
+        priority: [
+            RestorePriority::Host,
+            RestorePriority::Balanced,
+            RestorePriority::Restore,
+        ][rng.usize(0..3)],
         ..Default::default()
     }
 }
 
 /// The harness's engine and committer as the crash test runs them: the
 /// committer also clears idle write intents at random.
-fn options() -> Options {
+fn options(rng: &mut fastrand::Rng) -> Options {
     Options {
-        engine: Some(engine_config()),
+        engine: Some(engine_config(rng)),
         clear_idle_intents: true,
+        lazy_commits: true,
     }
 }
 
@@ -246,7 +280,8 @@ impl Run {
         let store = MetadataStore::format_dev(meta.clone(), &binding(), &vol, false)
             .expect("format the sim metadata");
         power.arm(rng.u64(1..=MAX_CUT_OP));
-        let h = Harness::start(seed, vol, disks, store, meta, power, options());
+        let opts = options(&mut rng);
+        let h = Harness::start(seed, vol, disks, store, meta, power, opts);
         Run {
             seed,
             rng,
@@ -261,6 +296,7 @@ impl Run {
             flush_fault_at,
             kill,
             restoring_since: None,
+            last_track: 0,
         }
     }
 
@@ -314,10 +350,19 @@ impl Run {
     fn random_range(&mut self) -> (u64, u64) {
         if self.rng.u32(0..4) == 0 {
             let t = self.rng.u64(0..TRACKS);
+            self.last_track = t;
             return (t * BLOCKS_PER_TRACK, BLOCKS_PER_TRACK);
+        }
+        if self.rng.u32(0..3) == 0 {
+            // Again in the track of the last range: a write on top of one
+            // that just restored or changed its track.
+            let first = self.last_track * BLOCKS_PER_TRACK + self.rng.u64(0..BLOCKS_PER_TRACK);
+            let n = self.rng.u64(1..=2).min(BLOCKS - first);
+            return (first, n);
         }
         let first = self.rng.u64(0..BLOCKS);
         let n = self.rng.u64(1..=6).min(BLOCKS - first);
+        self.last_track = first / BLOCKS_PER_TRACK;
         (first, n)
     }
 
@@ -335,6 +380,14 @@ impl Run {
             self.model.blocks[b].since.push(Entry { id, acked: None });
         }
         let fua = self.rng.u32(0..5) == 0;
+        if let Some(t) = traced().filter(|t| (first..first + n).any(|b| b / BLOCKS_PER_TRACK == *t))
+        {
+            trace_track(
+                &format!("write {id} blocks {first}+{n} fua {fua} issued"),
+                &self.h.vol,
+                t,
+            );
+        }
         let slot = if id & ZEROS != 0 {
             let unmap = self.rng.bool();
             self.h.spawn_zero(first * BLOCK, n * BLOCK, unmap, fua)
@@ -405,7 +458,12 @@ impl Run {
         }
         for f in take_done(&mut self.flushes, |f| &f.slot) {
             match f.slot.borrow_mut().take().unwrap() {
-                Ok(()) => self.model.flushed(f.start),
+                Ok(()) => {
+                    if let Some(t) = traced() {
+                        trace_track(&format!("flush from {} done", f.start), &self.h.vol, t);
+                    }
+                    self.model.flushed(f.start)
+                }
                 Err(e) if !crashed => return Err(format!("flush failed without a crash: {e}")),
                 Err(_) => {}
             }
@@ -424,6 +482,19 @@ impl Run {
     fn write_done(&mut self, w: Write, crashed: bool) -> Result<(), String> {
         let result = w.slot.borrow_mut().take().unwrap();
         let at = self.model.tick();
+        if let Some(t) =
+            traced().filter(|t| (w.first..w.first + w.blocks).any(|b| b / BLOCKS_PER_TRACK == *t))
+        {
+            let what = format!(
+                "write {} blocks {}+{} fua {} ok {} at {at}",
+                w.id,
+                w.first,
+                w.blocks,
+                w.fua,
+                result.is_ok()
+            );
+            trace_track(&what, &self.h.vol, t);
+        }
         for b in w.first..w.first + w.blocks {
             self.busy[b as usize] = false;
             let m = &mut self.model.blocks[b as usize];
@@ -486,6 +557,9 @@ impl Run {
         // Every state change flushes both devices and commits before it
         // returns.
         let at = self.model.tick();
+        if let Some(t) = traced() {
+            trace_track(&format!("{} done at {at}", c.cmd.name()), &self.h.vol, t);
+        }
         self.model.flushed(at);
         match c.cmd {
             Command::Split => {
@@ -509,6 +583,9 @@ impl Run {
         // Tracks still to restore right after the reopen (before the
         // engine ran).
         let pending = r.vol.table(splitmirror::core::TableId::Pending).count();
+        if let Some(t) = traced() {
+            trace_track("reopened", &r.vol, t);
+        }
         if let Some(c) = &self.command {
             match c.cmd {
                 // The restore is durable iff the volume left `split`, and
@@ -545,6 +622,9 @@ impl Run {
                 images = Images::take(&r.h.disks, &r.h.meta, &mut rng, kill);
                 r = Resumed::open(&images, self.seed.wrapping_add(2), &r.h.power, kill)?;
                 ctx += &format!(", crashed again, reopened {}", r.vol.state());
+                if let Some(t) = traced() {
+                    trace_track("reopened again", &r.vol, t);
+                }
             }
         }
         r.settle();
@@ -617,7 +697,8 @@ impl Resumed {
             images.secondary.clone(),
             power.clone(),
         );
-        let h = Harness::start(seed, vol, disks, store, meta, power, options());
+        let opts = options(&mut fastrand::Rng::with_seed(seed));
+        let h = Harness::start(seed, vol, disks, store, meta, power, opts);
         Ok(Resumed {
             vol: h.vol.clone(),
             h,
@@ -787,6 +868,71 @@ fn run_seeds(flush_fault: bool, kill: bool) {
     );
 }
 
+/// What a restart of [`small_split`]'s volume finds.
+struct Restarts {
+    meta: SimMetaDevice,
+    power: std::rc::Rc<Power>,
+    binding: Binding,
+    secondary: Vec<u8>,
+}
+
+impl Restarts {
+    /// The volume a restart finds in metadata image `image`, in `power`'s boot.
+    fn reopen(&self, image: Vec<u8>, power: std::rc::Rc<Power>) -> Volume {
+        let m = SimMetaDevice::new(image, power);
+        MetadataStore::open_dev(m, &self.binding).expect("reopen").1
+    }
+
+    /// The volume a restart finds after `kill -9` now (same boot, every
+    /// completed write kept).
+    fn killed(&self) -> Volume {
+        self.reopen(self.meta.current_image(), self.power.same_boot())
+    }
+
+    /// The volume a restart finds after a power cut now (a new boot, each
+    /// unflushed metadata write kept or lost).
+    fn power_cut(&self, rng: &mut fastrand::Rng) -> Volume {
+        self.reopen(self.meta.crash_image(rng), Power::new())
+    }
+}
+
+const SMALL_TRACK: u64 = 4096;
+const SMALL_SIZE: u64 = 16 * SMALL_TRACK;
+
+/// The restore log tests' volume: 16 tracks of 4 KiB, split, the
+/// secondary holding a pattern and the primary 0xEE, on devices with
+/// volatile caches and the real metadata store.
+fn small_split(seed: u64, engine: Option<EngineConfig>) -> (Harness, Restarts) {
+    let secondary: Vec<u8> = (0..SMALL_SIZE).map(|i| (i % 251) as u8).collect();
+    let power = Power::new();
+    let disks = SimDisks::volatile(
+        vec![0xEE; SMALL_SIZE as usize],
+        secondary.clone(),
+        power.clone(),
+    );
+    let vol = Volume::new(
+        Geometry::new(SMALL_SIZE, SMALL_TRACK).unwrap(),
+        VolumeState::Split,
+    );
+    let meta = SimMetaDevice::new(Vec::new(), power.clone());
+    let binding = common::binding(SMALL_SIZE, SMALL_TRACK);
+    let store = MetadataStore::format_dev(meta.clone(), &binding, &vol, false)
+        .expect("format the sim metadata");
+    let opts = Options {
+        engine,
+        clear_idle_intents: false,
+        lazy_commits: false,
+    };
+    let h = Harness::start(seed, vol, disks, store, meta.clone(), power.clone(), opts);
+    let restarts = Restarts {
+        meta,
+        power,
+        binding,
+        secondary,
+    };
+    (h, restarts)
+}
+
 /// A merge (a partial write to a pending track during a restore) is cheap
 /// and still crash-safe (`core::restore_log`). Its acknowledgement waits
 /// for one restore log record, written without any flush: no flush of the
@@ -802,30 +948,9 @@ fn run_seeds(flush_fault: bool, kill: bool) {
 /// - after a host flush, every power cut keeps the merged track, restored.
 #[test]
 fn an_acknowledged_merge_needs_no_flush_and_survives_kill_9_and_a_flush() {
-    const TRACK: u64 = 4096;
-    const SIZE: u64 = 16 * TRACK;
-    let secondary: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
-    let primary = vec![0xEEu8; SIZE as usize];
-    let power = Power::new();
-    let disks = SimDisks::volatile(primary, secondary.clone(), power.clone());
-    let vol = Volume::new(Geometry::new(SIZE, TRACK).unwrap(), VolumeState::Split);
-    let meta = SimMetaDevice::new(Vec::new(), power.clone());
-    let binding = common::binding(SIZE, TRACK);
-    let store = MetadataStore::format_dev(meta.clone(), &binding, &vol, false)
-        .expect("format the sim metadata");
-    let opts = Options {
-        engine: None,
-        clear_idle_intents: false,
-    };
-    let mut h = Harness::start(
-        5,
-        vol,
-        disks.clone(),
-        store,
-        meta.clone(),
-        power.clone(),
-        opts,
-    );
+    const TRACK: u64 = SMALL_TRACK;
+    let (mut h, s) = small_split(5, None);
+    let disks = h.disks.clone();
     h.command(Command::Restore {
         incremental: false,
         protect: false,
@@ -849,15 +974,11 @@ fn an_acknowledged_merge_needs_no_flush_and_survives_kill_9_and_a_flush() {
         &disks.flush_log.borrow()[flushes_before..]
     );
     let track = (3 * TRACK) as usize..(4 * TRACK) as usize;
-    let mut want = secondary[track.clone()].to_vec();
+    let mut want = s.secondary[track.clone()].to_vec();
     want[1024..1024 + 512].copy_from_slice(&host);
 
     // kill -9: everything written survives, in the same boot.
-    let reopen = |meta_image: Vec<u8>, power: std::rc::Rc<Power>| {
-        let m = SimMetaDevice::new(meta_image, power);
-        MetadataStore::open_dev(m, &binding).expect("reopen").1
-    };
-    let killed = reopen(meta.current_image(), power.same_boot());
+    let killed = s.killed();
     assert_eq!(killed.state(), VolumeState::Restoring);
     assert!(
         !killed.table(splitmirror::core::TableId::Pending).get(3),
@@ -869,7 +990,7 @@ fn an_acknowledged_merge_needs_no_flush_and_survives_kill_9_and_a_flush() {
     // A power cut before any flush: a new boot ignores the log.
     let mut rng = fastrand::Rng::with_seed(17);
     for _ in 0..16 {
-        let cut = reopen(meta.crash_image(&mut rng), Power::new());
+        let cut = s.power_cut(&mut rng);
         assert!(
             cut.table(splitmirror::core::TableId::Pending).get(3),
             "after a power cut the unflushed merge's track is pending again"
@@ -891,7 +1012,7 @@ fn an_acknowledged_merge_needs_no_flush_and_survives_kill_9_and_a_flush() {
     h.wait(&slot).expect("the FUA write is acknowledged");
     want[2048..2048 + 512].copy_from_slice(&fua);
     for cut in 0..16 {
-        let v = reopen(meta.crash_image(&mut rng), Power::new());
+        let v = s.power_cut(&mut rng);
         assert!(
             !v.table(splitmirror::core::TableId::Pending).get(3),
             "crash image {cut}: the track under an acknowledged FUA write is pending again"
@@ -906,8 +1027,40 @@ fn an_acknowledged_merge_needs_no_flush_and_survives_kill_9_and_a_flush() {
             p[track.clone()] == want[..],
             "crash image {cut}: the flushed merge is lost"
         );
-        let v = reopen(meta.crash_image(&mut rng), Power::new());
+        let v = s.power_cut(&mut rng);
         assert!(!v.table(splitmirror::core::TableId::Pending).get(3));
+    }
+}
+
+/// Two host writes to one pending track during a restore: the first
+/// merges and restores it (logged), the second goes on top of it once the
+/// track is free, with no commit of its own. The second must not be
+/// acknowledged before the record that carries the track is written: after
+/// a `kill -9` right then, the restart would find the track pending and
+/// copy the secondary over an acknowledged write. Checked over many
+/// schedules (the log's writer runs when the scheduler picks it).
+#[test]
+fn a_write_on_top_of_a_merge_waits_for_the_merges_log_record() {
+    const TRACK: u64 = SMALL_TRACK;
+    for seed in 0..64 {
+        let (mut h, s) = small_split(seed, None);
+        h.command(Command::Restore {
+            incremental: false,
+            protect: false,
+        })
+        .expect("restore");
+        // No commit settles the track: only the log can carry it.
+        h.b.commits_fail.set(true);
+        let first = h.spawn_write(3 * TRACK + 1024, vec![0x11; 512], false);
+        let second = h.spawn_write(3 * TRACK + 2048, vec![0x22; 512], false);
+        h.wait(&second).expect("the write on top is acknowledged");
+        let v = s.killed();
+        assert!(
+            !v.table(splitmirror::core::TableId::Pending).get(3),
+            "seed {seed}: a kill right after the second write's acknowledgement finds \
+             its track pending"
+        );
+        h.wait(&first).expect("the merge is acknowledged");
     }
 }
 
@@ -919,20 +1072,8 @@ fn an_acknowledged_merge_needs_no_flush_and_survives_kill_9_and_a_flush() {
 /// record, or the resumed restore would never give it the split image.
 #[test]
 fn a_restore_log_record_never_reaches_a_later_restore() {
-    const TRACK: u64 = 4096;
-    const SIZE: u64 = 16 * TRACK;
-    let secondary: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
-    let power = Power::new();
-    let disks = SimDisks::volatile(vec![0xEE; SIZE as usize], secondary, power.clone());
-    let vol = Volume::new(Geometry::new(SIZE, TRACK).unwrap(), VolumeState::Split);
-    let meta = SimMetaDevice::new(Vec::new(), power.clone());
-    let binding = common::binding(SIZE, TRACK);
-    let store = MetadataStore::format_dev(meta.clone(), &binding, &vol, false).unwrap();
-    let opts = Options {
-        engine: Some(EngineConfig::default()),
-        clear_idle_intents: false,
-    };
-    let mut h = Harness::start(9, vol, disks, store, meta.clone(), power.clone(), opts);
+    const TRACK: u64 = SMALL_TRACK;
+    let (mut h, s) = small_split(9, Some(EngineConfig::default()));
     let restore = Command::Restore {
         incremental: false,
         protect: true,
@@ -954,8 +1095,7 @@ fn a_restore_log_record_never_reaches_a_later_restore() {
     h.engine_paused.set(true);
     h.command(restore).expect("second restore");
     assert!(h.vol.table(splitmirror::core::TableId::Pending).get(3));
-    let m = SimMetaDevice::new(meta.current_image(), power.same_boot());
-    let (_, v) = MetadataStore::open_dev(m, &binding).expect("reopen");
+    let v = s.killed();
     assert_eq!(v.state(), VolumeState::Restoring);
     assert!(
         v.table(splitmirror::core::TableId::Pending).get(3),
@@ -986,6 +1126,7 @@ fn a_split_write_to_a_warm_region_needs_no_commit_and_a_crash_still_covers_it() 
     let opts = Options {
         engine: None,
         clear_idle_intents: false,
+        lazy_commits: false,
     };
     let mut h = Harness::start(3, vol, disks, store, meta.clone(), power, opts);
     h.write(TRACK, &[1; 4096])

@@ -796,6 +796,7 @@ fn a_failed_secondary_flush_marks_changed_exactly_the_tracks_its_cache_may_hold(
         let opts = common::Options {
             engine: Some(EngineConfig::default()),
             clear_idle_intents: true,
+            lazy_commits: false,
         };
         let mut h = Harness::start(seed, vol, disks, store, meta, power, opts);
         let mut rng = fastrand::Rng::with_seed(seed);

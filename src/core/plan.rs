@@ -137,11 +137,11 @@ pub struct WritePlan {
     /// durable before any data reaches a device: wait for this commit.
     pub commit_before_issue: Option<CommitSeq>,
     pub(crate) holds: PlanVec<(Track, Hold)>,
-    /// The write goes on top of tracks a logged write restored (their
-    /// "restored" bits are not durable): a FUA write is durable only once
-    /// this commit, which settles them, is (a power cut would make them
-    /// pending again, and the resumed restore would copy over it).
-    pub settle_if_fua: Option<CommitSeq>,
+    /// The write goes on top of tracks a logged write restored, whose
+    /// "restored" bits are not durable: it is acknowledged as that write is
+    /// (see [`Logged`]), or a restart could find them pending and copy the
+    /// secondary over it.
+    pub on_logged: Option<Logged>,
     /// Pending tracks this write makes restored once its data is on primary.
     pub(crate) restores: PlanVec<Track>,
     /// Tracks written to both devices (their secondary copy is meant to
@@ -212,6 +212,19 @@ pub struct WriteDone {
 pub struct Logged {
     pub record: super::restore_log::RecordSeq,
     pub settle: CommitSeq,
+}
+
+impl Logged {
+    /// What waiting for both `a` and `b` takes.
+    pub fn join(a: Option<Logged>, b: Option<Logged>) -> Option<Logged> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(Logged {
+                record: a.record.max(b.record),
+                settle: a.settle.max(b.settle),
+            }),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// One track to copy from `from` to `to`; the track is locked exclusive

@@ -56,8 +56,9 @@ pub struct RestoreLog {
 
 #[derive(Default)]
 struct Entries {
-    /// Each logged track and the commit that makes its bits durable.
-    tracks: Vec<(Track, CommitSeq)>,
+    /// Each logged track, the first record that carries it and the commit
+    /// that makes its bits durable.
+    tracks: Vec<(Track, RecordSeq, CommitSeq)>,
     /// Highest record number handed out.
     appended: RecordSeq,
 }
@@ -112,19 +113,20 @@ impl RestoreLog {
         if e.tracks.len() + tracks.len() > self.capacity.load(SeqCst) {
             return None;
         }
+        e.appended += 1;
+        let record = e.appended;
         for &t in tracks {
             self.logged.set(t);
-            e.tracks.push((t, settle));
+            e.tracks.push((t, record, settle));
         }
-        e.appended += 1;
-        Some(e.appended)
+        Some(record)
     }
 
     /// Drops the entries whose commit is durable (the header has them
     /// now): after every commit, the only way a commit becomes durable, so
     /// the entries left are exactly the unsettled ones.
     pub fn settle(&self, durable: impl Fn(CommitSeq) -> bool) {
-        self.entries().tracks.retain(|&(t, seq)| {
+        self.entries().tracks.retain(|&(t, _, seq)| {
             let keep = !durable(seq);
             if !keep {
                 self.logged.clear(t);
@@ -140,16 +142,20 @@ impl RestoreLog {
         self.logged.get(t)
     }
 
-    /// The commit that settles logged track `t`, if it is not durable yet.
-    pub fn settle_of(&self, t: Track) -> Option<CommitSeq> {
+    /// The record that carries logged track `t` and the commit that
+    /// settles it, while it is unsettled: a write on top of the track is
+    /// as durable as the write that restored it once that record is
+    /// written (after `kill -9`), and only once that commit is after a
+    /// power cut.
+    pub fn entry_of(&self, t: Track) -> Option<(RecordSeq, CommitSeq)> {
         if !self.holds(t) {
             return None;
         }
         let e = self.entries();
         e.tracks
             .iter()
-            .filter(|&&(u, _)| u == t)
-            .map(|&(_, seq)| seq)
+            .filter(|&&(u, _, _)| u == t)
+            .map(|&(_, record, settle)| (record, settle))
             .max()
     }
 
@@ -160,7 +166,7 @@ impl RestoreLog {
             return None;
         }
         let e = self.entries();
-        Some((e.appended, e.tracks.iter().map(|&(t, _)| t).collect()))
+        Some((e.appended, e.tracks.iter().map(|&(t, _, _)| t).collect()))
     }
 
     /// A record was appended that is not written yet.
@@ -179,7 +185,7 @@ impl RestoreLog {
     /// The commit that settles every logged track, if one is not durable:
     /// a host flush waits for it.
     pub fn unsettled(&self) -> Option<CommitSeq> {
-        self.entries().tracks.iter().map(|&(_, seq)| seq).max()
+        self.entries().tracks.iter().map(|&(_, _, seq)| seq).max()
     }
 }
 
@@ -199,10 +205,13 @@ mod tests {
         assert_eq!(log.take(), Some((r2, vec![1, 2, 3])));
         log.mark_written(r2);
         assert!(log.is_written(r1) && !log.wanted());
-        assert_eq!((log.settle_of(1), log.settle_of(3)), (Some(5), Some(6)));
+        assert_eq!(
+            (log.entry_of(1), log.entry_of(3)),
+            (Some((r1, 5)), Some((r2, 6)))
+        );
         log.settle(|s| s <= 5);
         assert_eq!(log.unsettled(), Some(6));
-        assert_eq!(log.settle_of(1), None, "settled");
+        assert_eq!(log.entry_of(1), None, "settled");
         assert!(!log.holds(1) && log.holds(3), "commit 5 settled track 1");
         log.settle(|_| true);
         assert_eq!(log.unsettled(), None);

@@ -6,11 +6,10 @@
 //! other requests of its executor.
 
 use crate::backend::Backend;
-use crate::core::commit::later;
 use crate::core::wake::WakeList;
 use crate::core::{
-    CommitSeq, Dev, Payload, ReadSeg, RepairLock, Ticket, Volume, Wait, WriteOutcome, WritePlan,
-    WriteStep,
+    CommitSeq, Dev, Logged, Payload, ReadSeg, RepairLock, Ticket, Volume, Wait, WriteOutcome,
+    WritePlan, WriteStep,
 };
 use std::io;
 use std::task::{Poll, Waker};
@@ -256,12 +255,12 @@ async fn run_write<B: Backend>(
             }
         }
         let (outcome, primary_error) = run_steps(vol, b, &plan, buf, fua).await;
-        let settle_if_fua = plan.settle_if_fua.filter(|_| fua);
+        let on_logged = plan.on_logged;
         let done = vol.finish_write(plan, outcome);
-        if let Some(seq) = later(done.ack_after, settle_if_fua.filter(|_| done.ok)) {
+        if let Some(seq) = done.ack_after {
             wait_commit(vol, b, seq).await?;
         }
-        if let Some(logged) = done.logged {
+        if let Some(logged) = Logged::join(done.logged, on_logged.filter(|_| done.ok)) {
             // A FUA write is durable when acknowledged: its commit, then.
             if fua || !wait_log(vol, b, logged.record).await {
                 wait_commit(vol, b, logged.settle).await?;

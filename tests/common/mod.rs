@@ -52,6 +52,11 @@ pub struct Options {
     /// The committer sometimes clears idle write intents first, as the
     /// committer thread does on its interval.
     pub clear_idle_intents: bool,
+    /// The committer lets a random number of turns pass between looks, as
+    /// the committer thread's interval does: what a commit settles (write
+    /// intent, restore log entries) stays unsettled for a while, and host
+    /// requests that must not depend on it run meanwhile.
+    pub lazy_commits: bool,
 }
 
 pub struct Harness {
@@ -114,6 +119,7 @@ impl Harness {
         let opts = Options {
             engine: Some(cfg),
             clear_idle_intents: false,
+            lazy_commits: false,
         };
         Self::fresh(seed, size, track_size, state, opts)
     }
@@ -124,6 +130,7 @@ impl Harness {
         let opts = Options {
             engine: None,
             clear_idle_intents: false,
+            lazy_commits: false,
         };
         Self::fresh(seed, size, track_size, state, opts)
     }
@@ -169,13 +176,7 @@ impl Harness {
         if let Some(w) = store.take_restore_log_writer() {
             sched.spawn(log_task(vol.clone(), b.clone(), w, rng.clone()));
         }
-        sched.spawn(commit_task(
-            vol.clone(),
-            b.clone(),
-            store,
-            rng,
-            opts.clear_idle_intents,
-        ));
+        sched.spawn(commit_task(vol.clone(), b.clone(), store, rng, opts));
         if let Some(cfg) = opts.engine {
             sched.spawn(engine_task(
                 vol.clone(),
@@ -371,10 +372,10 @@ async fn commit_task(
     b: Rc<SimBackend>,
     mut store: MetadataStore<SimMetaDevice>,
     rng: sim::SimRng,
-    clear_idle_intents: bool,
+    opts: Options,
 ) {
     loop {
-        if clear_idle_intents && rng.borrow_mut().u32(0..16) == 0 {
+        if opts.clear_idle_intents && rng.borrow_mut().u32(0..16) == 0 {
             // Both ways intent is cleared: all idle tracks at once, and
             // the committer's aging by passes.
             let age = rng.borrow_mut().u8(0..4);
@@ -397,6 +398,10 @@ async fn commit_task(
             }
         }
         b.pause().await;
+        if opts.lazy_commits {
+            let n = rng.borrow_mut().u32(0..24);
+            sim::YieldNow(n).await;
+        }
     }
 }
 

@@ -145,7 +145,7 @@ impl Volume {
             payload,
             steps: PlanVec::new(),
             commit_before_issue: None,
-            settle_if_fua: None,
+            on_logged: None,
             holds,
             restores: PlanVec::new(),
             mirrors: PlanVec::new(),
@@ -155,14 +155,18 @@ impl Volume {
             let need = match action {
                 Action::Mirror => self.mark_intent(t),
                 Action::PrimaryStale => self.clock.needed_for(&self.tables.stale, t),
-                // A track a logged write restored: a power cut makes it
-                // pending again, and the resumed restore copies the
-                // secondary over this write too (unflushed, so it may be
-                // lost); a host flush, or this write if FUA, waits for the
-                // commit that settles it.
+                // A track a logged write restored: no commit of its own.
+                // The write is as durable as the one that restored the
+                // track: after its record is written a kill keeps both,
+                // and a power cut makes the track pending again, the
+                // resumed restore copying the secondary over both (lost
+                // unflushed writes); a host flush, or this write if FUA,
+                // waits for the commit that settles it.
                 Action::PrimaryChanged if self.restore_log.holds(t) => {
                     self.tables.changed.set(t);
-                    plan.settle_if_fua = later(plan.settle_if_fua, self.restore_log.settle_of(t));
+                    let entry = self.restore_log.entry_of(t);
+                    let logged = entry.map(|(record, settle)| Logged { record, settle });
+                    plan.on_logged = Logged::join(plan.on_logged, logged);
                     None
                 }
                 Action::PrimaryChanged => {

@@ -113,6 +113,7 @@ impl BlockModel {
     }
 }
 
+#[derive(Clone)]
 struct Model {
     blocks: Vec<BlockModel>,
     /// The secondary's content since the last split.
@@ -171,6 +172,8 @@ struct Write {
 
 struct Read {
     first: u64,
+    /// Per block: the values it could hold when the read was issued, and
+    /// those written to it while the read was in flight.
     before: Vec<Vec<u64>>,
     /// `Model::restores` when the read was issued: a restore that
     /// completes while the read waits (at the state change's gate) may
@@ -212,6 +215,9 @@ struct Run {
     restoring_since: Option<u64>,
     /// The track of the last random range.
     last_track: u64,
+    /// A restore ended in `split` (protected) during the run: its end may
+    /// not have been durable at the crash.
+    protected_restore_ended: bool,
 }
 
 /// The copy engine's settings, drawn per seed: how many tracks it copies
@@ -297,6 +303,7 @@ impl Run {
             kill,
             restoring_since: None,
             last_track: 0,
+            protected_restore_ended: false,
         }
     }
 
@@ -314,6 +321,9 @@ impl Run {
             // Before `collect`: a step runs one task, so a write finished
             // in it came after a state change seen here.
             if self.h.vol.state() != VolumeState::Restoring {
+                if self.restoring_since.is_some() && self.h.vol.state() == VolumeState::Split {
+                    self.protected_restore_ended = true;
+                }
                 self.restoring_since = None;
             } else if self.restoring_since.is_none() {
                 self.restoring_since = Some(self.model.tick());
@@ -378,6 +388,16 @@ impl Run {
         for b in range {
             self.busy[b] = true;
             self.model.blocks[b].since.push(Entry { id, acked: None });
+            // A read in flight may return this value even if a later write
+            // and flush retire it before the read ends.
+            for r in &mut self.reads {
+                if let Some(seen) = (b as u64)
+                    .checked_sub(r.first)
+                    .and_then(|i| r.before.get_mut(i as usize))
+                {
+                    seen.push(id);
+                }
+            }
         }
         let fua = self.rng.u32(0..5) == 0;
         if let Some(t) = traced().filter(|t| (first..first + n).any(|b| b / BLOCKS_PER_TRACK == *t))
@@ -580,6 +600,8 @@ impl Run {
         let mut r = Resumed::open(&images, self.seed.wrapping_add(1), &self.h.power, kill)?;
         let mut model = self.model;
         let mut split_known = true;
+        // The model if the reopened restore is an earlier one (see below).
+        let mut older_restore: Option<Model> = None;
         // Tracks still to restore right after the reopen (before the
         // engine ran).
         let pending = r.vol.table(splitmirror::core::TableId::Pending).count();
@@ -598,6 +620,11 @@ impl Run {
                 // those after it must all survive: the model needs the
                 // change's own moment, not the command's start.
                 Command::Restore { .. } if r.vol.state() != VolumeState::Split && pending > 0 => {
+                    // Unless it is the last protected restore, whose end
+                    // was not durable, resumed with tracks still to copy.
+                    if self.protected_restore_ended {
+                        older_restore = Some(model.clone());
+                    }
                     let at = if kill { self.restoring_since } else { None };
                     model.restored(at.unwrap_or(c.start))
                 }
@@ -642,8 +669,16 @@ impl Run {
         if std::env::var("SPLITMIRROR_CRASH_VERBOSE").is_ok() {
             eprintln!("seed {}: {} writes, {ctx}", self.seed, self.next_id - 1);
         }
-        check_content(&model, &content).map_err(|e| format!("{ctx}: {e}"))?;
-        check_devices(&model, &r.h.vol, &r.h.disks, split_known).map_err(|e| format!("{ctx}: {e}"))
+        let check = |model: &Model| {
+            check_content(model, &content)?;
+            check_devices(model, &r.h.vol, &r.h.disks, split_known)
+        };
+        check(&model)
+            .or_else(|e| match &older_restore {
+                Some(older) => check(older).map_err(|_| e),
+                None => Err(e),
+            })
+            .map_err(|e| format!("{ctx}: {e}"))
     }
 }
 

@@ -246,6 +246,27 @@ fn config_maps_in_one_place() {
     assert_eq!(host.io_priority(), IoPriority::Idle);
     assert_eq!(IoPriority::Idle.ioprio(), 3 << 13);
     assert_eq!(IoPriority::BestEffortLowest.ioprio(), (2 << 13) | 7);
+    // The copy thread's CPU priority follows the same order, and setting
+    // it reaches the calling thread only (Linux keeps nice per thread).
+    assert_eq!((host.thread_nice(), c.thread_nice()), (10, 5));
+    let restore = EngineConfig {
+        priority: RestorePriority::Restore,
+        ..host
+    };
+    assert_eq!(restore.thread_nice(), 0);
+    let nice_of_this_thread = || {
+        // SAFETY: plain syscalls on the calling thread's id.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    };
+    let before = nice_of_this_thread();
+    let seen = std::thread::spawn(move || {
+        splitmirror::backend::uring::set_thread_nice(host.thread_nice()).unwrap();
+        nice_of_this_thread()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(seen, 10);
+    assert_eq!(nice_of_this_thread(), before, "other threads keep theirs");
 }
 
 // ---------------------------------------------------------------- the pacer

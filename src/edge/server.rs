@@ -585,6 +585,7 @@ impl Server {
                 let b = b.with_committer(&self.commit);
                 self.copy_until_stopped(|cfg| {
                     b.set_io_priority(cfg.io_priority());
+                    set_engine_nice(cfg);
                     b.block_on(engine::run_copies(
                         &self.vol, &b, cfg, &self.halt, &self.load,
                     ))
@@ -594,6 +595,7 @@ impl Server {
                 log::warn!("io_uring unavailable for the copy engine ({e}); using blocking I/O");
                 let b = self.backend();
                 self.copy_until_stopped(|cfg| {
+                    set_engine_nice(cfg);
                     smol::block_on(engine::run_copies(
                         &self.vol, &b, cfg, &self.halt, &self.load,
                     ))
@@ -1123,3 +1125,10 @@ impl Server {
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 /// How often systemd's STATUS= is refreshed during a copy.
 const STATUS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The copy engine's thread takes the CPU priority of `cfg.priority`.
+fn set_engine_nice(cfg: &EngineConfig) {
+    if let Err(e) = crate::backend::uring::set_thread_nice(cfg.thread_nice()) {
+        log::debug!("copy engine: nice {}: {e}", cfg.thread_nice());
+    }
+}

@@ -60,6 +60,18 @@ impl EngineConfig {
         }
     }
 
+    /// The nice value of the copy engine's thread for `priority` (see
+    /// [`crate::backend::uring::set_thread_nice`]): below the host path's
+    /// threads unless the restore comes first. Not the lowest (19): the
+    /// copy keeps a share of a busy CPU, so its floor still holds.
+    pub fn thread_nice(&self) -> i32 {
+        match self.priority {
+            RestorePriority::Host => 10,
+            RestorePriority::Balanced => 5,
+            RestorePriority::Restore => 0,
+        }
+    }
+
     /// The one mapping from the user's `restore.*` keys.
     pub fn from_restore(r: &RestoreConfig) -> Self {
         let max_inflight = (r.max_inflight as usize).max(1);

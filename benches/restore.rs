@@ -398,9 +398,16 @@ fn copy_vs_restore(pair: &Pair) {
 
 // ---- host write latency during a restore ------------------------------
 
-/// One host write: its latency, and whether it waited for a metadata
-/// commit (it asked the committer for one).
-type WriteSample = (Duration, bool);
+/// One host write during a restore.
+#[derive(Clone, Copy)]
+struct WriteSample {
+    latency: Duration,
+    /// It asked the committer for a commit (and waited for it).
+    commit_wait: bool,
+    /// Its track was pending when it started: a first touch, which merges
+    /// the secondary's track (or waits for the copy that holds it).
+    first_touch: bool,
+}
 
 /// QD1 4 KiB random writes through the host path until `until` says so;
 /// returns each write's latency and whether it waited for a commit.
@@ -425,12 +432,17 @@ fn host_writes(
     while !until(lat.len()) {
         let off = rng.u64(0..span / 4096) * 4096;
         buf.fill(lat.len() as u8);
+        let first_touch = vol.table(TableId::Pending).get(off / TRACK);
         let t = Instant::now();
         let asked_before = asked.get();
         let _busy = load.enter();
         be.block_on(host::write(vol, &be, off, &buf, false))
             .expect("host write");
-        lat.push((t.elapsed(), asked.get() != asked_before));
+        lat.push(WriteSample {
+            latency: t.elapsed(),
+            commit_wait: asked.get() != asked_before,
+            first_touch,
+        });
     }
     lat
 }
@@ -444,15 +456,15 @@ fn percentile(mut v: Vec<Duration>, pct: usize) -> Duration {
 }
 
 fn p99(v: &[WriteSample]) -> Duration {
-    percentile(v.iter().map(|s| s.0).collect(), 99)
+    percentile(v.iter().map(|s| s.latency).collect(), 99)
 }
 
 /// Where the time of the writes during a restore went: the profile
 /// evidence for `restore_p99_ratio` (the host path is async and spends
 /// its waits off the CPU, so a CPU profile would not show them).
 fn report_commit_waits(name: &str, idle: Duration, writes: &[WriteSample], commits: &[Duration]) {
-    let (waited, direct): (Vec<_>, Vec<_>) = writes.iter().partition(|s| s.1);
-    let lat = |v: &[&WriteSample], pct| percentile(v.iter().map(|s| s.0).collect(), pct);
+    let (waited, direct): (Vec<_>, Vec<_>) = writes.iter().partition(|s| s.commit_wait);
+    let lat = |v: &[&WriteSample], pct| percentile(v.iter().map(|s| s.latency).collect(), pct);
     let ratio = |v: &[&WriteSample]| lat(v, 99).as_secs_f64() / idle.as_secs_f64();
     println!("restore_p99_ratio_no_commit{name}: {:.2}", ratio(&direct));
     println!("restore_p99_ratio_commit{name}: {:.2}", ratio(&waited));
@@ -475,6 +487,52 @@ fn report_commit_waits(name: &str, idle: Duration, writes: &[WriteSample], commi
         c(99),
         commits.len()
     );
+}
+
+/// The I/O of one merge with nothing else running: a QD1 track read from
+/// the secondary, then a track write to the primary, on random tracks of
+/// the first `span` bytes. Its p99 is the floor of a first touch's p99.
+fn merge_io_p99(pair: &Pair, span: u64) -> Duration {
+    let be = backend(pair.fds(), 1, || {});
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut buf = AlignedBuf::new(TRACK as usize);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut lat = Vec::new();
+    while Instant::now() < deadline {
+        let off = rng.u64(0..span / TRACK) * TRACK;
+        let t = Instant::now();
+        be.block_on(async {
+            be.read(Dev::Secondary, off, &mut buf).await?;
+            be.write(Dev::Primary, off, &buf, false).await
+        })
+        .expect("merge I/O");
+        lat.push(t.elapsed());
+    }
+    percentile(lat, 99)
+}
+
+/// The first touches against the writes to tracks already restored: the
+/// evidence that a first touch's merge, not queueing behind the copy,
+/// sets the p99 (`merge_floor_ratio` is what a merge costs with no copy
+/// running, as a multiple of an idle 4 KiB write).
+fn report_first_touches(name: &str, idle: Duration, writes: &[WriteSample], merge_io: Duration) {
+    let (first, restored): (Vec<_>, Vec<_>) = writes.iter().partition(|s| s.first_touch);
+    let p99 = |v: &[&WriteSample]| percentile(v.iter().map(|s| s.latency).collect(), 99);
+    let ratio = |d: Duration| d.as_secs_f64() / idle.as_secs_f64();
+    println!(
+        "restore_first_touch_fraction{name}: {:.3}",
+        first.len() as f64 / writes.len().max(1) as f64
+    );
+    println!(
+        "restore_p99_ratio_first_touch{name}: {:.2}",
+        ratio(p99(&first))
+    );
+    println!(
+        "restore_p99_ratio_restored_track{name}: {:.2}",
+        ratio(p99(&restored))
+    );
+    println!("merge_io_p99_us{name}: {}", merge_io.as_micros());
+    println!("merge_floor_ratio{name}: {:.2}", ratio(merge_io));
 }
 
 fn latency_under_restore(pair: &Pair) {
@@ -539,6 +597,7 @@ fn latency_under_restore(pair: &Pair) {
             (idle, busy, rate, lat, commits)
         })
         .collect();
+    let merge_io = merge_io_p99(pair, span);
     rounds.sort_by(|a, b| {
         let r = |x: &Round| x.1.as_secs_f64() / x.0.as_secs_f64();
         r(a).total_cmp(&r(b))
@@ -546,9 +605,11 @@ fn latency_under_restore(pair: &Pair) {
     let (idle, busy, rate, lat, commits) = &rounds[1];
     report("", *idle, *busy, *rate);
     report_commit_waits("", *idle, lat, commits);
+    report_first_touches("", *idle, lat, merge_io);
     let (busy, rate, lat, commits) = busy_once(pair.size);
     report("_uniform", *idle, busy, rate);
     report_commit_waits("_uniform", *idle, &lat, &commits);
+    report_first_touches("_uniform", *idle, &lat, merge_io);
 }
 
 /// A split volume after warm-up: every track's "changed" bit set and

@@ -182,6 +182,42 @@ fn claim_4_pending_track_is_primary_invalid_secondary_valid() {
     vol.finish_write(plan, WriteOutcome::default());
 }
 
+/// Claim 7 on a track the copy restored whose cleared pending bit is not
+/// durable yet: the write waits for a restore log record (one metadata
+/// write), not for the commit (a flush of both devices), and a second
+/// write on top keeps the region's write intent: after a power cut the
+/// track is not pending again, so the data may stay and needs its
+/// "changed" bit (the crash simulation lost it without this).
+#[test]
+fn claim_7_a_write_on_a_copied_track_waits_for_a_log_record_and_keeps_its_intent() {
+    let (mut h, _, _) = split_and_overwrite(8);
+    held_restore(&mut h, RESTORE_FULL);
+    let vol = h.vol.clone();
+    assert!(vol.restore_log_enabled());
+    let ticket = vol.enter().unwrap();
+    let jobs = vol.next_copies(&ticket, 16);
+    let job = *jobs.iter().find(|j| j.track == 2).unwrap();
+    vol.finish_copy(job, true);
+    let first = vol.plan_write(&ticket, 2 * TRACK + 512, 512).unwrap();
+    let logged = first.on_logged.expect("a log record, not a commit");
+    assert!(!vol.is_durable(logged.settle));
+    let intent = first
+        .commit_before_issue
+        .expect("a cold region: its intent is made durable first");
+    let second = vol.plan_write(&ticket, 2 * TRACK + 4096, 512).unwrap();
+    assert_eq!(second.on_logged, Some(logged), "the same record");
+    assert_eq!(
+        second.commit_before_issue,
+        Some(intent),
+        "the second write waits for the first one's intent too"
+    );
+    vol.finish_write(first, WriteOutcome::default());
+    vol.finish_write(second, WriteOutcome::default());
+    for j in jobs.into_iter().filter(|j| j.track != 2) {
+        vol.finish_copy(j, false);
+    }
+}
+
 #[test]
 fn claim_5_full_track_write_skips_copy() {
     let (mut h, _, _) = split_and_overwrite(6);

@@ -235,10 +235,11 @@ fn traced() -> Option<u64> {
 fn trace_track(what: &str, vol: &Volume, t: u64) {
     use splitmirror::core::TableId;
     eprintln!(
-        "trace: {what}; {} pending {} changed {}",
+        "trace: {what}; {} pending {} changed {} intent {}",
         vol.state(),
         vol.table(TableId::Pending).get(t),
         vol.table(TableId::Changed).get(t),
+        vol.table(TableId::Intent).get(t),
     );
 }
 

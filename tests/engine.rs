@@ -13,6 +13,11 @@ use std::time::Duration;
 
 const TRACK: u64 = 4096;
 const TRACKS: u64 = 64;
+/// A full restore that ends split (no resync to run through).
+const PROTECTED_FULL: Command = Command::Restore {
+    incremental: false,
+    protect: true,
+};
 
 /// A split volume whose primary differs from the secondary everywhere, with
 /// `changed` set on `changed` tracks, with the harness's committer and
@@ -123,13 +128,7 @@ fn skip_lists_the_failing_track_and_copies_the_rest() {
         .fail_secondary_reads
         .set(Some((5 * TRACK + 100, 5 * TRACK + 200)));
     let before = disks.primary.borrow().clone();
-    apply(
-        &vol,
-        Command::Restore {
-            incremental: false,
-            protect: true,
-        },
-    );
+    apply(&vol, PROTECTED_FULL);
     let r = run(&mut h, cfg(OnError::Skip));
     assert!(!r.paused);
     // Track 5 may have been coalesced with a neighbour; every error is
@@ -180,13 +179,7 @@ fn pause_stops_and_leaves_the_failing_track_pending() {
 fn under_host_load_it_still_finishes() {
     let mut h = split_volume(19, &[]);
     let (vol, disks) = (h.vol.clone(), h.disks.clone());
-    apply(
-        &vol,
-        Command::Restore {
-            incremental: false,
-            protect: true,
-        },
-    );
+    apply(&vol, PROTECTED_FULL);
     let cfg = EngineConfig {
         busy_inflight: 1,
         ..cfg(OnError::Pause)
@@ -276,7 +269,7 @@ const IDLE_P99: Duration = Duration::from_micros(300);
 /// A pacer of `priority` with 64 tracks in flight at most, 8 per I/O
 /// (1 MiB I/Os of 128 KiB tracks), whose idle baseline is `IDLE_P99`.
 fn pacer(priority: RestorePriority) -> Pacer {
-    let mut p = Pacer::new(PaceConfig::for_priority(priority, 64, 8));
+    let mut p = Pacer::new(PaceConfig::for_priority(priority, 64, 8, 128 << 10));
     if priority != RestorePriority::Restore {
         // The first busy window asks for a probe; the probe sets the
         // baseline.
@@ -317,36 +310,57 @@ fn feed(p: &mut Pacer, w: Window, n: usize) {
     }
 }
 
+/// Feeds enough calm windows for `steps` steps of growth.
+fn grow(p: &mut Pacer, steps: usize) {
+    let calm = p.config().calm_windows as usize;
+    feed(p, busy(IDLE_P99), steps * calm);
+}
+
+/// The pacer's limits as (I/Os, tracks per I/O, pieces per track); a
+/// probe that is due is answered first (it copies nothing meanwhile).
+fn lim(p: &mut Pacer) -> (usize, usize, usize) {
+    if p.probing() {
+        p.observe(&Window {
+            host_requests: 64,
+            p99: Some(IDLE_P99),
+            copying: false,
+        });
+    }
+    let l = p.limits();
+    (l.ios, l.io_tracks, l.split)
+}
+
 #[test]
 fn pacer_shrinks_under_host_latency_down_to_the_floor_and_no_further() {
     let mut p = pacer(RestorePriority::Host);
     assert_eq!(
-        (p.limits().ios, p.limits().io_tracks),
-        (1, 1),
+        lim(&mut p),
+        (1, 1, 4),
         "a load met at the start: the floor at once, not full speed"
     );
-    feed(&mut p, busy(IDLE_P99), 14);
-    let full = p.limits();
-    assert_eq!((full.ios, full.io_tracks), (8, 8), "grown to full speed");
+    assert_eq!(p.limits().io_bytes(128 << 10), 32 << 10);
+    grow(&mut p, 16);
+    assert_eq!(lim(&mut p), (8, 8, 1), "grown to full speed");
+    assert_eq!(p.limits().io_bytes(128 << 10), 1 << 20);
     // Host p99 at 2× idle (1.33× the target): every window halves, I/O
     // count first.
     p.observe(&busy(IDLE_P99 * 2));
-    assert_eq!((p.limits().ios, p.limits().io_tracks), (4, 8));
+    assert_eq!(lim(&mut p), (4, 8, 1));
     p.observe(&busy(IDLE_P99 * 2));
     p.observe(&busy(IDLE_P99 * 2));
     p.observe(&busy(IDLE_P99 * 2));
-    assert_eq!(
-        (p.limits().ios, p.limits().io_tracks),
-        (1, 4),
-        "then smaller I/Os"
-    );
+    assert_eq!(lim(&mut p), (1, 4, 1), "then smaller I/Os");
+    p.observe(&busy(IDLE_P99 * 2));
+    p.observe(&busy(IDLE_P99 * 2));
+    p.observe(&busy(IDLE_P99 * 2));
+    assert_eq!(lim(&mut p), (1, 1, 2), "then tracks split into pieces");
     // Far over the target: one halving per doubling, in one window.
-    feed(&mut p, busy(IDLE_P99), 11);
-    assert_eq!((p.limits().ios, p.limits().io_tracks), (8, 8));
+    grow(&mut p, 15);
+    assert_eq!(lim(&mut p), (8, 8, 1));
     p.observe(&busy(IDLE_P99 * 20));
     assert_eq!(
-        (p.limits().ios, p.limits().io_tracks),
-        (1, 4),
+        lim(&mut p),
+        (1, 4, 1),
         "20× idle is 13× the target: four halvings at once"
     );
     // Constant overload for a long time: it stays at the floor, never 0
@@ -364,26 +378,58 @@ fn pacer_shrinks_under_host_latency_down_to_the_floor_and_no_further() {
             });
         }
     }
-    assert_eq!(
-        (p.limits().ios, p.limits().io_tracks),
-        (1, 1),
-        "the host floor"
-    );
+    assert_eq!(lim(&mut p), (1, 1, 4), "the host floor: 32 KiB pieces");
     assert_eq!(p.limits().tracks(), 1);
+}
+
+#[test]
+fn pacer_splits_tracks_only_into_whole_pieces_of_32k_or_more() {
+    let floor = |track: u64| {
+        let mut p = Pacer::new(PaceConfig::for_priority(
+            RestorePriority::Host,
+            64,
+            8,
+            track,
+        ));
+        p.host_active();
+        (p.limits().split, p.limits().io_bytes(track))
+    };
+    assert_eq!(floor(128 << 10), (4, 32 << 10));
+    assert_eq!(floor(1 << 20), (32, 32 << 10));
+    assert_eq!(floor(64 << 10), (2, 32 << 10));
+    assert_eq!(floor(32 << 10), (1, 32 << 10), "already the smallest");
+    assert_eq!(floor(16 << 10), (1, 16 << 10));
+    assert_eq!(floor(96 << 10), (2, 48 << 10), "halves stay whole blocks");
 }
 
 #[test]
 fn pacer_grows_back_when_the_host_is_fast_or_away() {
     let mut p = pacer(RestorePriority::Host);
     feed(&mut p, busy(IDLE_P99 * 10), 20);
-    assert_eq!(p.limits().tracks(), 1);
-    // Host latency back near idle: one step per window, I/O size first.
+    assert_eq!(lim(&mut p), (1, 1, 4));
+    // Host latency back near idle: one step per `calm_windows` calm
+    // windows in a row (8 for `host`), whole tracks first, then I/O size,
+    // then I/O count.
+    assert_eq!(p.config().calm_windows, 8);
+    feed(&mut p, busy(IDLE_P99), 7);
+    assert_eq!(lim(&mut p), (1, 1, 4), "not yet");
+    p.observe(&busy(IDLE_P99 * 13 / 10));
+    feed(&mut p, busy(IDLE_P99), 7);
+    assert_eq!(
+        lim(&mut p),
+        (1, 1, 4),
+        "a window in the band starts the count again"
+    );
     p.observe(&busy(IDLE_P99));
-    assert_eq!((p.limits().ios, p.limits().io_tracks), (1, 2));
-    feed(&mut p, busy(IDLE_P99), 6);
-    assert_eq!((p.limits().ios, p.limits().io_tracks), (1, 8));
-    p.observe(&busy(IDLE_P99));
-    assert_eq!((p.limits().ios, p.limits().io_tracks), (2, 8));
+    assert_eq!(lim(&mut p), (1, 1, 2));
+    grow(&mut p, 1);
+    assert_eq!(lim(&mut p), (1, 1, 1));
+    grow(&mut p, 1);
+    assert_eq!(lim(&mut p), (1, 2, 1));
+    grow(&mut p, 6);
+    assert_eq!(lim(&mut p), (1, 8, 1));
+    grow(&mut p, 1);
+    assert_eq!(lim(&mut p), (2, 8, 1));
     // Between target × 0.75 and the target: it holds.
     let before = p.limits();
     feed(&mut p, busy(IDLE_P99 * 13 / 10), 10);
@@ -395,13 +441,13 @@ fn pacer_grows_back_when_the_host_is_fast_or_away() {
     // The host goes away: full speed at once...
     feed(&mut p, busy(IDLE_P99 * 10), 20);
     p.observe(&Window::default());
-    assert_eq!((p.limits().ios, p.limits().io_tracks), (8, 8));
+    assert_eq!(lim(&mut p), (8, 8, 1));
     p.observe(&Window::default());
-    assert_eq!((p.limits().ios, p.limits().io_tracks), (8, 8));
+    assert_eq!(lim(&mut p), (8, 8, 1));
     // ...and its first request brings back the limits it had under load,
     // before any window closes.
     p.host_active();
-    assert_eq!((p.limits().ios, p.limits().io_tracks), (1, 1));
+    assert_eq!(lim(&mut p), (1, 1, 4));
     p.host_active();
     assert_eq!(p.limits().tracks(), 1, "only a return from away resets");
 }
@@ -411,24 +457,25 @@ fn pacer_follows_the_priority_setting() {
     // 2.5× idle: too much for host first, fine for balanced.
     let mut host = pacer(RestorePriority::Host);
     let mut balanced = pacer(RestorePriority::Balanced);
-    feed(&mut host, busy(IDLE_P99), 14);
-    feed(&mut balanced, busy(IDLE_P99), 14);
+    grow(&mut host, 16);
+    grow(&mut balanced, 16);
     assert_eq!(host.limits().tracks(), 64);
     assert_eq!(balanced.limits().tracks(), 64);
     feed(&mut host, busy(IDLE_P99 * 5 / 2), 3);
     feed(&mut balanced, busy(IDLE_P99 * 5 / 2), 3);
     assert!(host.limits().tracks() < 64);
     assert_eq!(balanced.limits().tracks(), 64);
-    // Under heavy load balanced keeps a larger floor (half-size I/Os).
+    // Under heavy load balanced keeps a larger floor (half-size I/Os,
+    // whole tracks).
     feed(&mut host, busy(IDLE_P99 * 20), 50);
     feed(&mut balanced, busy(IDLE_P99 * 20), 50);
-    assert_eq!(host.limits().tracks(), 1);
-    assert_eq!((balanced.limits().ios, balanced.limits().io_tracks), (1, 4));
+    assert_eq!(lim(&mut host), (1, 1, 4));
+    assert_eq!(lim(&mut balanced), (1, 4, 1));
     // Restore first: full depth whatever the host sees, and no probes.
     let mut restore = pacer(RestorePriority::Restore);
     feed(&mut restore, busy(IDLE_P99 * 100), 200);
     assert!(!restore.probing());
-    assert_eq!(restore.limits().tracks(), 64);
+    assert_eq!(lim(&mut restore), (8, 8, 1));
 }
 
 #[test]
@@ -463,13 +510,7 @@ fn under_host_load_each_priority_still_finishes() {
     ] {
         let mut h = split_volume(29, &[]);
         let (vol, disks) = (h.vol.clone(), h.disks.clone());
-        apply(
-            &vol,
-            Command::Restore {
-                incremental: false,
-                protect: true,
-            },
-        );
+        apply(&vol, PROTECTED_FULL);
         let cfg = EngineConfig {
             priority,
             ..cfg(OnError::Pause)
@@ -478,6 +519,39 @@ fn under_host_load_each_priority_still_finishes() {
         assert_eq!(r.tracks, TRACKS, "{priority:?}");
         assert_eq!(vol.state(), VolumeState::Split);
         assert!(*disks.primary.borrow() == *disks.secondary.borrow());
+    }
+}
+
+#[test]
+fn at_the_host_floor_a_track_is_copied_in_32k_pieces() {
+    const BIG: u64 = 128 << 10;
+    for (busy, piece) in [(true, 32 << 10), (false, 2 * BIG)] {
+        let size = BIG * 8;
+        let mut h = Harness::without_engine(37, size, BIG, VolumeState::Split);
+        let (vol, disks) = (h.vol.clone(), h.disks.clone());
+        disks
+            .secondary
+            .borrow_mut()
+            .copy_from_slice(&pattern(37, size as usize));
+        apply(&vol, PROTECTED_FULL);
+        let cfg = EngineConfig {
+            batch: 4,
+            max_inflight: 8,
+            max_io: 2 * BIG,
+            priority: RestorePriority::Host,
+            ..Default::default()
+        };
+        let r = h.run_copies(cfg, busy, false);
+        assert_eq!(r.tracks, 8);
+        assert!(*disks.primary.borrow() == *disks.secondary.borrow());
+        let writes = disks.write_log.borrow();
+        assert!(
+            writes
+                .iter()
+                .filter(|(d, ..)| *d == Dev::Primary)
+                .all(|&(_, _, len)| len == piece),
+            "busy {busy}: every copy write is {piece} bytes: {writes:?}"
+        );
     }
 }
 
@@ -504,13 +578,7 @@ fn copies_are_recorded_only_after_their_destination_flushed() {
     // is flushed before it is finished.
     let mut h = split_volume(37, &[]);
     let (vol, disks) = (h.vol.clone(), h.disks.clone());
-    apply(
-        &vol,
-        Command::Restore {
-            incremental: false,
-            protect: true,
-        },
-    );
+    apply(&vol, PROTECTED_FULL);
     let r = run(&mut h, cfg(OnError::Pause));
     assert_eq!(r.tracks, TRACKS);
     assert!(

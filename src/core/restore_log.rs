@@ -32,7 +32,9 @@
 
 use super::commit::CommitSeq;
 use super::geometry::Track;
+use super::plan::Logged;
 use super::table::TrackTable;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Mutex;
 
@@ -51,14 +53,18 @@ pub struct RestoreLog {
     /// Tracks logged and not yet settled by a durable commit; mirrors
     /// `entries` for a lock-free test on the host path.
     logged: TrackTable,
+    /// Those of them the copy restored and a host write logged
+    /// ([`RestoreLog::append_copied`]).
+    copied: TrackTable,
     inner: Mutex<Entries>,
 }
 
 #[derive(Default)]
 struct Entries {
-    /// Each logged track, the first record that carries it and the commit
-    /// that makes its bits durable.
-    tracks: Vec<(Track, RecordSeq, CommitSeq)>,
+    /// Each logged track, the latest record that carries it and the
+    /// commit that makes its bits durable. Keyed by track: a host write
+    /// on top of a logged track looks its entry up under the mutex.
+    tracks: BTreeMap<Track, Logged>,
     /// Highest record number handed out.
     appended: RecordSeq,
 }
@@ -70,6 +76,7 @@ impl RestoreLog {
             failed: AtomicBool::new(false),
             written: AtomicU64::new(0),
             logged: TrackTable::new(tracks),
+            copied: TrackTable::new(tracks),
             inner: Mutex::new(Entries::default()),
         }
     }
@@ -106,6 +113,19 @@ impl RestoreLog {
     /// `settle`. `None`: the log is off or full, and the write must wait
     /// for `settle` instead.
     pub fn append(&self, tracks: &[Track], settle: CommitSeq) -> Option<RecordSeq> {
+        self.append_as(tracks, settle, false)
+    }
+
+    /// Logs `t`, which the copy restored (its data is flushed), for a host
+    /// write on top of it while its cleared pending bit is not durable.
+    /// Unlike a track a host write restored, such a track may not be
+    /// pending again after a power cut; writes on top of it keep their
+    /// write intent (see `Volume::log_restored`).
+    pub fn append_copied(&self, t: Track, settle: CommitSeq) -> Option<RecordSeq> {
+        self.append_as(&[t], settle, true)
+    }
+
+    fn append_as(&self, tracks: &[Track], settle: CommitSeq, copied: bool) -> Option<RecordSeq> {
         if !self.enabled() {
             return None;
         }
@@ -115,21 +135,38 @@ impl RestoreLog {
         }
         e.appended += 1;
         let record = e.appended;
+        let entry = Logged { record, settle };
         for &t in tracks {
+            // `copied` before `logged`: whoever sees the track logged sees
+            // how.
+            if copied {
+                self.copied.set(t);
+            }
             self.logged.set(t);
-            e.tracks.push((t, record, settle));
+            // Logged again before its commit was durable: it settles with
+            // the later of the two.
+            e.tracks
+                .entry(t)
+                .and_modify(|old| *old = Logged::join(Some(*old), Some(entry)).unwrap_or(entry))
+                .or_insert(entry);
         }
         Some(record)
+    }
+
+    /// Whether logged track `t` was logged by [`RestoreLog::append_copied`].
+    pub fn copied(&self, t: Track) -> bool {
+        self.copied.get(t)
     }
 
     /// Drops the entries whose commit is durable (the header has them
     /// now): after every commit, the only way a commit becomes durable, so
     /// the entries left are exactly the unsettled ones.
     pub fn settle(&self, durable: impl Fn(CommitSeq) -> bool) {
-        self.entries().tracks.retain(|&(t, _, seq)| {
-            let keep = !durable(seq);
+        self.entries().tracks.retain(|&t, entry| {
+            let keep = !durable(entry.settle);
             if !keep {
                 self.logged.clear(t);
+                self.copied.clear(t);
             }
             keep
         });
@@ -147,16 +184,11 @@ impl RestoreLog {
     /// as durable as the write that restored it once that record is
     /// written (after `kill -9`), and only once that commit is after a
     /// power cut.
-    pub fn entry_of(&self, t: Track) -> Option<(RecordSeq, CommitSeq)> {
+    pub fn entry_of(&self, t: Track) -> Option<Logged> {
         if !self.holds(t) {
             return None;
         }
-        let e = self.entries();
-        e.tracks
-            .iter()
-            .filter(|&&(u, _, _)| u == t)
-            .map(|&(_, record, settle)| (record, settle))
-            .max()
+        self.entries().tracks.get(&t).copied()
     }
 
     /// The record to write next: its number and every unsettled track.
@@ -166,7 +198,7 @@ impl RestoreLog {
             return None;
         }
         let e = self.entries();
-        Some((e.appended, e.tracks.iter().map(|&(t, _, _)| t).collect()))
+        Some((e.appended, e.tracks.keys().copied().collect()))
     }
 
     /// A record was appended that is not written yet.
@@ -185,7 +217,7 @@ impl RestoreLog {
     /// The commit that settles every logged track, if one is not durable:
     /// a host flush waits for it.
     pub fn unsettled(&self) -> Option<CommitSeq> {
-        self.entries().tracks.iter().map(|&(_, _, seq)| seq).max()
+        self.entries().tracks.values().map(|e| e.settle).max()
     }
 }
 
@@ -207,7 +239,16 @@ mod tests {
         assert!(log.is_written(r1) && !log.wanted());
         assert_eq!(
             (log.entry_of(1), log.entry_of(3)),
-            (Some((r1, 5)), Some((r2, 6)))
+            (
+                Some(Logged {
+                    record: r1,
+                    settle: 5
+                }),
+                Some(Logged {
+                    record: r2,
+                    settle: 6
+                })
+            )
         );
         log.settle(|s| s <= 5);
         assert_eq!(log.unsettled(), Some(6));
@@ -217,5 +258,25 @@ mod tests {
         assert_eq!(log.unsettled(), None);
         log.fail();
         assert_eq!(log.append(&[9], 7), None, "off after a failure");
+    }
+
+    #[test]
+    fn a_track_logged_twice_stays_logged_until_the_later_commit() {
+        let log = RestoreLog::new(64);
+        log.enable(8);
+        log.append(&[1], 5).unwrap();
+        let r2 = log.append(&[1], 6).unwrap();
+        assert_eq!(
+            log.entry_of(1),
+            Some(Logged {
+                record: r2,
+                settle: 6
+            })
+        );
+        log.settle(|s| s <= 5);
+        assert!(log.holds(1), "commit 6 is not durable yet");
+        assert_eq!(log.take().map(|(_, t)| t), Some(vec![1]));
+        log.settle(|s| s <= 6);
+        assert!(!log.holds(1) && log.unsettled().is_none());
     }
 }

@@ -211,7 +211,7 @@ async fn copy_tracks<'v, B: Backend>(
     let ticket = admit(vol, b).await;
     let jobs = vol.next_copies(&ticket, max);
     let runs = coalesce(&jobs, io_bytes);
-    let results = join_all(runs.iter().map(|run| copy_run(b, run))).await;
+    let results = join_all(runs.iter().map(|run| copy_run(b, run, io_bytes))).await;
     let mut out = BatchResult {
         picked: jobs.len(),
         group: FlushGroup::default(),
@@ -377,6 +377,7 @@ pub async fn run_copies<B: Backend>(
         cfg.priority,
         cfg.max_inflight,
         (cfg.max_io / track.max(1)) as usize,
+        track,
     ));
     let mut meter = WindowMeter::new(load, false);
     // A batch found nothing to pick: start no more until the running ones
@@ -400,7 +401,7 @@ pub async fn run_copies<B: Backend>(
         let lim = pacer.limits();
         load.set_copy_depth(lim.tracks() as u64);
         let cap = copy_cap(vol, cfg, &lim, host_busy);
-        let io_bytes = (lim.io_tracks as u64 * track).max(track);
+        let io_bytes = lim.io_bytes(track);
         let size = cfg.batch.min(cap).max(1);
         while !halt && !dry && inflight < cap && bucket.ready() {
             let n = size.min(cap - inflight).max(1);
@@ -636,31 +637,41 @@ fn dev_name(d: Dev) -> &'static str {
     }
 }
 
-/// Copies a run of adjacent tracks in one I/O; if that fails, track by
+/// Copies a run of adjacent tracks in one I/O (a track in pieces of
+/// `io_bytes`, when the pacer splits tracks); if that fails, track by
 /// track, so that one bad track does not fail (or skip) its neighbours.
-async fn copy_run<B: Backend>(b: &B, run: &[CopyJob]) -> Vec<Result<(), CopyFault>> {
-    match copy_span(b, run).await {
+async fn copy_run<B: Backend>(b: &B, run: &[CopyJob], io_bytes: u64) -> Vec<Result<(), CopyFault>> {
+    match copy_span(b, run, io_bytes).await {
         Ok(()) => return run.iter().map(|_| Ok(())).collect(),
         Err(e) if run.len() == 1 => return vec![Err(e)],
         Err(_) => {}
     }
     let mut out = Vec::with_capacity(run.len());
     for job in run {
-        out.push(copy_span(b, std::slice::from_ref(job)).await);
+        out.push(copy_span(b, std::slice::from_ref(job), io_bytes).await);
     }
     out
 }
 
-async fn copy_span<B: Backend>(b: &B, run: &[CopyJob]) -> Result<(), CopyFault> {
+/// Copies `run` in I/Os of at most `io_bytes`, each piece read then
+/// written before the next is read: the copy never has more than one
+/// piece's I/O queued on a device.
+async fn copy_span<B: Backend>(b: &B, run: &[CopyJob], io_bytes: u64) -> Result<(), CopyFault> {
     let first = run[0];
-    let len: u64 = run.iter().map(|j| j.len).sum();
-    let mut buf: AlignedBuf = b.buffer(len as usize);
-    b.read(first.from, first.offset, &mut buf)
-        .await
-        .map_err(CopyFault::Read)?;
-    b.write(first.to, first.offset, &buf, false)
-        .await
-        .map_err(CopyFault::Write)
+    let len = run.iter().map(|j| j.len).sum::<u64>() as usize;
+    let mut buf: AlignedBuf = b.buffer(len);
+    let piece = (io_bytes as usize).clamp(4096, len.max(4096));
+    for at in (0..len).step_by(piece) {
+        let bytes = at..(at + piece).min(len);
+        let offset = first.offset + at as u64;
+        b.read(first.from, offset, &mut buf[bytes.clone()])
+            .await
+            .map_err(CopyFault::Read)?;
+        b.write(first.to, offset, &buf[bytes], false)
+            .await
+            .map_err(CopyFault::Write)?;
+    }
+    Ok(())
 }
 
 /// Runs a state change: closes the gate, waits for admitted requests to

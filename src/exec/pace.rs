@@ -5,12 +5,18 @@
 //! latency. The [`Pacer`] watches the host's p99 latency, window by
 //! window, against an idle baseline and sets how many copy I/Os may be in
 //! flight and how large each may be (AIMD: halve on a window above the
-//! target, once per doubling of the excess; grow by one step on a window
-//! well below it; jump to full speed when the host is away, and back to the
+//! target, once per doubling of the excess; grow by one step after some
+//! windows in a row well below it; jump to full speed when the host is away, and back to the
 //! last busy limits at the host's first request, so a load that starts
 //! during a copy never meets it at full speed for the windows a descent
 //! from there would take). It never goes below a floor, so a copy under
-//! constant host load still ends. The baseline is the host's p99 in a
+//! constant host load still ends.
+//!
+//! Below one track at a time it *splits* each track's copy into smaller
+//! I/Os, one after the other (down to [`MIN_SPLIT_IO`]): a host request
+//! queued behind the copy then waits for one small I/O, not a whole track
+//! (on the bench disk, a 4 KiB write behind one 128 KiB copy I/O at a time
+//! had 3.4× its idle p99; behind 32 KiB ones, 1.9×). The baseline is the host's p99 in a
 //! window with no copy in flight: the pacer asks for one such *probe*
 //! window at the start and then every `probe_every` windows (a few percent
 //! of the copy's time).
@@ -20,6 +26,10 @@
 
 use crate::edge::config::RestorePriority;
 use std::time::Duration;
+
+/// The smallest copy I/O the pacer splits a track into: below it the
+/// copy's per-I/O cost grows faster than the host gains.
+pub const MIN_SPLIT_IO: u64 = 32 << 10;
 
 /// The pacer's bounds and targets, from `restore.priority`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -33,28 +43,38 @@ pub struct PaceConfig {
     pub target: Option<f64>,
     /// The floor: never fewer copy I/Os than this...
     pub floor_ios: usize,
-    /// ...nor smaller ones (tracks).
+    /// ...nor smaller ones (tracks)...
     pub floor_io_tracks: usize,
+    /// ...nor tracks cut into more I/Os than this (1: never split).
+    pub max_split: usize,
+    /// Windows in a row well under the target before the copy grows by
+    /// one step: a window's p99 is nearly its slowest request, so a copy
+    /// that grows at every calm window spends much of its time one step
+    /// over the target, and the host's p99 over a long run is set there.
+    pub calm_windows: u32,
     /// Windows between two probes of the idle baseline.
     pub probe_every: u32,
 }
 
 impl PaceConfig {
     /// The bounds for `priority` when the engine may keep `max_inflight`
-    /// tracks in flight in I/Os of up to `max_io_tracks` tracks.
+    /// tracks of `track_size` bytes in flight in I/Os of up to
+    /// `max_io_tracks` tracks.
     pub fn for_priority(
         priority: RestorePriority,
         max_inflight: usize,
         max_io_tracks: usize,
+        track_size: u64,
     ) -> Self {
         let max_io_tracks = max_io_tracks.clamp(1, max_inflight.max(1));
         let max_ios = (max_inflight / max_io_tracks).max(1);
-        let (target, floor_ios, floor_io_tracks) = match priority {
+        let (target, floor_ios, floor_io_tracks, max_split, calm_windows) = match priority {
             // p99 within 1.5× idle leaves room for the bucket width (≤ 25 %)
-            // under a goal of 2×; one track at a time is the floor.
-            RestorePriority::Host => (Some(1.5), 1, 1),
-            RestorePriority::Balanced => (Some(3.0), 1, max_io_tracks.div_ceil(2)),
-            RestorePriority::Restore => (None, max_ios, max_io_tracks),
+            // under a goal of 2×; one track at a time, in the smallest
+            // split I/Os, is the floor.
+            RestorePriority::Host => (Some(1.5), 1, 1, splits(track_size), 8),
+            RestorePriority::Balanced => (Some(3.0), 1, max_io_tracks.div_ceil(2), 1, 1),
+            RestorePriority::Restore => (None, max_ios, max_io_tracks, 1, 1),
         };
         PaceConfig {
             max_ios,
@@ -62,9 +82,38 @@ impl PaceConfig {
             target,
             floor_ios: floor_ios.min(max_ios),
             floor_io_tracks: floor_io_tracks.min(max_io_tracks),
+            max_split,
+            calm_windows,
             probe_every: 50,
         }
     }
+
+    /// The floor's limits.
+    fn floor(&self) -> Limits {
+        Limits {
+            ios: self.floor_ios,
+            io_tracks: self.floor_io_tracks,
+            split: self.max_split,
+        }
+    }
+
+    fn full(&self) -> Limits {
+        Limits {
+            ios: self.max_ios,
+            io_tracks: self.max_io_tracks,
+            split: 1,
+        }
+    }
+}
+
+/// Into how many I/Os a track's copy may be split: halvings while the
+/// pieces stay whole 4 KiB blocks of at least [`MIN_SPLIT_IO`].
+fn splits(track_size: u64) -> usize {
+    let mut n = 1u64;
+    while (track_size / (n * 2)) >= MIN_SPLIT_IO && track_size.is_multiple_of(n * 2 * 4096) {
+        n *= 2;
+    }
+    n as usize
 }
 
 /// What the engine saw during one window.
@@ -86,6 +135,9 @@ pub struct Limits {
     pub ios: usize,
     /// Tracks per copy I/O.
     pub io_tracks: usize,
+    /// I/Os each track's copy is cut into, one after the other (1: whole
+    /// tracks; more only at one track per I/O).
+    pub split: usize,
 }
 
 impl Limits {
@@ -93,21 +145,31 @@ impl Limits {
     pub fn tracks(&self) -> usize {
         self.ios * self.io_tracks
     }
+
+    /// Bytes per copy I/O, for tracks of `track_size` bytes.
+    pub fn io_bytes(&self, track_size: u64) -> u64 {
+        if self.split > 1 {
+            track_size / self.split as u64
+        } else {
+            self.io_tracks as u64 * track_size
+        }
+    }
 }
 
 /// The AIMD controller (see the module's comment).
 #[derive(Debug, Clone)]
 pub struct Pacer {
     cfg: PaceConfig,
-    ios: usize,
-    io_tracks: usize,
+    now: Limits,
     baseline: Option<Duration>,
     since_probe: u32,
     probing: bool,
     /// While the host is away (full speed): the limits to resume at its
     /// next request. The floor before the host was ever seen: a restore
     /// started under load begins gently and grows from there.
-    away: Option<(usize, usize)>,
+    away: Option<Limits>,
+    /// Calm windows in a row so far.
+    calm: u32,
 }
 
 impl Pacer {
@@ -116,12 +178,12 @@ impl Pacer {
     pub fn new(cfg: PaceConfig) -> Self {
         Pacer {
             cfg,
-            ios: cfg.max_ios,
-            io_tracks: cfg.max_io_tracks,
+            now: cfg.full(),
             baseline: None,
             since_probe: 0,
             probing: false,
-            away: cfg.target.map(|_| (cfg.floor_ios, cfg.floor_io_tracks)),
+            away: cfg.target.map(|_| cfg.floor()),
+            calm: 0,
         }
     }
 
@@ -131,8 +193,8 @@ impl Pacer {
 
     pub fn limits(&self) -> Limits {
         Limits {
-            ios: if self.probing { 0 } else { self.ios },
-            io_tracks: self.io_tracks,
+            ios: if self.probing { 0 } else { self.now.ios },
+            ..self.now
         }
     }
 
@@ -151,9 +213,8 @@ impl Pacer {
     /// under load at once, without waiting for a window to close (a window
     /// takes up to 64 requests; halving from full speed would take several).
     pub fn host_active(&mut self) {
-        if let Some((ios, io_tracks)) = self.away.take() {
-            self.ios = ios;
-            self.io_tracks = io_tracks;
+        if let Some(busy) = self.away.take() {
+            self.now = busy;
         }
     }
 
@@ -166,7 +227,7 @@ impl Pacer {
         if w.host_requests == 0 {
             // The host is away: nothing to yield to.
             if self.away.is_none() {
-                self.away = Some((self.ios, self.io_tracks));
+                self.away = Some(self.now);
             }
             self.full_speed();
             self.probing = false;
@@ -189,6 +250,8 @@ impl Pacer {
         // A copying window faster than the baseline: the baseline was high.
         self.baseline = Some(baseline.min(p99));
         let ratio = p99.as_secs_f64() / baseline.as_secs_f64().max(1e-9);
+        let calm = ratio < target * 0.75;
+        self.calm = if calm { self.calm + 1 } else { 0 };
         if ratio > target {
             // Once per doubling over the target: a copy far too deep for
             // the host gets there in one window, not one halving a window.
@@ -196,7 +259,8 @@ impl Pacer {
             for _ in 0..halvings {
                 self.decrease();
             }
-        } else if ratio < target * 0.75 {
+        } else if calm && self.calm >= self.cfg.calm_windows {
+            self.calm = 0;
             self.increase();
         }
         self.since_probe += 1;
@@ -206,25 +270,31 @@ impl Pacer {
     }
 
     fn full_speed(&mut self) {
-        self.ios = self.cfg.max_ios;
-        self.io_tracks = self.cfg.max_io_tracks;
+        self.now = self.cfg.full();
     }
 
-    /// Fewer I/Os first (queueing), then smaller ones (service time).
+    /// Fewer I/Os first (queueing), then smaller ones (service time),
+    /// then tracks split into smaller I/Os still.
     fn decrease(&mut self) {
-        if self.ios > self.cfg.floor_ios {
-            self.ios = (self.ios / 2).max(self.cfg.floor_ios);
-        } else {
-            self.io_tracks = (self.io_tracks / 2).max(self.cfg.floor_io_tracks);
+        let (now, cfg) = (&mut self.now, &self.cfg);
+        if now.ios > cfg.floor_ios {
+            now.ios = (now.ios / 2).max(cfg.floor_ios);
+        } else if now.io_tracks > cfg.floor_io_tracks {
+            now.io_tracks = (now.io_tracks / 2).max(cfg.floor_io_tracks);
+        } else if now.io_tracks == 1 {
+            now.split = (now.split * 2).min(cfg.max_split);
         }
     }
 
     /// The reverse order, one step at a time.
     fn increase(&mut self) {
-        if self.io_tracks < self.cfg.max_io_tracks {
-            self.io_tracks += 1;
-        } else if self.ios < self.cfg.max_ios {
-            self.ios += 1;
+        let (now, cfg) = (&mut self.now, &self.cfg);
+        if now.split > 1 {
+            now.split /= 2;
+        } else if now.io_tracks < cfg.max_io_tracks {
+            now.io_tracks += 1;
+        } else if now.ios < cfg.max_ios {
+            now.ios += 1;
         }
     }
 }

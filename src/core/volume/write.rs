@@ -164,10 +164,18 @@ impl Volume {
                 // waits for the commit that settles it.
                 Action::PrimaryChanged if self.restore_log.holds(t) => {
                     self.tables.changed.set(t);
-                    let entry = self.restore_log.entry_of(t);
-                    let logged = entry.map(|(record, settle)| Logged { record, settle });
+                    let logged = self.restore_log.entry_of(t);
                     plan.on_logged = Logged::join(plan.on_logged, logged);
-                    None
+                    // A track the copy restored (`log_restored`) is not
+                    // pending again after a power cut, so the write's data
+                    // may stay there: its "changed" bit needs the region's
+                    // intent, durable before it is issued, as any primary
+                    // write's does.
+                    if self.restore_log.copied(t) {
+                        self.mark_intent(t)
+                    } else {
+                        None
+                    }
                 }
                 Action::PrimaryChanged => {
                     // "changed" is exact in memory and committed lazily; the
@@ -176,12 +184,21 @@ impl Volume {
                     // into "changed"), as it covers mirror writes. So a
                     // write to a warm region needs no commit at all.
                     self.tables.changed.set(t);
-                    later(
-                        self.mark_intent(t),
-                        // claim 7 during a restore: the track's "restored"
-                        // bit must be durable before new data goes on top.
-                        self.clock.needed_for(&self.tables.pending, t),
-                    )
+                    // claim 7 during a restore: the track's "restored" bit
+                    // (cleared by the copy, or by a neighbour's in the
+                    // same word) must survive a restart before new data
+                    // on top is acknowledged.
+                    let restored = match self.clock.needed_for(&self.tables.pending, t) {
+                        Some(settle) => match self.log_restored(t, settle) {
+                            logged @ Some(_) => {
+                                plan.on_logged = Logged::join(plan.on_logged, logged);
+                                None
+                            }
+                            None => Some(settle),
+                        },
+                        None => None,
+                    };
+                    later(self.mark_intent(t), restored)
                 }
                 Action::RestoreFull | Action::Merge => {
                     plan.restores.push(t);
@@ -195,6 +212,22 @@ impl Volume {
             self.push_step(&mut plan.steps, span, *action);
         }
         plan
+    }
+
+    /// Logs `t`, not pending in memory but maybe pending on disk until
+    /// commit `settle`, so that a write on top of it waits for a restore
+    /// log record (one metadata write) instead of that commit (a flush of
+    /// both devices), as a write on top of a merge does: after `kill -9`
+    /// the record keeps the track restored; after a power cut the track
+    /// is copied again over the unflushed write, and a flush or FUA waits
+    /// for `settle`. `None`: no log (off, failed or full), wait for
+    /// `settle` before issuing the write.
+    fn log_restored(&self, t: Track, settle: CommitSeq) -> Option<Logged> {
+        if !self.restore_log_enabled() {
+            return None;
+        }
+        let record = self.restore_log.append_copied(t, settle)?;
+        Some(Logged { record, settle })
     }
 
     /// Sets the write intent of `t`'s region and notes the region as

@@ -326,7 +326,9 @@ fn spawn_restore(
 }
 
 /// The default engine settings; `SPLITMIRROR_BENCH_{BATCH,MAX_INFLIGHT,
-/// BUSY_INFLIGHT,COMMIT_EVERY}` override them for tuning runs.
+/// BUSY_INFLIGHT,COMMIT_EVERY}` override them for tuning runs, and
+/// `SPLITMIRROR_BENCH_PRIORITY=host|balanced|restore` sets
+/// `restore.priority`.
 fn default_cfg() -> EngineConfig {
     let mut cfg = EngineConfig::from_restore(&RestoreConfig::default());
     let var = |k: &str| std::env::var(format!("SPLITMIRROR_BENCH_{k}")).ok();
@@ -335,6 +337,10 @@ fn default_cfg() -> EngineConfig {
     cfg.max_inflight = num("MAX_INFLIGHT").unwrap_or(cfg.max_inflight);
     cfg.busy_inflight = num("BUSY_INFLIGHT").unwrap_or(cfg.busy_inflight);
     cfg.commit_every = num("COMMIT_EVERY").unwrap_or(cfg.commit_every);
+    if let Some(p) = var("PRIORITY") {
+        cfg.priority = serde_json::from_value(serde_json::Value::String(p))
+            .expect("SPLITMIRROR_BENCH_PRIORITY is host, balanced or restore");
+    }
     cfg
 }
 

@@ -556,6 +556,34 @@ fn at_the_host_floor_a_track_is_copied_in_32k_pieces() {
 }
 
 #[test]
+fn a_host_write_waiting_for_a_copied_track_holds_new_copies_back() {
+    let mut h = split_volume(41, &[]);
+    let vol = h.vol.clone();
+    apply(&vol, PROTECTED_FULL);
+    // The copy holds track 3 (copied, waiting for its group's flush).
+    let ticket = vol.enter().unwrap();
+    let job = *vol
+        .next_copies(&ticket, 8)
+        .iter()
+        .find(|j| j.track == 3)
+        .unwrap();
+    drop(ticket);
+    assert_eq!(vol.host_ahead(), 0);
+    let write = h.spawn_write(3 * TRACK, vec![7; 512], false);
+    h.steps(200);
+    assert!(write.borrow().is_none(), "the track is the copy's");
+    assert_eq!(
+        vol.host_ahead(),
+        1,
+        "the waiting write tells the engine to start no new copies"
+    );
+    vol.finish_copy(job, true);
+    let r = h.wait(&write);
+    assert!(r.is_ok());
+    assert_eq!(vol.host_ahead(), 0);
+}
+
+#[test]
 fn copies_are_recorded_only_after_their_destination_flushed() {
     // Establish: every track stale, copied primary → secondary, whose
     // FLUSH fails. No copy may be recorded done (its data may be lost in

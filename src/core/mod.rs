@@ -66,4 +66,4 @@ pub use plan::*;
 pub use restore_log::RecordSeq;
 pub use state::{Command, Operation, OperationKind, TransitionError, VolumeState};
 pub use table::{TrackTable, CHUNK_WORDS};
-pub use volume::{MergeGuard, TableCounts, TableId, Ticket, VerifyLock, Volume, Wait};
+pub use volume::{AheadGuard, TableCounts, TableId, Ticket, VerifyLock, Volume, Wait};

@@ -348,9 +348,9 @@ enum Done<'v> {
 /// Keeps tracks in flight as concurrent batches (hot tracks first:
 /// `next_copies` orders them), as many and in I/Os as large as the
 /// [`Pacer`] allows from the host's latency (`restore.priority`), none
-/// while a host merge runs or a host request waits for a commit. Copied
-/// tracks are flushed on their destination in groups (`GROUP_DEPTHS`
-/// full depths, or after `GROUP_WAIT`), then finished.
+/// while a host merge runs or a host request waits for a commit or a
+/// track. Copied tracks are flushed on their destination in groups
+/// (`GROUP_DEPTHS` full depths, or after `GROUP_WAIT`), then finished.
 /// Honours `rate_limit` with a token bucket, requests a metadata commit
 /// every `commit_every` groups, and ends each operation with
 /// [`complete_if_done`] (restore → resync → established runs through).
@@ -510,10 +510,11 @@ pub async fn run_copies<B: Backend>(
 
 /// Tracks the engine may have in flight now: what the pacer allows
 /// (bounded by `busy_inflight` while the host is busy), and none while a
-/// host merge runs or a host request waits for a commit (they go first;
-/// the merge's two I/Os would otherwise queue behind new copies).
+/// host merge runs or a host request waits for a commit or a track (they
+/// go first: the merge's two I/Os would otherwise queue behind new
+/// copies, and the copy holds its tracks until its group's flush).
 fn copy_cap(vol: &Volume, cfg: &EngineConfig, lim: &Limits, host_busy: bool) -> usize {
-    if vol.commit_waiters() > 0 || vol.merges() > 0 {
+    if vol.commit_waiters() > 0 || vol.host_ahead() > 0 {
         return 0;
     }
     let cap = lim.tracks().min(cfg.max_inflight);

@@ -96,6 +96,9 @@ async fn wait_log<B: Backend>(vol: &Volume, b: &B, seq: crate::core::RecordSeq) 
 /// Only `t` itself counts: retries caused by other tracks' releases could
 /// wake two waiters of crossing multi-track writes alternately forever.
 async fn wait_track<B: Backend>(vol: &Volume, b: &B, t: crate::core::Track) {
+    // The copy holds its tracks until its group's flush: no new copies
+    // while a host request waits, so that flush comes at once.
+    let _ahead = vol.ahead_guard();
     let seen = vol.track_holders(t);
     wait_on(b, vol.progress_wakes(), || {
         let now = vol.track_holders(t);
@@ -375,7 +378,7 @@ async fn merge<B: Backend>(
     len: u64,
     host: Option<&[u8]>,
 ) -> io::Result<()> {
-    let _ahead = vol.merge_guard();
+    let _ahead = vol.ahead_guard();
     let mut track = b.buffer(track_len as usize);
     b.read(Dev::Secondary, track_offset, &mut track).await?;
     let range = (offset - track_offset) as usize..(offset - track_offset + len) as usize;

@@ -130,18 +130,21 @@ pub struct Volume {
     /// Requests waiting for a track lock or a state change (the gate, a
     /// drain): woken by lock releases, ended requests and state changes.
     progress_wakes: WakeList,
-    /// Host merges in flight: the copy engine issues no new copies
-    /// meanwhile, so a merge's I/O does not queue behind them.
-    merging: AtomicU64,
+    /// Host merges in flight and host requests waiting for a track lock:
+    /// the copy engine issues no new copies meanwhile, so a merge's I/O
+    /// does not queue behind them, and a track the copy holds (until its
+    /// group's flush) is let go at once.
+    host_ahead: AtomicU64,
     /// Tracks restored by host writes ahead of their commit (see
     /// `core::restore_log`).
     pub(super) restore_log: RestoreLog,
 }
 
-/// A host merge in flight (see [`Volume::merge_guard`]).
-pub struct MergeGuard<'a>(&'a AtomicU64);
+/// A host merge in flight, or a host request waiting for a track (see
+/// [`Volume::ahead_guard`]).
+pub struct AheadGuard<'a>(&'a AtomicU64);
 
-impl Drop for MergeGuard<'_> {
+impl Drop for AheadGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, SeqCst);
     }
@@ -172,7 +175,7 @@ impl Volume {
             intent_age: Mutex::new(Vec::new()),
             intent_unflushed: TrackTable::new(tracks),
             progress_wakes: WakeList::default(),
-            merging: AtomicU64::new(0),
+            host_ahead: AtomicU64::new(0),
             restore_log: RestoreLog::new(tracks),
         }
     }
@@ -353,16 +356,17 @@ impl Volume {
         self.clock.waiters()
     }
 
-    /// Held by a host merge while its reads and writes run: merges go
-    /// ahead of copies (the copy engine starts none meanwhile).
-    pub fn merge_guard(&self) -> MergeGuard<'_> {
-        self.merging.fetch_add(1, SeqCst);
-        MergeGuard(&self.merging)
+    /// Held by a host merge while its reads and writes run, and by a host
+    /// request while it waits for a track lock: they go ahead of copies
+    /// (the copy engine starts none meanwhile).
+    pub fn ahead_guard(&self) -> AheadGuard<'_> {
+        self.host_ahead.fetch_add(1, SeqCst);
+        AheadGuard(&self.host_ahead)
     }
 
-    /// Host merges in flight now.
-    pub fn merges(&self) -> u64 {
-        self.merging.load(SeqCst)
+    /// Host requests holding an [`AheadGuard`] now.
+    pub fn host_ahead(&self) -> u64 {
+        self.host_ahead.load(SeqCst)
     }
 
     /// The commit that will cover everything changed up to now.

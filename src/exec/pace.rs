@@ -6,20 +6,21 @@
 //! window, against an idle baseline and sets how many copy I/Os may be in
 //! flight and how large each may be (AIMD: halve on a window above the
 //! target, once per doubling of the excess; grow by one step after some
-//! windows in a row well below it; jump to full speed when the host is away, and back to the
-//! last busy limits at the host's first request, so a load that starts
-//! during a copy never meets it at full speed for the windows a descent
-//! from there would take). It never goes below a floor, so a copy under
-//! constant host load still ends.
+//! windows in a row well below it; jump to full speed when the host is
+//! away, and back to the last busy limits at the host's first request, so
+//! a load that starts during a copy never meets it at full speed for the
+//! windows a descent from there would take). It never goes below a floor,
+//! so a copy under constant host load still ends.
 //!
 //! Below one track at a time it *splits* each track's copy into smaller
 //! I/Os, one after the other (down to [`MIN_SPLIT_IO`]): a host request
 //! queued behind the copy then waits for one small I/O, not a whole track
-//! (on the bench disk, a 4 KiB write behind one 128 KiB copy I/O at a time
-//! had 3.4× its idle p99; behind 32 KiB ones, 1.9×). The baseline is the host's p99 in a
-//! window with no copy in flight: the pacer asks for one such *probe*
-//! window at the start and then every `probe_every` windows (a few percent
-//! of the copy's time).
+//! (on the bench disk, a 4 KiB write behind one 128 KiB copy I/O at a
+//! time had 3.4× its idle p99; behind 32 KiB ones, 1.9×).
+//!
+//! The baseline is the host's p99 in a window with no copy in flight: the
+//! pacer asks for one such *probe* window at the start and then every
+//! `probe_every` windows (a few percent of the copy's time).
 //!
 //! Pure arithmetic over windows the engine measures: no clock, no I/O, so
 //! the tests drive it with made-up windows.
@@ -27,8 +28,10 @@
 use crate::edge::config::RestorePriority;
 use std::time::Duration;
 
-/// The smallest copy I/O the pacer splits a track into: below it the
-/// copy's per-I/O cost grows faster than the host gains.
+/// The smallest copy I/O the pacer splits a track into: behind 32 KiB
+/// pieces a 4 KiB host write is already near its idle p99 (1.9× on the
+/// bench disk), and smaller ones would cost the copy more I/Os per byte
+/// for what little is left.
 pub const MIN_SPLIT_IO: u64 = 32 << 10;
 
 /// The pacer's bounds and targets, from `restore.priority`.

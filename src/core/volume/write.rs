@@ -166,11 +166,11 @@ impl Volume {
                     self.tables.changed.set(t);
                     let logged = self.restore_log.entry_of(t);
                     plan.on_logged = Logged::join(plan.on_logged, logged);
-                    // A track the copy restored (`log_restored`) is not
-                    // pending again after a power cut, so the write's data
-                    // may stay there: its "changed" bit needs the region's
-                    // intent, durable before it is issued, as any primary
-                    // write's does.
+                    // A track the copy restored (`log_restored`) may not be
+                    // pending again after a power cut (its own bit may be
+                    // durable already), so the write's data may stay: its
+                    // "changed" bit needs the region's intent, durable
+                    // before it is issued, as any primary write's does.
                     if self.restore_log.copied(t) {
                         self.mark_intent(t)
                     } else {
@@ -218,9 +218,11 @@ impl Volume {
     /// commit `settle`, so that a write on top of it waits for a restore
     /// log record (one metadata write) instead of that commit (a flush of
     /// both devices), as a write on top of a merge does: after `kill -9`
-    /// the record keeps the track restored; after a power cut the track
-    /// is copied again over the unflushed write, and a flush or FUA waits
-    /// for `settle`. `None`: no log (off, failed or full), wait for
+    /// the record keeps the track restored; after a power cut the track is
+    /// either pending again, copied over the unflushed write, or was
+    /// restored on disk already (only a neighbour's bit was not durable),
+    /// and the write's intent covers its "changed" bit. A flush or FUA
+    /// waits for `settle`. `None`: no log (off, failed or full), wait for
     /// `settle` before issuing the write.
     fn log_restored(&self, t: Track, settle: CommitSeq) -> Option<Logged> {
         if !self.restore_log_enabled() {

@@ -4,7 +4,8 @@
 //!
 //! Files live in `$SPLITMIRROR_BENCH_DIR` (default `target/bench-tmp`),
 //! opened O_DIRECT; the size of the data files is `$SPLITMIRROR_BENCH_SIZE`
-//! (default 1GiB). Host I/O goes through `exec::host` over a `UringBackend`,
+//! (default 1GiB); `$SPLITMIRROR_BENCH_TRACK` sets the volume's
+//! `track_size` (default 128KiB, the config default). Host I/O goes through `exec::host` over a `UringBackend`,
 //! the path a ublk queue runs. Metadata commits go to the real store, a
 //! file beside the data files, flushing the data devices first as the
 //! server's committer does. Every figure is printed alone on a line
@@ -28,7 +29,18 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-const TRACK: u64 = 128 << 10;
+/// The volume's track size: `SPLITMIRROR_BENCH_TRACK`, else the config
+/// default. A merge reads and writes one whole track, so this sets what a
+/// first touch during a restore costs.
+fn track() -> u64 {
+    static TRACK: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TRACK.get_or_init(|| {
+        std::env::var("SPLITMIRROR_BENCH_TRACK")
+            .ok()
+            .map(|s| parse_size(&s).expect("SPLITMIRROR_BENCH_TRACK"))
+            .unwrap_or(128 << 10)
+    })
+}
 const MIB: f64 = (1u64 << 20) as f64;
 
 fn main() {
@@ -42,6 +54,7 @@ fn main() {
         .unwrap_or(1 << 30);
     println!("bench_dir: {}", dir.display());
     println!("bench_size_mib: {}", size >> 20);
+    println!("bench_track_kib: {}", track() >> 10);
 
     if wanted("copy") || wanted("latency") || wanted("split") {
         let pair = Pair::create(&dir, "data", size, true);
@@ -148,7 +161,7 @@ impl Committer {
         let meta = pair.paths[0].with_extension("meta");
         let binding = Binding {
             volume_size: pair.size,
-            track_size: TRACK,
+            track_size: track(),
             primary_size: pair.size,
             secondary_size: pair.size,
             primary_id: "bench:primary".into(),
@@ -259,7 +272,7 @@ fn backend(fds: (RawFd, RawFd), pool: usize, commit: impl Fn() + 'static) -> Uri
         fds.1,
         UringOptions {
             pool_buffers: pool,
-            buffer_size: TRACK as usize,
+            buffer_size: track() as usize,
             ..Default::default()
         },
     )
@@ -271,7 +284,7 @@ fn backend(fds: (RawFd, RawFd), pool: usize, commit: impl Fn() + 'static) -> Uri
 /// loaded, so its pages are resident (a fresh `Volume` would charge the
 /// first restore with page faults a running server never sees).
 fn volume(size: u64) -> Arc<Volume> {
-    let vol = Volume::new(Geometry::new(size, TRACK).unwrap(), VolumeState::Split);
+    let vol = Volume::new(Geometry::new(size, track()).unwrap(), VolumeState::Split);
     let zeros = vec![0u64; splitmirror::core::CHUNK_WORDS];
     for table in [
         TableId::Changed,
@@ -438,7 +451,7 @@ fn host_writes(
     while !until(lat.len()) {
         let off = rng.u64(0..span / 4096) * 4096;
         buf.fill(lat.len() as u8);
-        let first_touch = vol.table(TableId::Pending).get(off / TRACK);
+        let first_touch = vol.table(TableId::Pending).get(off / track());
         let t = Instant::now();
         let asked_before = asked.get();
         let _busy = load.enter();
@@ -501,11 +514,11 @@ fn report_commit_waits(name: &str, idle: Duration, writes: &[WriteSample], commi
 fn merge_io_p99(pair: &Pair, span: u64) -> Duration {
     let be = backend(pair.fds(), 1, || {});
     let mut rng = fastrand::Rng::with_seed(7);
-    let mut buf = AlignedBuf::new(TRACK as usize);
+    let mut buf = AlignedBuf::new(track() as usize);
     let deadline = Instant::now() + Duration::from_secs(1);
     let mut lat = Vec::new();
     while Instant::now() < deadline {
-        let off = rng.u64(0..span / TRACK) * TRACK;
+        let off = rng.u64(0..span / track()) * track();
         let t = Instant::now();
         be.block_on(async {
             be.read(Dev::Secondary, off, &mut buf).await?;
@@ -686,12 +699,12 @@ fn restore_commit_on_disk(dir: &Path, label: &str, size: u64, pair: &Pair) -> u1
     let path = dir.join(format!("meta-{label}"));
     let binding = Binding {
         volume_size: size,
-        track_size: TRACK,
+        track_size: track(),
         primary_size: size,
         secondary_size: size,
         ..Binding::default()
     };
-    let fresh = Volume::new(Geometry::new(size, TRACK).unwrap(), VolumeState::Split);
+    let fresh = Volume::new(Geometry::new(size, track()).unwrap(), VolumeState::Split);
     MetadataStore::format(&path, &binding, &fresh, true).expect("format metadata");
     let mut times = Vec::new();
     for _ in 0..3 {

@@ -21,7 +21,9 @@
 #                    kernel's mirror over both disks; restore-load = a
 #                    default unthrottled full restore with VM_PERF_LOAD_JOB
 #                    started with it; rublk-async = rublk --async-await, the
-#                    executor design splitmirror uses; raw and rublk required)
+#                    executor design splitmirror uses; rublk-zc = rublk
+#                    --zero-copy, what zero copy buys where the kernel has it
+#                    (after 6.12); raw and rublk required)
 #   VM_PERF_LOAD_JOB the job of restore-load (default randwrite-4k-qd32)
 #   RUBLK_BIN        prebuilt static rublk (default: built once with
 #                    `cargo install rublk --no-default-features` into the
@@ -78,7 +80,7 @@ done
 NJOBS=${#JOB_LIST[@]}
 read -r -a TARGET_LIST <<<"$TARGETS"
 for t in "${TARGET_LIST[@]}"; do
-  case $t in raw|raw2|dm-mirror|rublk|rublk-async|established|split|restoring|restore-load) ;; *) die "unknown target $t in VM_PERF_TARGETS" ;; esac
+  case $t in raw|raw2|dm-mirror|rublk|rublk-async|rublk-zc|established|split|restoring|restore-load) ;; *) die "unknown target $t in VM_PERF_TARGETS" ;; esac
 done
 for t in raw rublk; do
   case " $TARGETS " in *" $t "*) ;; *) die "VM_PERF_TARGETS must include $t" ;; esac

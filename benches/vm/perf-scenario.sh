@@ -11,6 +11,8 @@
 #   raw        fio straight on $PRIMARY (/dev/vda)
 #   rublk      rublk's loop target over $PRIMARY (/dev/ublkb$RUBLK_ID)
 #   rublk-async  (only if asked for) the same with rublk's --async-await
+#   rublk-zc   (only if asked for) the same with rublk's --zero-copy (the
+#              driver's automatic buffer registration; kernels after 6.12)
 #   established  splitmirror (primary + secondary), mirroring
 #   split      splitmirror after `split`
 #   restoring  splitmirror during a full `restore`, a fresh one per job
@@ -282,6 +284,11 @@ RUBLK_ASYNC_PID=
 case " $PERF_TARGETS " in
     *" rublk-async "*) start_rublk $((RUBLK_ID + 1)) --async-await; RUBLK_ASYNC_PID=$RUBLK_PID ;;
 esac
+# rublk-zc: the loop target with zero copy, where the driver offers it
+RUBLK_ZC_PID=
+case " $PERF_TARGETS " in
+    *" rublk-zc "*) start_rublk $((RUBLK_ID + 2)) --zero-copy; RUBLK_ZC_PID=$RUBLK_PID ;;
+esac
 
 # round R JOBS TARGETS: every target in turn, each running every job
 round() {
@@ -294,6 +301,7 @@ round() {
             raw) measure "$1" raw "$PRIMARY" "" "$2" ;;
             rublk) measure "$1" rublk "/dev/ublkb$RUBLK_ID" "$RUBLK_SYNC_PID" "$2" ;;
             rublk-async) measure "$1" rublk-async "/dev/ublkb$((RUBLK_ID + 1))" "$RUBLK_ASYNC_PID" "$2" ;;
+            rublk-zc) measure "$1" rublk-zc "/dev/ublkb$((RUBLK_ID + 2))" "$RUBLK_ZC_PID" "$2" ;;
             raw2) measure_raw2 "$1" ;;
             dm-mirror) measure_dm_mirror "$1" ;;
             restore-load) restore_load "$1" ;;
@@ -344,6 +352,6 @@ if [ "$PERF_PROFILE" = 1 ]; then
 fi
 
 step "done"
-for p in $RUBLK_SYNC_PID $RUBLK_ASYNC_PID; do kill -TERM "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+for p in $RUBLK_SYNC_PID $RUBLK_ASYNC_PID $RUBLK_ZC_PID; do kill -TERM "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
 stop_server
 echo "PERF-DONE"

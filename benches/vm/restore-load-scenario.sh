@@ -13,19 +13,25 @@
 #              (the figure only counts if it is still `restoring`)
 # plus, per round, the restore's own idle rate (a restore with no host
 # I/O, sampled over the same time as a job).
-# With the dm-clone target in the kernel (not in the 6.12 base image), the
-# same jobs run on the raw primary and on dm-clone hydrating the primary
-# from the secondary with its defaults.
+# With the dm-clone target in the kernel (tests/vm/run.sh loads it when the
+# kernel package has it), the same jobs run on the raw primary and on
+# dm-clone hydrating the primary from the secondary with its defaults, for
+# each region size in RL_CLONE_REGIONS (KiB: 4, its smallest, where a 4k
+# write covers a whole region and needs no copy; 128, our track size, where
+# it is a merge as here), plus dm-clone's own hydration rate with no host
+# I/O.
 #
 # Lines: "RL kind=idle|restoring|raw|dmclone round=R job=J iops=N p50=U
-# p99=U p999=U cpu=P [rate=B/s state_end=S depths=D,D,...]" (latencies: fio
+# p99=U p999=U cpu=P [rate=B/s state_end=S depths=D,D,...]" (kind dmcloneNk:
+# dm-clone with N KiB regions; latencies: fio
 # completion latency percentiles, µs; cpu: the guest's CPUs busy during
 # the job, percent; depths: the tracks the copy engine
 # allowed itself in flight, `status`'s operation.copy_depth, sampled every
-# second during the job) and "RL kind=restore-idle round=R rate=B/s".
+# second during the job) and "RL kind=restore-idle|dmcloneNk-idle round=R
+# rate=B/s".
 . "${VMLIB:?run me through benches/vm-restore-load.sh}"
 
-: "${RL_ROUNDS:=1}" "${RL_RUNTIME:=3}" "${RL_PRIORITY:=}"
+: "${RL_ROUNDS:=1}" "${RL_RUNTIME:=3}" "${RL_PRIORITY:=}" "${RL_CLONE_REGIONS:=4 128}"
 : "${RL_JOBS:=randread-qd1 randwrite-qd1 randread-qd32 randwrite-qd32}"
 
 echo "RL-INFO kernel=$(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo) disk=$(dev_size "$PRIMARY") rounds=$RL_ROUNDS runtime=$RL_RUNTIME priority=${RL_PRIORITY:-default}"
@@ -159,17 +165,33 @@ stop_server
 if modprobe dm-clone 2>/dev/null || dmsetup targets 2>/dev/null | grep -q '^clone'; then
     step "dm-clone over the same disks"
     _sz=$(blockdev --getsz "$PRIMARY")
-    for j in $RL_JOBS; do
-        echo "RL kind=raw round=1 job=$j $(fio_line "$j" "$PRIMARY")"
-        # a fresh hydration per job: zeroed metadata makes dm-clone start over
+    # clone_start SECTORS / clone_hydrated / clone_stop: a fresh hydration
+    # each time (zeroed metadata makes dm-clone start over)
+    clone_start() {
         dd if=/dev/zero of="$SPARE" bs=1M count=16 oflag=direct 2>/dev/null || fail "zeroing $SPARE"
-        echo "0 $_sz clone $SPARE $PRIMARY $SECONDARY 8" | dmsetup create rlclone || fail "dmsetup create clone"
+        echo "0 $_sz clone $SPARE $PRIMARY $SECONDARY $1" | dmsetup create rlclone || fail "dmsetup create clone"
         dmsetup mknodes rlclone
-        _h0=$(dmsetup status rlclone | awk '{ split($7, a, "/"); print a[1] }'); _t0=$(now)
-        _l=$(fio_line "$j" /dev/mapper/rlclone)
-        _h1=$(dmsetup status rlclone | awk '{ split($7, a, "/"); print a[1] }'); _t1=$(now)
-        echo "RL kind=dmclone round=1 job=$j $_l rate=$(echo "$_h0 $_h1 $_t0 $_t1" | awk '{ printf "%d", ($2 - $1) * 4096 / ($4 - $3) }') state_end=hydrating"
-        dmsetup remove rlclone || fail "dmsetup remove rlclone"
+    }
+    clone_hydrated() { dmsetup status rlclone | awk '{ split($7, a, "/"); print a[1] }'; }
+    clone_stop() { dmsetup remove rlclone || fail "dmsetup remove rlclone"; }
+    clone_rate() { echo "$1 $2 $3 $4 $5" | awk '{ printf "%d", ($2 - $1) * $5 * 1024 / ($4 - $3) }'; }
+    for j in $RL_JOBS; do echo "RL kind=raw round=1 job=$j $(fio_line "$j" "$PRIMARY")"; done
+    for _kib in $RL_CLONE_REGIONS; do
+        _sec=$((_kib * 2))
+        clone_start "$_sec"
+        _h0=$(clone_hydrated); _t0=$(now)
+        sleep $((RL_RUNTIME + 1))
+        _h1=$(clone_hydrated); _t1=$(now)
+        clone_stop
+        echo "RL kind=dmclone${_kib}k-idle round=1 rate=$(clone_rate "$_h0" "$_h1" "$_t0" "$_t1" "$_kib")"
+        for j in $RL_JOBS; do
+            clone_start "$_sec"
+            _h0=$(clone_hydrated); _t0=$(now)
+            _l=$(fio_line "$j" /dev/mapper/rlclone)
+            _h1=$(clone_hydrated); _t1=$(now)
+            clone_stop
+            echo "RL kind=dmclone${_kib}k round=1 job=$j $_l rate=$(clone_rate "$_h0" "$_h1" "$_t0" "$_t1" "$_kib") state_end=hydrating"
+        done
     done
 else
     echo "RL-INFO dm-clone: no clone target in this kernel's module set; no dm-clone figures"

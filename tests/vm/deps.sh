@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what the VM test tier (tests/vm/run.sh) needs on Debian 12.
+# Install what the test suite (tests/run-all.sh, which calls this first) and
+# the VM test tier (tests/vm/run.sh) need on Debian 12.
 # Idempotent: when every package is already installed it does nothing
 # (no apt-get update), so calling it on every CI run costs well under a second.
 set -euo pipefail
@@ -18,6 +19,7 @@ PKGS=(
   systemd           # systemd-analyze verify in tests/deploy.sh
   coreutils findutils sed grep util-linux  # host-side script tools (flock); blkdiscard, fstrim for the VM
   apt dpkg          # apt-get download / dpkg-deb -x for the kernel package
+  curl ca-certificates  # tests/vm/fetch-kernel.sh: the newer kernel's packages
 )
 
 missing=()
@@ -38,8 +40,12 @@ else
 fi
 
 # The static build needs the std library for the explicit target; it is the
-# host target here, so this only matters on unusual toolchains.
+# host target here, so this only matters on unusual toolchains. The suite's
+# style checks need rustfmt and clippy.
 if command -v rustup >/dev/null 2>&1; then
+  for c in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep "^$c" >/dev/null || rustup component add "$c"
+  done
   if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-gnu; then
     rustup target add x86_64-unknown-linux-gnu
   fi

@@ -31,11 +31,11 @@ BASE_FORMAT=2
 # dm-flakey are required: the fault scenarios put dm targets under the
 # secondary; dm-log-writes and dm-snapshot the power-cut scenario (one
 # write log under all three devices, replays checked on snapshots). The
-# optional ones serve peer measurements (dm-mirror) and the NVMe/TCP
+# optional ones serve peer measurements (dm-mirror, dm-clone) and the NVMe/TCP
 # scenario (target nvmet + nvmet-tcp, initiator nvme-tcp, over loopback),
 # which fails, not skips, when they did not load.
 MODULES=(ublk_drv virtio_blk crc16 mbcache jbd2 "?crc32c_generic" ext4
-         dm-mod dm-flakey "?dm-delay" "?dm-log" "?dm-region-hash" "?dm-mirror" "?loop" dm-log-writes dm-snapshot
+         dm-mod dm-flakey "?dm-delay" "?dm-log" "?dm-region-hash" "?dm-mirror" "?dm-clone" "?loop" dm-log-writes dm-snapshot
          "?nvmet" "?nvmet-tcp" "?nvme-tcp")
 
 log() { printf '%s\n' "$*" >&2; }
@@ -142,8 +142,53 @@ decompress_ko() {
   esac
 }
 
+# unpack_kernel TREE DESC: vmlinuz and the MODULES of an extracted kernel
+# tree into $KDIR (sets nothing else; DESC is recorded as the package)
+unpack_kernel() {
+  local tree=$1 desc=$2 kimg list
+  kimg=$(find "$tree" \( -path '*/boot/vmlinuz-*' -o -path '*/modules/*/vmlinuz' \) -type f | head -n 1)
+  [ -n "$kimg" ] || { log "vm: no vmlinuz in $desc"; return 1; }
+  list=$(resolve_modules "$tree") || return 1
+  rm -rf "$KDIR.tmp"; mkdir -p "$KDIR.tmp/modules"
+  cp "$kimg" "$KDIR.tmp/vmlinuz"
+  : >"$KDIR.tmp/modules/load.list"
+  while read -r a b c; do
+    local opt="" name file
+    if [ "$a" = "?" ]; then opt="?"; name=$b; file=$c; else name=$a; file=$b; fi
+    decompress_ko "$file" >"$KDIR.tmp/modules/$name.ko"
+    echo "${opt:--} $name" >>"$KDIR.tmp/modules/load.list"
+  done <<<"$list"
+  echo "$desc" >"$KDIR.tmp/package"
+  rm -rf "$KDIR"
+  echo "${MODULES[*]}" >"$KDIR.tmp/modules.want"
+  mv "$KDIR.tmp" "$KDIR" && touch "$KDIR/ok"
+}
+
+# SPLITMIRROR_VM_KERNEL_DEBS="a.deb b.deb": a kernel from local packages
+# (newer Debian kernels ship vmlinuz and modules in two, linux-binary-* and
+# linux-modules-*; tests/vm/fetch-kernel.sh downloads them). Cached beside
+# the default kernel, never replacing it.
+fetch_kernel_debs() { # sets KVER, KDIR
+  local -a debs; local d tree moddir desc=""
+  read -r -a debs <<<"$SPLITMIRROR_VM_KERNEL_DEBS"
+  for d in "${debs[@]}"; do [ -f "$d" ] || { log "vm: SPLITMIRROR_VM_KERNEL_DEBS: $d is not a file"; return 1; }; done
+  tree=$CACHE/dl.$$/x; rm -rf "$CACHE/dl.$$"; mkdir -p "$tree"
+  for d in "${debs[@]}"; do
+    dpkg-deb -x "$d" "$tree" || { rm -rf "$CACHE/dl.$$"; return 1; }
+    desc="$desc$(dpkg-deb -f "$d" Package Version | tr '\n' ' ')"
+  done
+  moddir=$(find "$tree" -maxdepth 4 -type d -path '*/modules/*' -name '[0-9]*' | head -n 1)
+  [ -n "$moddir" ] || { rm -rf "$CACHE/dl.$$"; log "vm: no lib/modules/VERSION in $SPLITMIRROR_VM_KERNEL_DEBS"; return 1; }
+  KVER=$(basename "$moddir"); KDIR=$CACHE/kernel/$KVER
+  if ! { [ -f "$KDIR/ok" ] && [ "$(cat "$KDIR/modules.want" 2>/dev/null)" = "${MODULES[*]}" ]; }; then
+    unpack_kernel "$tree" "$desc" || { rm -rf "$CACHE/dl.$$"; return 1; }
+  fi
+  rm -rf "$CACHE/dl.$$"
+}
+
 fetch_kernel() { # sets KVER, KDIR
-  local pkg dl tree kimg list
+  local pkg dl
+  if [ -n "${SPLITMIRROR_VM_KERNEL_DEBS:-}" ]; then fetch_kernel_debs; return; fi
   pkg=$(resolve_kernel_pkg)
   if [ -z "$pkg" ] && [ "$(id -u)" -eq 0 ]; then
     log "vm: no linux-image-6.12 in the apt lists; running apt-get update"
@@ -168,26 +213,12 @@ fetch_kernel() { # sets KVER, KDIR
   ( cd "$dl" && apt-get download -qq "$pkg" ) 2> >(grep -v 'Download is performed unsandboxed' >&2) \
     || { if [ "$(id -u)" -eq 0 ]; then apt-get update -qq >/dev/null 2>&1; ( cd "$dl" && apt-get download -qq "$pkg" 2>/dev/null ); else false; fi; } \
     || { rm -rf "$dl"; log "vm: apt-get download $pkg failed"; return 1; }
-  tree=$dl/x
-  dpkg-deb -x "$dl"/*.deb "$tree" || { rm -rf "$dl"; return 1; }
-  kimg=$(find "$tree" \( -path '*/boot/vmlinuz-*' -o -path '*/modules/*/vmlinuz' \) -type f | head -n 1)
-  [ -n "$kimg" ] || { rm -rf "$dl"; log "vm: no vmlinuz in $pkg"; return 1; }
-  list=$(resolve_modules "$tree") || { rm -rf "$dl"; return 1; }
-  rm -rf "$KDIR.tmp"; mkdir -p "$KDIR.tmp/modules"
-  cp "$kimg" "$KDIR.tmp/vmlinuz"
-  : >"$KDIR.tmp/modules/load.list"
-  while read -r a b c; do
-    local opt="" name file
-    if [ "$a" = "?" ]; then opt="?"; name=$b; file=$c; else name=$a; file=$b; fi
-    decompress_ko "$file" >"$KDIR.tmp/modules/$name.ko"
-    echo "${opt:--} $name" >>"$KDIR.tmp/modules/load.list"
-  done <<<"$list"
-  dpkg-deb -f "$dl"/*.deb Package Version >"$KDIR.tmp/package"
-  rm -rf "$dl" "$KDIR"
-  echo "${MODULES[*]}" >"$KDIR.tmp/modules.want"
-  mv "$KDIR.tmp" "$KDIR" && touch "$KDIR/ok" || return 1
-  # a newer kernel replaces the cached one (the offline fallback needs one)
-  find "$CACHE/kernel" -mindepth 1 -maxdepth 1 -type d ! -name "$KVER" -exec rm -rf {} +
+  dpkg-deb -x "$dl"/*.deb "$dl/x" || { rm -rf "$dl"; return 1; }
+  unpack_kernel "$dl/x" "$(dpkg-deb -f "$dl"/*.deb Package Version | tr '\n' ' ')" || { rm -rf "$dl"; return 1; }
+  rm -rf "$dl"
+  # a newer 6.12 kernel replaces the cached one (the offline fallback needs
+  # one); kernels from SPLITMIRROR_VM_KERNEL_DEBS stay
+  find "$CACHE/kernel" -mindepth 1 -maxdepth 1 -type d -name '6.12.*' ! -name "$KVER" -exec rm -rf {} +
 }
 
 # ---------------------------------------------------------------- base initramfs

@@ -35,15 +35,25 @@ fio_two() {
 # Both queues in use: blk-mq maps each CPU's software queue to one hardware
 # queue (one ublk queue thread); debugfs lists the mapping as hctxQ/cpuN.
 # fio's jobs are pinned to CPU 0 and CPU 1, so they must land on different
-# queues.
+# queues (which CPU gets which queue is the kernel's choice: 6.12 maps CPU 0
+# to queue 0, 7.3 to queue 1).
 mount | grep -q ' /sys/kernel/debug ' || mount -t debugfs none /sys/kernel/debug \
     || fail "cannot mount debugfs"
 DBG=/sys/kernel/debug/block/${DEVICE#/dev/}
-if [ ! -d "$DBG/hctx0/cpu0" ] || [ ! -d "$DBG/hctx1/cpu1" ]; then
+# queue_of CPU: the hardware queue the CPU's requests go to
+queue_of() {
+    for _h in "$DBG"/hctx*; do
+        [ -d "$_h/cpu$1" ] && { echo "${_h##*/hctx}"; return 0; }
+    done
+    return 1
+}
+Q0=$(queue_of 0) || Q0=none
+Q1=$(queue_of 1) || Q1=none
+if [ "$Q0" = none ] || [ "$Q1" = none ] || [ "$Q0" = "$Q1" ]; then
     find "$DBG" -name 'cpu*' >&2
-    fail "CPU 0 and CPU 1 are not on queues 0 and 1 of $DEVICE"
+    fail "CPU 0 and CPU 1 are not on two different queues of $DEVICE"
 fi
-info "CPU 0 -> queue 0, CPU 1 -> queue 1"
+info "CPU 0 -> queue $Q0, CPU 1 -> queue $Q1"
 
 step "known data A everywhere"
 gen_file "$SCRATCH/A" "$MIB" 1

@@ -5,17 +5,17 @@
 //! Files live in `$SPLITMIRROR_BENCH_DIR` (default `target/bench-tmp`),
 //! opened O_DIRECT; the size of the data files is `$SPLITMIRROR_BENCH_SIZE`
 //! (default 1GiB); `$SPLITMIRROR_BENCH_TRACK` sets the volume's
-//! `track_size` (default 128KiB, the config default). Host I/O goes through `exec::host` over a `UringBackend`,
-//! the path a ublk queue runs. Metadata commits go to the real store, a
-//! file beside the data files, flushing the data devices first as the
-//! server's committer does. Every figure is printed alone on a line
-//! `name: value`.
+//! `track_size` (default: the config's). Host I/O goes through
+//! `exec::host` over a `UringBackend`, the path a ublk queue runs.
+//! Metadata commits go to the real store, a file beside the data files,
+//! flushing the data devices first as the server's committer does. Every
+//! figure is printed alone on a line `name: value`.
 
 use splitmirror::backend::buf::AlignedBuf;
 use splitmirror::backend::uring::{UringBackend, UringOptions};
 use splitmirror::backend::Backend;
 use splitmirror::core::{Command, Dev, Geometry, TableId, Volume, VolumeState};
-use splitmirror::edge::config::{parse_size, RestoreConfig};
+use splitmirror::edge::config::{parse_size, RestoreConfig, DEFAULT_TRACK_SIZE};
 use splitmirror::exec::engine::{self, join_all, EngineConfig, RunReport};
 use splitmirror::exec::host;
 use splitmirror::exec::load::HostLoad;
@@ -38,7 +38,7 @@ fn track() -> u64 {
         std::env::var("SPLITMIRROR_BENCH_TRACK")
             .ok()
             .map(|s| parse_size(&s).expect("SPLITMIRROR_BENCH_TRACK"))
-            .unwrap_or(128 << 10)
+            .unwrap_or(DEFAULT_TRACK_SIZE)
     })
 }
 const MIB: f64 = (1u64 << 20) as f64;

@@ -164,26 +164,37 @@ unpack_kernel() {
   mv "$KDIR.tmp" "$KDIR" && touch "$KDIR/ok"
 }
 
+# kernel_cached: $KDIR holds an unpacked kernel with today's MODULES
+kernel_cached() {
+  [ -f "$KDIR/ok" ] && [ "$(cat "$KDIR/modules.want" 2>/dev/null)" = "${MODULES[*]}" ]
+}
+
 # SPLITMIRROR_VM_KERNEL_DEBS="a.deb b.deb": a kernel from local packages
 # (newer Debian kernels ship vmlinuz and modules in two, linux-binary-* and
 # linux-modules-*; tests/vm/fetch-kernel.sh downloads them). Cached beside
-# the default kernel, never replacing it.
+# the default kernel, never replacing it; the version comes from the
+# package names, so a cached kernel costs no unpacking.
 fetch_kernel_debs() { # sets KVER, KDIR
-  local -a debs; local d tree moddir desc=""
+  local -a debs; local d pkg dl desc=""
   read -r -a debs <<<"$SPLITMIRROR_VM_KERNEL_DEBS"
-  for d in "${debs[@]}"; do [ -f "$d" ] || { log "vm: SPLITMIRROR_VM_KERNEL_DEBS: $d is not a file"; return 1; }; done
-  tree=$CACHE/dl.$$/x; rm -rf "$CACHE/dl.$$"; mkdir -p "$tree"
+  KVER=
   for d in "${debs[@]}"; do
-    dpkg-deb -x "$d" "$tree" || { rm -rf "$CACHE/dl.$$"; return 1; }
-    desc="$desc$(dpkg-deb -f "$d" Package Version | tr '\n' ' ')"
+    [ -f "$d" ] || { log "vm: SPLITMIRROR_VM_KERNEL_DEBS: $d is not a file"; return 1; }
+    pkg=$(dpkg-deb -f "$d" Package) || return 1
+    case $pkg in linux-image-*|linux-binary-*|linux-modules-*)
+      KVER=${pkg#linux-*-}; KVER=${KVER%-unsigned} ;;
+    esac
+    desc="$desc$pkg $(dpkg-deb -f "$d" Version) "
   done
-  moddir=$(find "$tree" -maxdepth 4 -type d -path '*/modules/*' -name '[0-9]*' | head -n 1)
-  [ -n "$moddir" ] || { rm -rf "$CACHE/dl.$$"; log "vm: no lib/modules/VERSION in $SPLITMIRROR_VM_KERNEL_DEBS"; return 1; }
-  KVER=$(basename "$moddir"); KDIR=$CACHE/kernel/$KVER
-  if ! { [ -f "$KDIR/ok" ] && [ "$(cat "$KDIR/modules.want" 2>/dev/null)" = "${MODULES[*]}" ]; }; then
-    unpack_kernel "$tree" "$desc" || { rm -rf "$CACHE/dl.$$"; return 1; }
-  fi
-  rm -rf "$CACHE/dl.$$"
+  [ -n "$KVER" ] || { log "vm: SPLITMIRROR_VM_KERNEL_DEBS has no linux-image/binary/modules package"; return 1; }
+  KDIR=$CACHE/kernel/$KVER
+  kernel_cached && return 0
+  dl=$CACHE/dl.$$; rm -rf "$dl"; mkdir -p "$dl/x"
+  for d in "${debs[@]}"; do
+    dpkg-deb -x "$d" "$dl/x" || { rm -rf "$dl"; return 1; }
+  done
+  unpack_kernel "$dl/x" "$desc" || { rm -rf "$dl"; return 1; }
+  rm -rf "$dl"
 }
 
 fetch_kernel() { # sets KVER, KDIR
@@ -207,7 +218,7 @@ fetch_kernel() { # sets KVER, KDIR
   KVER=${pkg#linux-image-}; KVER=${KVER%-unsigned}
   KDIR=$CACHE/kernel/$KVER
   # the cached modules are the ones MODULES named when it was unpacked
-  [ -f "$KDIR/ok" ] && [ "$(cat "$KDIR/modules.want" 2>/dev/null)" = "${MODULES[*]}" ] && return 0
+  kernel_cached && return 0
   log "vm: fetching $pkg"
   dl=$CACHE/dl.$$; rm -rf "$dl"; mkdir -p "$dl"
   ( cd "$dl" && apt-get download -qq "$pkg" ) 2> >(grep -v 'Download is performed unsandboxed' >&2) \

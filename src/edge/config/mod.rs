@@ -230,8 +230,11 @@ impl Default for RestoreConfig {
     }
 }
 
+/// `track_size` when the config names none.
+pub const DEFAULT_TRACK_SIZE: u64 = 128 << 10;
+
 fn default_track_size() -> u64 {
-    128 << 10
+    DEFAULT_TRACK_SIZE
 }
 
 /// The socket a config without `control.socket` uses.

@@ -455,7 +455,7 @@ fn host_writes(
         let t = Instant::now();
         let asked_before = asked.get();
         let _busy = load.enter();
-        be.block_on(host::write(vol, &be, off, &buf, false))
+        be.block_on(host::write(vol, &be, off, (&buf[..]).into(), false))
             .expect("host write");
         lat.push(WriteSample {
             latency: t.elapsed(),
@@ -662,7 +662,7 @@ fn random_writes(pair: &Pair, vol: Option<&Volume>, dur: Duration) -> f64 {
             while Instant::now() < deadline {
                 let off = rng.u64(0..pair.size / 4096) * 4096;
                 match vol {
-                    Some(v) => host::write(v, be, off, &buf, false).await,
+                    Some(v) => host::write(v, be, off, (&buf[..]).into(), false).await,
                     None => be.write(Dev::Primary, off, &buf, false).await,
                 }
                 .expect("write");
@@ -764,7 +764,9 @@ fn first_io_after_restore(dir: &Path) {
                 .await
                 .expect("transition I/O")
                 .expect("restore valid");
-                host::read(&vol, &be, at, &mut buf).await.expect("read");
+                host::read(&vol, &be, at, (&mut buf[..]).into())
+                    .await
+                    .expect("read");
             });
             times.push(t.elapsed());
             snapshots.push(c.snapshot_us.load(Ordering::Relaxed));

@@ -23,7 +23,10 @@
 #                    started with it; rublk-async = rublk --async-await, the
 #                    executor design splitmirror uses; rublk-zc = rublk
 #                    --zero-copy, what zero copy buys where the kernel has it
-#                    (after 6.12); raw and rublk required)
+#                    (after 6.12); established-copy and split-copy =
+#                    splitmirror with ublk.zero_copy: off, against which
+#                    established and split show what zero copy buys it;
+#                    raw and rublk required)
 #   VM_PERF_LOAD_JOB the job of restore-load (default randwrite-4k-qd32)
 #   RUBLK_BIN        prebuilt static rublk (default: built once with
 #                    `cargo install rublk --no-default-features` into the
@@ -80,7 +83,7 @@ done
 NJOBS=${#JOB_LIST[@]}
 read -r -a TARGET_LIST <<<"$TARGETS"
 for t in "${TARGET_LIST[@]}"; do
-  case $t in raw|raw2|dm-mirror|rublk|rublk-async|rublk-zc|established|split|restoring|restore-load) ;; *) die "unknown target $t in VM_PERF_TARGETS" ;; esac
+  case $t in raw|raw2|dm-mirror|rublk|rublk-async|rublk-zc|established|split|established-copy|split-copy|restoring|restore-load) ;; *) die "unknown target $t in VM_PERF_TARGETS" ;; esac
 done
 for t in raw rublk; do
   case " $TARGETS " in *" $t "*) ;; *) die "VM_PERF_TARGETS must include $t" ;; esac
@@ -245,7 +248,7 @@ END {
   # every ratio, taken within each round (same boot, neighbouring
   # minutes), then the median and the spread (lowest..highest) over rounds;
   # against each reference target measured
-  nr = split("rublk raw raw2 dm-mirror established", R, " ")
+  nr = split("rublk raw raw2 dm-mirror established established-copy split-copy", R, " ")
   for (a = 1; a <= nj; a++) for (c = 1; c <= nr; c++) {
     j = J[a]; ref = R[c]
     if (!((j, ref) in m)) continue

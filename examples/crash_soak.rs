@@ -436,7 +436,7 @@ fn writer(vol: &Volume, committer: &Committer, load: &HostLoad, seed: u64, pfd: 
                         let mut buf = splitmirror::backend::buf::AlignedBuf::new(data.len());
                         buf.copy_from_slice(&data);
                         let _g = load.enter();
-                        let r = host::write(vol, b, off, &buf, rng_fua(s)).await;
+                        let r = host::write(vol, b, off, (&buf[..]).into(), rng_fua(s)).await;
                         if r.is_ok() {
                             emit(format_args!("ACK {s}"));
                         }

@@ -312,6 +312,7 @@ impl Fake {
                 split_time: None,
                 split_age_secs: None,
                 secondary_missing: false,
+                zero_copy: false,
             }),
             commands: Mutex::new(vec![]),
             mismatches,

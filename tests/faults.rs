@@ -558,15 +558,28 @@ fn a_state_change_that_cannot_commit_holds_host_io_until_it_can() {
 
 /// Read repair: a primary read error on a track the secondary holds
 /// identically is served from the secondary and the primary track is
-/// rewritten; counted. Where the secondary differs, the read fails.
+/// rewritten; counted. Where the secondary differs, the read fails. Also
+/// with the host's buffer registered (zero copy), which the repair cannot
+/// copy into: it reads the bytes in from the secondary.
 #[test]
 fn read_repair_serves_identical_tracks_from_the_secondary() {
+    for zc in [false, true] {
+        read_repair_case(zc);
+    }
+}
+
+fn read_as(h: &mut Harness, offset: u64, len: u64, zc: bool) -> Vec<u8> {
+    let slot = h.start_read_as(offset, len, zc);
+    h.wait(&slot).expect("read")
+}
+
+fn read_repair_case(zc: bool) {
     let (mut h, base) = established(18);
     let bad = (3 * TRACK + 4096, 3 * TRACK + 8192);
     h.disks.fail_primary_reads.set(Some(bad));
     let before = h.primary_writes_to(3 * TRACK, TRACK);
     assert_eq!(
-        h.read(2 * TRACK, 2 * TRACK),
+        read_as(&mut h, 2 * TRACK, 2 * TRACK, zc),
         base[(2 * TRACK) as usize..(4 * TRACK) as usize]
     );
     assert_eq!(h.vol.read_repairs(), 1);
@@ -586,7 +599,7 @@ fn read_repair_serves_identical_tracks_from_the_secondary() {
     h.disks
         .fail_primary_reads
         .set(Some((5 * TRACK, 5 * TRACK + 512)));
-    let slot = h.start_read(5 * TRACK, 4096);
+    let slot = h.start_read_as(5 * TRACK, 4096, zc);
     h.sched
         .run_until(common::STEP_LIMIT, || slot.borrow().is_some());
     assert!(
@@ -597,7 +610,10 @@ fn read_repair_serves_identical_tracks_from_the_secondary() {
     h.disks
         .fail_primary_reads
         .set(Some((8 * TRACK, 8 * TRACK + 512)));
-    assert_eq!(h.read(8 * TRACK, 512), base[(8 * TRACK) as usize..][..512]);
+    assert_eq!(
+        read_as(&mut h, 8 * TRACK, 512, zc),
+        base[(8 * TRACK) as usize..][..512]
+    );
     assert_eq!(h.vol.read_repairs(), 2);
 }
 

@@ -27,7 +27,7 @@ if [ -n "${SPLITMIRROR_SKIP_VM:-}" ]; then
 fi
 echo "== VM tier (qemu TCG, Debian 6.12 kernel, real ublk_drv)"
 bash tests/vm/run.sh
-# The scenarios that lean on the driver's newer behaviour (features, user
+# The scenarios that lean on the driver's newer behaviour (features, zero copy, user
 # recovery and quiesce, restore through the queues) once more on Debian's
 # newest 7.x kernel (trixie-backports), whose ublk_drv has grown since 6.12.
 if [ -n "${SPLITMIRROR_SKIP_VM_KERNEL7:-}" ]; then
@@ -37,7 +37,8 @@ else
   debs=$(bash tests/vm/fetch-kernel.sh)
   SPLITMIRROR_VM_KERNEL_DEBS=$debs SPLITMIRROR_VM_LOGS=target/vm-logs/kernel7 bash tests/vm/run.sh \
     tests/vm/scenarios/01-kernel.sh tests/vm/scenarios/12-two-queues.sh tests/vm/scenarios/20-restore-full.sh \
-    tests/vm/scenarios/70-kill9-recovery.sh tests/vm/scenarios/75-planned-restart.sh
+    tests/vm/scenarios/40-fio-during-restore.sh tests/vm/scenarios/70-kill9-recovery.sh \
+    tests/vm/scenarios/75-planned-restart.sh
 fi
 echo "== README's walk (demo/run.sh: in the VM when the host has no ublk_drv)"
 bash demo/run.sh

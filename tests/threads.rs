@@ -92,9 +92,9 @@ fn queue(s: &Shared, b: &UringBackend, seed: u64) {
             let _busy = s.load.enter();
             let r = if rng.u8(0..10) < 7 {
                 part.fill(rng.u8(..));
-                host::write(&s.vol, b, offset, part, rng.u8(0..8) == 0).await
+                host::write(&s.vol, b, offset, (&*part).into(), rng.u8(0..8) == 0).await
             } else {
-                host::read(&s.vol, b, offset, part).await
+                host::read(&s.vol, b, offset, part.into()).await
             };
             if let Err(e) = r {
                 eprintln!("host request at {offset}+{len}: {e}");

@@ -281,7 +281,9 @@ fn waiting_writes_on_one_ring_are_woken_and_finish() {
             let first = i % 4;
             let len = ((1 + i % 3) * TRACK - 4096) as usize;
             let off = first * TRACK + 512 * (i % 7);
-            ex.spawn(async move { host::write(&vol, &*be, off, &data[..len], false).await })
+            ex.spawn(
+                async move { host::write(&vol, &*be, off, (&data[..len]).into(), false).await },
+            )
         })
         .collect();
     let mut longest_round = 0u64;

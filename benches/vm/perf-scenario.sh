@@ -15,6 +15,9 @@
 #              driver's automatic buffer registration; kernels after 6.12)
 #   established  splitmirror (primary + secondary), mirroring
 #   split      splitmirror after `split`
+#   established-copy, split-copy  (only if asked for) the same with
+#              `ublk.zero_copy: off` (the server restarted for them): what
+#              zero copy buys splitmirror where the driver offers it
 #   restoring  splitmirror during a full `restore`, a fresh one per job
 #              (rate-limited; the state and progress at the job's end are
 #              printed with its figure)
@@ -235,6 +238,12 @@ restore_load() {
     expect_state established
 }
 
+# set_zero_copy auto|off: ublk.zero_copy in the config (read at `run`)
+set_zero_copy() {
+    sed -i -e '/^ublk:$/d' -e '/^  zero_copy:/d' "$CONFIG"
+    printf 'ublk:\n  zero_copy: %s\n' "$1" >>"$CONFIG"
+}
+
 # to_state established|split: brings the volume there
 to_state() {
     _s=$(state)
@@ -311,6 +320,15 @@ round() {
             split)
                 to_state split
                 measure "$1" split "$DEVICE" "$SERVER_PID" "$2" ;;
+            established-copy|split-copy)
+                stop_server
+                set_zero_copy off
+                start_server
+                to_state "${t%-copy}"
+                measure "$1" "$t" "$DEVICE" "$SERVER_PID" "$2"
+                stop_server
+                set_zero_copy auto
+                start_server ;;
             restoring)
                 # one fresh full restore per job: random writes restore the
                 # tracks they hit (merges), so one restore does not outlast

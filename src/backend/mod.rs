@@ -6,17 +6,20 @@
 //! ([`sim`], built only for tests and with the `sim` feature). The ublk
 //! queue's own ring lives with the queue loop in [`crate::ublk`].
 //! [`device`] opens the primary and secondary and checks their layout;
-//! [`buf`] has the aligned buffers direct I/O needs; [`zero`] what zeroing a
+//! [`buf`] has the aligned buffers direct I/O needs; [`hostbuf`] where a
+//! host request's bytes are (memory, or a registered buffer with zero copy); [`zero`] what zeroing a
 //! range (discard, write-zeroes) does on a device.
 
 use crate::core::Dev;
 use buf::AlignedBuf;
+use hostbuf::{Fixed, HostBytes, HostBytesMut};
 use std::io;
 use std::os::fd::RawFd;
 
 pub(crate) mod blocking;
 pub mod buf;
 pub mod device;
+pub mod hostbuf;
 pub mod kick;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
@@ -46,6 +49,42 @@ pub trait Backend {
     async fn read(&self, dev: Dev, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     async fn write(&self, dev: Dev, offset: u64, buf: &[u8], fua: bool) -> io::Result<()>;
     async fn flush(&self, dev: Dev) -> io::Result<()>;
+    /// Reads into a registered host buffer. Only a backend whose ring
+    /// holds them (a ublk queue with zero copy; the simulation) can; the
+    /// others say `EOPNOTSUPP`.
+    async fn read_fixed(&self, _dev: Dev, _offset: u64, _buf: Fixed) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+    /// Writes from a registered host buffer (see [`Backend::read_fixed`]).
+    async fn write_fixed(
+        &self,
+        _dev: Dev,
+        _offset: u64,
+        _buf: Fixed,
+        _fua: bool,
+    ) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+    /// Reads into a host request's bytes, wherever they are.
+    async fn read_host(&self, dev: Dev, offset: u64, buf: HostBytesMut<'_>) -> io::Result<()> {
+        match buf {
+            HostBytesMut::Mem(m) => self.read(dev, offset, m).await,
+            HostBytesMut::Fixed(f) => self.read_fixed(dev, offset, f).await,
+        }
+    }
+    /// Writes a host request's bytes, wherever they are.
+    async fn write_host(
+        &self,
+        dev: Dev,
+        offset: u64,
+        buf: HostBytes<'_>,
+        fua: bool,
+    ) -> io::Result<()> {
+        match buf {
+            HostBytes::Mem(m) => self.write(dev, offset, m, fua).await,
+            HostBytes::Fixed(f) => self.write_fixed(dev, offset, f, fua).await,
+        }
+    }
     /// `fallocate(2)` on a device (`mode`: [`zero::PUNCH_HOLE`] or
     /// [`zero::ZERO_RANGE`]). A backend without it says `EOPNOTSUPP`.
     async fn fallocate(&self, _dev: Dev, _mode: i32, _offset: u64, _len: u64) -> io::Result<()> {

@@ -4,6 +4,7 @@
 //! as they run on a ublk queue, so the model and crash tests exercise the
 //! real code with reproducible interleavings (a seed reproduces a run).
 
+use crate::backend::hostbuf::Fixed;
 use crate::backend::Backend;
 use crate::core::{Dev, Volume};
 use std::cell::{Cell, RefCell};
@@ -152,6 +153,10 @@ pub struct SimBackend {
     commit_wanted: Cell<bool>,
     /// Metadata commits fail while set (fault tests).
     pub commits_fail: Cell<bool>,
+    /// Host buffers registered as a zero-copy ublk queue's ring holds its
+    /// requests' pages: only `read_host` and `write_host` reach them, so
+    /// the host path's zero-copy branches run in the simulation too.
+    registered: RefCell<Vec<Option<Vec<u8>>>>,
 }
 
 impl SimBackend {
@@ -162,7 +167,44 @@ impl SimBackend {
             max_yields,
             commit_wanted: Cell::new(false),
             commits_fail: Cell::new(false),
+            registered: RefCell::new(Vec::new()),
         }
+    }
+
+    /// Registers a host request's bytes (see `registered`).
+    pub fn register(&self, data: Vec<u8>) -> Fixed {
+        let mut r = self.registered.borrow_mut();
+        let len = data.len();
+        let index = match r.iter().position(Option::is_none) {
+            Some(i) => {
+                r[i] = Some(data);
+                i
+            }
+            None => {
+                r.push(Some(data));
+                r.len() - 1
+            }
+        };
+        Fixed {
+            index: u16::try_from(index).expect("registered buffers"),
+            at: 0,
+            len,
+        }
+    }
+
+    /// Gives back what [`SimBackend::register`] took, as it is now.
+    pub fn unregister(&self, f: Fixed) -> Vec<u8> {
+        self.registered.borrow_mut()[usize::from(f.index)]
+            .take()
+            .expect("a registered buffer")
+    }
+
+    fn with_registered<T>(&self, f: Fixed, op: impl FnOnce(&mut [u8]) -> T) -> T {
+        let mut r = self.registered.borrow_mut();
+        let buf = r[usize::from(f.index)]
+            .as_mut()
+            .expect("a registered buffer");
+        op(&mut buf[f.at..f.at + f.len])
     }
 
     async fn jitter(&self) {
@@ -199,6 +241,19 @@ impl Backend for SimBackend {
     async fn write(&self, dev: Dev, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
         self.jitter().await;
         self.put(dev, offset, buf, fua)
+    }
+
+    async fn read_fixed(&self, dev: Dev, offset: u64, f: Fixed) -> io::Result<()> {
+        let mut data = vec![0; f.len];
+        self.read(dev, offset, &mut data).await?;
+        self.with_registered(f, |r| r.copy_from_slice(&data));
+        Ok(())
+    }
+
+    async fn write_fixed(&self, dev: Dev, offset: u64, f: Fixed, fua: bool) -> io::Result<()> {
+        self.jitter().await;
+        let data = self.with_registered(f, |r| r.to_vec());
+        self.put(dev, offset, &data, fua)
     }
 
     /// Both zeroing modes make the range zeros, with the faults and the

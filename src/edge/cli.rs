@@ -488,7 +488,14 @@ pub fn render_status(st: &Status) -> String {
 fn status_rows(st: &Status) -> Vec<(&'static str, String)> {
     let mut rows = vec![
         ("Name", st.name.clone()),
-        ("Device", st.device.clone().unwrap_or_else(|| "-".into())),
+        (
+            "Device",
+            match (&st.device, st.zero_copy) {
+                (None, _) => "-".into(),
+                (Some(d), false) => d.clone(),
+                (Some(d), true) => format!("{d} (zero copy)"),
+            },
+        ),
         ("State", st.state.to_string()),
         ("Primary", st.primary.clone()),
         (
@@ -993,6 +1000,7 @@ mod tests {
             split_time: Some(1_764_487_200),
             split_age_secs: Some(725),
             secondary_missing: false,
+            zero_copy: false,
         }
     }
 

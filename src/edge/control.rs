@@ -93,6 +93,10 @@ pub struct Status {
     /// An extension of the contract's fields.
     #[serde(default)]
     pub secondary_missing: bool,
+    /// The device runs with ublk zero copy (`ublk.zero_copy`). An
+    /// extension of the contract's fields.
+    #[serde(default)]
+    pub zero_copy: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

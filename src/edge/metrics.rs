@@ -412,6 +412,7 @@ mod tests {
             split_time: None,
             split_age_secs: None,
             secondary_missing: false,
+            zero_copy: false,
         }
     }
 

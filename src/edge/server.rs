@@ -187,6 +187,7 @@ pub fn run(cfg: &Config, allow_missing_secondary: bool) -> Result<()> {
         devs: devs.clone(),
         commit: commit.clone(),
         device: Mutex::new(None),
+        zero_copy: std::sync::atomic::AtomicBool::new(false),
         errors: Mutex::new(Vec::new()),
         paused: AtomicBool::new(false),
         stop: AtomicBool::new(false),
@@ -270,6 +271,7 @@ pub fn run(cfg: &Config, allow_missing_secondary: bool) -> Result<()> {
             queues: cfg.ublk.queues as u16,
             depth: cfg.ublk.depth as u16,
             max_io: cfg.ublk.max_io,
+            zero_copy: cfg.ublk.zero_copy == crate::edge::config::ZeroCopy::Auto,
             size: devs.volume_size(),
             logical_block: devs.logical_block(),
             zeroing: devs.zeroing(),
@@ -287,6 +289,10 @@ pub fn run(cfg: &Config, allow_missing_secondary: bool) -> Result<()> {
         let r = ublk::serve(params, ctx, &cfg.ublk_id_path(), move |ctrl, _origin| {
             let path = ctrl.get_bdev_path();
             *s.device.lock().unwrap() = Some(path.clone());
+            s.zero_copy.store(
+                ublk::zero_copy_on(ctrl),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             link_device(&s.cfg.name, &path);
             announce(&path);
             let mut sig = wait_for_signal(&signals);
@@ -491,6 +497,8 @@ struct Server {
     devs: Arc<Devices>,
     commit: CommitHandle,
     device: Mutex<Option<String>>,
+    /// The device runs with ublk zero copy (set once it is started).
+    zero_copy: std::sync::atomic::AtomicBool,
     /// Copy errors of the running operation, for `status`.
     errors: Mutex<Vec<String>>,
     /// A copy read failed with `on_error: pause`: copying waits for the
@@ -784,6 +792,7 @@ impl ControlTarget for Server {
             operation,
             errors,
             read_repairs: vol.read_repairs(),
+            zero_copy: self.zero_copy.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

@@ -5,6 +5,7 @@
 //! that must wait (for a track, a commit or a state change) yields to the
 //! other requests of its executor.
 
+use crate::backend::hostbuf::{HostBytes, HostBytesMut};
 use crate::backend::Backend;
 use crate::core::wake::WakeList;
 use crate::core::{
@@ -108,7 +109,12 @@ async fn wait_track<B: Backend>(vol: &Volume, b: &B, t: crate::core::Track) {
 }
 
 /// Host read of `buf.len()` bytes at `offset`.
-pub async fn read<B: Backend>(vol: &Volume, b: &B, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+pub async fn read<B: Backend>(
+    vol: &Volume,
+    b: &B,
+    offset: u64,
+    mut buf: HostBytesMut<'_>,
+) -> io::Result<()> {
     let ticket = admit(vol, b).await;
     let segs = vol.plan_read(&ticket, offset, buf.len() as u64);
     for ReadSeg {
@@ -119,10 +125,10 @@ pub async fn read<B: Backend>(vol: &Volume, b: &B, offset: u64, buf: &mut [u8]) 
     } in segs
     {
         let range = buf_offset as usize..(buf_offset + len) as usize;
-        match b.read(dev, offset, &mut buf[range.clone()]).await {
+        match b.read_host(dev, offset, buf.part(range.clone())).await {
             Ok(()) => {}
             Err(e) if dev == Dev::Primary => {
-                read_repair(vol, b, &ticket, offset, &mut buf[range], e).await?
+                read_repair(vol, b, &ticket, offset, buf.part(range), e).await?
             }
             Err(e) => return Err(e),
         }
@@ -139,13 +145,17 @@ async fn read_repair<B: Backend>(
     b: &B,
     ticket: &Ticket<'_>,
     offset: u64,
-    out: &mut [u8],
+    mut out: HostBytesMut<'_>,
     error: io::Error,
 ) -> io::Result<()> {
     for span in vol.geometry().spans(offset, out.len() as u64) {
-        let part = &mut out[span.buf_offset as usize..(span.buf_offset + span.len) as usize];
+        let mut part = out.part(span.buf_offset as usize..(span.buf_offset + span.len) as usize);
         // Only the tracks that still fail need the secondary.
-        if b.read(Dev::Primary, span.offset, part).await.is_ok() {
+        let whole = 0..part.len();
+        if b.read_host(Dev::Primary, span.offset, part.part(whole))
+            .await
+            .is_ok()
+        {
             continue;
         }
         loop {
@@ -170,18 +180,22 @@ async fn read_repair<B: Backend>(
 
 /// Under the track's exclusive lock: reads the secondary's track into
 /// `part` (the host's bytes at `offset`) and rewrites the primary's track.
+/// A registered host buffer is filled by a read of its own from the
+/// secondary, which under this lock is what the primary is rewritten with.
 async fn repair_track<B: Backend>(
     vol: &Volume,
     b: &B,
     track: crate::core::Track,
     offset: u64,
-    part: &mut [u8],
+    mut part: HostBytesMut<'_>,
 ) -> io::Result<()> {
     let (track_offset, track_len) = vol.geometry().track_extent(track);
     let mut data = b.buffer(track_len as usize);
     b.read(Dev::Secondary, track_offset, &mut data).await?;
     let at = (offset - track_offset) as usize;
-    part.copy_from_slice(&data[at..at + part.len()]);
+    if part.fill_from(&data[at..at + part.len()]).is_none() {
+        b.read_host(Dev::Secondary, offset, part).await?;
+    }
     match b.write(Dev::Primary, track_offset, &data, false).await {
         Ok(()) => {
             vol.note_read_repair();
@@ -199,7 +213,7 @@ pub async fn write<B: Backend>(
     vol: &Volume,
     b: &B,
     offset: u64,
-    buf: &[u8],
+    buf: HostBytes<'_>,
     fua: bool,
 ) -> io::Result<()> {
     let len = buf.len() as u64;
@@ -217,7 +231,8 @@ pub async fn zero<B: Backend>(
     unmap: bool,
     fua: bool,
 ) -> io::Result<()> {
-    run_write(vol, b, &[], fua, |t| vol.plan_zero(t, offset, len, unmap)).await
+    let none = HostBytes::Mem(&[]);
+    run_write(vol, b, none, fua, |t| vol.plan_zero(t, offset, len, unmap)).await
 }
 
 /// A host write or zeroing, from its plan to its acknowledgement; `buf`
@@ -225,7 +240,7 @@ pub async fn zero<B: Backend>(
 async fn run_write<B: Backend>(
     vol: &Volume,
     b: &B,
-    buf: &[u8],
+    buf: HostBytes<'_>,
     fua: bool,
     plan_it: impl Fn(&Ticket<'_>) -> Result<WritePlan, Wait>,
 ) -> io::Result<()> {
@@ -285,7 +300,7 @@ async fn run_steps<B: Backend>(
     vol: &Volume,
     b: &B,
     plan: &WritePlan,
-    buf: &[u8],
+    buf: HostBytes<'_>,
     fua: bool,
 ) -> (WriteOutcome, Option<io::Error>) {
     let mut out = WriteOutcome::default();
@@ -299,8 +314,8 @@ async fn run_steps<B: Backend>(
                 buf_offset,
             } => {
                 let data = match plan.payload {
-                    Payload::Data => &buf[buf_offset as usize..(buf_offset + len) as usize],
-                    Payload::Zeros { .. } => &[],
+                    Payload::Data => buf.part(buf_offset as usize..(buf_offset + len) as usize),
+                    Payload::Zeros { .. } => HostBytes::Mem(&[]),
                 };
                 let put = |dev| put(b, dev, plan.payload, offset, len, data, fua);
                 let (p, s) = smol::future::zip(
@@ -329,7 +344,9 @@ async fn run_steps<B: Backend>(
                 ..
             } => {
                 let host = match plan.payload {
-                    Payload::Data => Some(&buf[buf_offset as usize..(buf_offset + len) as usize]),
+                    Payload::Data => {
+                        Some(buf.part(buf_offset as usize..(buf_offset + len) as usize))
+                    }
                     Payload::Zeros { .. } => None,
                 };
                 if let Err(e) = merge(vol, b, track_offset, track_len, offset, len, host).await {
@@ -352,11 +369,11 @@ async fn put<B: Backend>(
     payload: Payload,
     offset: u64,
     len: u64,
-    data: &[u8],
+    data: HostBytes<'_>,
     fua: bool,
 ) -> io::Result<()> {
     match payload {
-        Payload::Data => b.write(dev, offset, data, fua).await,
+        Payload::Data => b.write_host(dev, offset, data, fua).await,
         Payload::Zeros { unmap } => b.zero(dev, offset, len, unmap, fua).await,
     }
 }
@@ -367,8 +384,14 @@ async fn put<B: Backend>(
 /// plain write, acknowledged after a log record; without it, a FUA write,
 /// durable on its own so that the commit the acknowledgement waits for
 /// need not flush the whole primary (`Volume::finish_write`). While it runs
-/// the copy engine starts no new copies, so its two I/Os do not queue
-/// behind them.
+/// the copy engine starts no new copies, so its I/Os do not queue behind
+/// them.
+///
+/// Host bytes in a registered buffer (zero copy) cannot be copied into the
+/// track: the secondary's bytes around them and the host's bytes go to the
+/// primary as up to three writes at once instead. The track is whole on
+/// the primary once all of them are done, before anything marks it
+/// restored.
 async fn merge<B: Backend>(
     vol: &Volume,
     b: &B,
@@ -376,17 +399,34 @@ async fn merge<B: Backend>(
     track_len: u64,
     offset: u64,
     len: u64,
-    host: Option<&[u8]>,
+    host: Option<HostBytes<'_>>,
 ) -> io::Result<()> {
     let _ahead = vol.ahead_guard();
     let mut track = b.buffer(track_len as usize);
     b.read(Dev::Secondary, track_offset, &mut track).await?;
     let range = (offset - track_offset) as usize..(offset - track_offset + len) as usize;
-    match host {
-        Some(host) => track[range].copy_from_slice(host),
-        None => track[range].fill(0),
-    }
     let fua = !vol.restore_log_enabled();
+    match host {
+        Some(HostBytes::Mem(host)) => track[range].copy_from_slice(host),
+        None => track[range].fill(0),
+        Some(host @ HostBytes::Fixed(_)) => {
+            async fn around<B: Backend>(b: &B, at: u64, bytes: &[u8], fua: bool) -> io::Result<()> {
+                match bytes.is_empty() {
+                    true => Ok(()),
+                    false => b.write(Dev::Primary, at, bytes, fua).await,
+                }
+            }
+            let ((head, tail), mid) = smol::future::zip(
+                smol::future::zip(
+                    around(b, track_offset, &track[..range.start], fua),
+                    around(b, offset + len, &track[range.end..], fua),
+                ),
+                b.write_host(Dev::Primary, offset, host, fua),
+            )
+            .await;
+            return head.and(tail).and(mid);
+        }
+    }
     b.write(Dev::Primary, track_offset, &track, fua).await
 }
 

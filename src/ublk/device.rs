@@ -54,6 +54,24 @@ pub(super) fn recovery_flags(features: u64) -> u64 {
     }
 }
 
+/// The device flags for zero copy, given the driver's features and
+/// whether the config allows it.
+///
+/// With `UBLK_F_AUTO_BUF_REG` the kernel registers each request's pages
+/// in the queue's io_uring before handing the request over, and the
+/// server's reads and writes of the data devices use them directly
+/// instead of the kernel copying the bytes into the server and out again.
+/// It is asked for with `UBLK_F_SUPPORT_ZERO_COPY`, as the driver's own
+/// test servers do.
+pub(super) fn zero_copy_flags(features: u64, allowed: bool) -> u64 {
+    let auto = u64::from(sys::UBLK_F_AUTO_BUF_REG);
+    if allowed && features & auto != 0 {
+        auto | u64::from(sys::UBLK_F_SUPPORT_ZERO_COPY)
+    } else {
+        0
+    }
+}
+
 pub(super) fn read_id(id_file: &Path) -> Option<u32> {
     let s = std::fs::read_to_string(id_file).ok()?;
     match s.trim().parse() {
@@ -182,6 +200,19 @@ mod tests {
         assert_eq!(recovery_flags(0x1fe), rec | reissue); // 6.12
         assert_eq!(recovery_flags(rec), rec);
         assert_eq!(recovery_flags(reissue), 0);
+    }
+
+    #[test]
+    fn zero_copy_only_where_the_driver_registers_buffers_and_the_config_allows() {
+        let auto = u64::from(sys::UBLK_F_AUTO_BUF_REG);
+        assert_eq!(
+            zero_copy_flags(0x1fe, true),
+            0,
+            "6.12 has no auto registration"
+        );
+        let on = zero_copy_flags(0x1fffff, true); // 7.3
+        assert_ne!(on & auto, 0);
+        assert_eq!(zero_copy_flags(0x1fffff, false), 0, "ublk.zero_copy: off");
     }
 
     #[test]

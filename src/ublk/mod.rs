@@ -19,7 +19,9 @@ use crate::core::Volume;
 use crate::edge::metrics::Metrics;
 use crate::exec::load::HostLoad;
 use crate::metadata::CommitHandle;
-use device::{add_device, delete_device, previous, recovery_flags, write_id, Previous};
+use device::{
+    add_device, delete_device, previous, recovery_flags, write_id, zero_copy_flags, Previous,
+};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{sys, UblkFlags};
@@ -36,6 +38,8 @@ pub struct DeviceParams {
     pub queues: u16,
     pub depth: u16,
     pub max_io: u32,
+    /// Zero copy if the driver can (`ublk.zero_copy: auto`).
+    pub zero_copy: bool,
     pub size: u64,
     /// 512 or more: the smallest direct I/O the data devices take. Host
     /// requests are passed through unsplit, so the device must not accept
@@ -88,6 +92,12 @@ pub struct QueueCtx {
     pub metrics: Arc<Metrics>,
 }
 
+/// Whether the device's queues run with zero copy (it was added with
+/// automatic buffer registration).
+pub fn zero_copy_on(ctrl: &UblkCtrl) -> bool {
+    ctrl.dev_info().flags & u64::from(sys::UBLK_F_AUTO_BUF_REG) != 0
+}
+
 /// How the device of this run came to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
@@ -118,21 +128,22 @@ pub fn serve<W>(
 where
     W: FnOnce(&UblkCtrl, Origin) + Send + Sync + 'static,
 {
-    // No other optional driver feature is enabled (zero copy, auto buffer
-    // registration, quiesce, ...): 6.12 lacks most of them, and a device
-    // asking for a missing one hangs rather than failing.
+    // Optional driver features are enabled only when the driver reports
+    // them: a device asking for a missing one hangs rather than failing.
     let features = UblkCtrl::get_features();
     match features {
         Some(f) => log::info!("ublk driver features {f:#x}"),
         None => log::info!("ublk driver does not report features (kernel before 6.5)"),
     }
-    let flags = recovery_flags(features.unwrap_or(0));
-    if flags == 0 {
+    let recovery = recovery_flags(features.unwrap_or(0));
+    if recovery == 0 {
         log::info!("no user recovery in the driver: a crashed server's device will be recreated");
     }
+    let zero_copy = zero_copy_flags(features.unwrap_or(0), p.zero_copy);
+    let flags = recovery | zero_copy;
     let mut origin = Origin::Created;
     let mut recover = None;
-    match previous(id_file, &p, flags != 0) {
+    match previous(id_file, &p, recovery != 0) {
         Previous::None => {}
         Previous::Recoverable(id) => {
             match UblkCtrl::new_simple(id as i32).and_then(|c| c.start_user_recover()) {
@@ -178,12 +189,25 @@ where
                 add_device(&p, flags)?
             }
         },
-        None if flags != 0 => {
+        None if recovery != 0 => {
             log::info!("creating the device with user recovery (flags {flags:#x})");
             add_device(&p, flags)?
         }
         None => add_device(&p, flags)?,
     };
+    // A recovered device keeps the flags it was added with: its queues
+    // follow them, not this run's config.
+    let zc = zero_copy_on(&ctrl);
+    log::info!(
+        "zero copy: {}",
+        match (zc, p.zero_copy) {
+            (true, _) => "on (the kernel registers each request's pages; no copy to the server)",
+            (false, false) => "off (ublk.zero_copy: off)",
+            (false, true) if zero_copy == 0 =>
+                "off (the driver lacks automatic buffer registration)",
+            (false, true) => "off (the recovered device was created without it)",
+        }
+    );
     let tgt_init = move |dev: &mut UblkDev| {
         let tgt = &mut dev.tgt;
         tgt.dev_size = p.size;
@@ -279,6 +303,7 @@ mod tests {
             queues: 1,
             depth: 128,
             max_io: 512 << 10,
+            zero_copy: true,
             size: 1 << 30,
             logical_block: 512,
             zeroing,

@@ -5,6 +5,7 @@
 use super::ring::{watch_kicks, RingBackend, MERGE_BUFS_KEPT};
 use super::QueueCtx;
 use crate::backend::buf::BufCache;
+use crate::backend::hostbuf::{Fixed, HostBytes, HostBytesMut};
 use crate::backend::kick::Kick;
 use crate::core::{Volume, VolumeState};
 use crate::edge::metrics::HostOp;
@@ -64,29 +65,122 @@ pub(super) fn queue_thread(qid: u16, dev: &UblkDev, ctx: QueueCtx) {
     }));
 }
 
+/// Where a tag's request data is while the server handles it.
+enum TagBuf {
+    /// The tag's own buffer: the kernel copies a write's bytes in before
+    /// the request arrives and a read's bytes out after it completes.
+    Mem(IoBuf<u8>),
+    /// Zero copy (`UBLK_F_AUTO_BUF_REG`): the kernel registers the
+    /// request's pages in the queue's ring at buffer index `tag` before
+    /// the request arrives and unregisters them when it completes. The
+    /// host path reaches them by fixed-buffer I/O only.
+    Registered,
+}
+
+/// The automatic registration of `tag`'s request pages: at index `tag`
+/// of the sparse table libublk registers in the queue's ring (one slot per
+/// tag, so a slot is always free when its tag gets a request). With the
+/// fallback flag a failed registration still delivers the request, marked
+/// `UBLK_IO_F_NEED_REG_BUF`, instead of failing it (see `handle`).
+fn auto_reg(tag: u16) -> sys::ublk_auto_buf_reg {
+    sys::ublk_auto_buf_reg {
+        index: tag,
+        flags: sys::UBLK_AUTO_BUF_REG_FALLBACK as u8,
+        ..Default::default()
+    }
+}
+
 async fn io_task(
     q: &UblkQueue<'_>,
     tag: u16,
     vol: &Volume,
     b: &RingBackend,
 ) -> Result<(), UblkError> {
-    let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
-    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
-        .await?;
+    let max = q.dev.dev_info.max_io_buf_bytes as usize;
+    let mut buf = if q.support_auto_buf_zc() {
+        TagBuf::Registered
+    } else {
+        TagBuf::Mem(IoBuf::<u8>::new(max))
+    };
+    match &buf {
+        TagBuf::Mem(m) => {
+            q.submit_io_prep_cmd(tag, BufDesc::Slice(m.as_slice()), 0, Some(m))
+                .await?
+        }
+        TagBuf::Registered => {
+            q.submit_io_prep_cmd(tag, BufDesc::AutoReg(auto_reg(tag)), 0, None)
+                .await?
+        }
+    };
     loop {
-        let res = handle(q, tag, vol, b, buf.as_mut_slice()).await;
-        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
-            .await?;
+        let res = handle(q, tag, vol, b, &mut buf, max).await;
+        let desc = match &buf {
+            TagBuf::Mem(m) => BufDesc::Slice(m.as_slice()),
+            TagBuf::Registered => BufDesc::AutoReg(auto_reg(tag)),
+        };
+        q.submit_io_commit_cmd(tag, desc, res).await?;
     }
 }
 
 /// Runs one request; returns its result for the kernel (bytes or -errno).
-async fn handle(q: &UblkQueue<'_>, tag: u16, vol: &Volume, b: &RingBackend, buf: &mut [u8]) -> i32 {
+async fn handle(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    vol: &Volume,
+    b: &RingBackend,
+    buf: &mut TagBuf,
+    max: usize,
+) -> i32 {
+    // The kernel could not register this request's pages on its own (it
+    // says so with `UBLK_IO_F_NEED_REG_BUF`): registered here at the same
+    // index for this request, and unregistered before it completes.
+    let iod = q.get_iod(tag);
+    let register =
+        matches!(buf, TagBuf::Registered) && iod.op_flags & sys::UBLK_IO_F_NEED_REG_BUF != 0;
+    if register {
+        let r = q.submit_register_io_buf(tag, tag).await;
+        if r < 0 {
+            // Its bytes are reachable no other way.
+            log::error!("tag {tag}: registering the request's buffer: {}", errno(r));
+            return -libc::EIO;
+        }
+    }
+    let res = serve(q, tag, vol, b, buf, max).await;
+    if register {
+        let r = q.submit_unregister_io_buf(tag, tag).await;
+        if r < 0 {
+            log::warn!(
+                "tag {tag}: unregistering the request's buffer: {}",
+                errno(r)
+            );
+        }
+    }
+    res
+}
+
+fn errno(negative: i32) -> io::Error {
+    io::Error::from_raw_os_error(-negative)
+}
+
+/// [`handle`] once the request's bytes are reachable.
+async fn serve(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    vol: &Volume,
+    b: &RingBackend,
+    buf: &mut TagBuf,
+    max: usize,
+) -> i32 {
     let iod = q.get_iod(tag);
     let op = iod.op_flags & 0xff;
     let offset = iod.start_sector << 9;
     let len = (iod.nr_sectors as usize) << 9;
-    let in_range = len <= buf.len() && vol.geometry().contains(offset, len as u64);
+    let in_range = len <= max && vol.geometry().contains(offset, len as u64);
+    let fixed = Fixed {
+        index: tag,
+        at: 0,
+        len,
+    };
     let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
     let kind = match op {
         sys::UBLK_IO_OP_READ => HostOp::Read,
@@ -100,8 +194,20 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, vol: &Volume, b: &RingBackend, buf:
     let _busy = b.load.enter_untimed();
     let started = std::time::Instant::now();
     let res = match op {
-        sys::UBLK_IO_OP_READ if in_range => host::read(vol, b, offset, &mut buf[..len]).await,
-        sys::UBLK_IO_OP_WRITE if in_range => host::write(vol, b, offset, &buf[..len], fua).await,
+        sys::UBLK_IO_OP_READ if in_range => {
+            let to = match buf {
+                TagBuf::Mem(m) => HostBytesMut::Mem(&mut m.as_mut_slice()[..len]),
+                TagBuf::Registered => HostBytesMut::Fixed(fixed),
+            };
+            host::read(vol, b, offset, to).await
+        }
+        sys::UBLK_IO_OP_WRITE if in_range => {
+            let from = match buf {
+                TagBuf::Mem(m) => HostBytes::Mem(&m.as_slice()[..len]),
+                TagBuf::Registered => HostBytes::Fixed(fixed),
+            };
+            host::write(vol, b, offset, from, fua).await
+        }
         sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => return -libc::EINVAL,
         sys::UBLK_IO_OP_FLUSH => host::flush(vol, b).await,
         // No data buffer: the length is bounded by the device's discard

@@ -2,6 +2,7 @@
 //! onto the queue's own io_uring as SQEs, awaited by the tag's task.
 
 use crate::backend::buf::{AlignedBuf, BufCache};
+use crate::backend::hostbuf::Fixed;
 use crate::backend::kick::Kick;
 use crate::backend::transfer::Transfer;
 use crate::backend::{Backend, DevFds};
@@ -37,6 +38,35 @@ pub(super) const MERGE_BUFS_KEPT: usize = 16;
 impl RingBackend {
     fn fd(&self, dev: Dev) -> types::Fd {
         types::Fd(self.fds.get(dev))
+    }
+
+    /// Reads (`write_fua` None) or writes bytes of a request registered in
+    /// this queue's ring (zero copy). The kernel addresses a registered
+    /// request's pages from 0, so the "address" is the offset into them.
+    async fn fixed_io(
+        &self,
+        dev: Dev,
+        offset: u64,
+        f: Fixed,
+        write_fua: Option<bool>,
+    ) -> io::Result<()> {
+        let mut t = Transfer::new(f.len);
+        while !t.is_complete() {
+            let at = (f.at + t.done()) as u64;
+            let len = t.remaining() as u32;
+            let pos = offset + t.done() as u64;
+            let sqe = match write_fua {
+                None => opcode::ReadFixed::new(self.fd(dev), at as *mut u8, len, f.index)
+                    .offset(pos)
+                    .build(),
+                Some(fua) => opcode::WriteFixed::new(self.fd(dev), at as *const u8, len, f.index)
+                    .offset(pos)
+                    .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
+                    .build(),
+            };
+            t.advance(submit(sqe).await.map(|n| n as usize))?;
+        }
+        Ok(())
     }
 }
 
@@ -90,6 +120,14 @@ impl Backend for RingBackend {
             t.advance(submit(sqe).await.map(|n| n as usize))?;
         }
         Ok(())
+    }
+
+    async fn read_fixed(&self, dev: Dev, offset: u64, f: Fixed) -> io::Result<()> {
+        self.fixed_io(dev, offset, f, None).await
+    }
+
+    async fn write_fixed(&self, dev: Dev, offset: u64, f: Fixed, fua: bool) -> io::Result<()> {
+        self.fixed_io(dev, offset, f, Some(fua)).await
     }
 
     async fn flush(&self, dev: Dev) -> io::Result<()> {

@@ -9,6 +9,7 @@
 //! seed reproduces a run.
 #![allow(dead_code)]
 
+use splitmirror::backend::hostbuf::{HostBytes, HostBytesMut};
 use splitmirror::backend::sim::{self, Power, Scheduler, SimBackend, SimDisks, SimMetaDevice};
 use splitmirror::backend::Backend;
 use splitmirror::core::{Command, Geometry, TransitionError, Volume, VolumeState};
@@ -77,6 +78,9 @@ pub struct Harness {
     pub engine_running: Rc<Cell<bool>>,
     /// Host requests in flight, as the ublk queue counts them.
     pub load: Rc<HostLoad>,
+    /// Host reads and writes so far: every other one has its bytes in a
+    /// registered buffer, as on a zero-copy ublk queue.
+    requests: u64,
 }
 
 /// A binding for a volume of `size` bytes on devices of that size.
@@ -199,7 +203,14 @@ impl Harness {
             engine_errors,
             engine_running,
             load,
+            requests: 0,
         }
+    }
+
+    /// Whether the next host read or write uses a registered buffer.
+    fn zero_copy_next(&mut self) -> bool {
+        self.requests += 1;
+        self.requests.is_multiple_of(2)
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -213,10 +224,29 @@ impl Harness {
 
     /// A host write, counted in the host load as a ublk queue counts it.
     pub fn spawn_write(&mut self, offset: u64, data: Vec<u8>, fua: bool) -> Slot<io::Result<()>> {
+        let zc = self.zero_copy_next();
+        self.spawn_write_as(offset, data, fua, zc)
+    }
+
+    /// A host write whose bytes are in a registered buffer (`zc`), as on a
+    /// zero-copy ublk queue, or in memory.
+    pub fn spawn_write_as(
+        &mut self,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+        zc: bool,
+    ) -> Slot<io::Result<()>> {
         let (vol, b, load) = (self.vol.clone(), self.b.clone(), self.load.clone());
         self.sched.spawn_with(async move {
             let _busy = load.enter();
-            host::write(&vol, &*b, offset, &data, fua).await
+            if !zc {
+                return host::write(&vol, &*b, offset, (&data).into(), fua).await;
+            }
+            let fixed = b.register(data);
+            let res = host::write(&vol, &*b, offset, HostBytes::Fixed(fixed), fua).await;
+            b.unregister(fixed);
+            res
         })
     }
 
@@ -248,11 +278,25 @@ impl Harness {
     }
 
     pub fn start_read(&mut self, offset: u64, len: u64) -> Slot<io::Result<Vec<u8>>> {
+        let zc = self.zero_copy_next();
+        self.start_read_as(offset, len, zc)
+    }
+
+    /// A host read into a registered buffer (`zc`) or into memory.
+    pub fn start_read_as(&mut self, offset: u64, len: u64, zc: bool) -> Slot<io::Result<Vec<u8>>> {
         let (vol, b, load) = (self.vol.clone(), self.b.clone(), self.load.clone());
         self.sched.spawn_with(async move {
             let _busy = load.enter();
             let mut buf = vec![0u8; len as usize];
-            host::read(&vol, &*b, offset, &mut buf).await.map(|()| buf)
+            if !zc {
+                return host::read(&vol, &*b, offset, (&mut buf).into())
+                    .await
+                    .map(|()| buf);
+            }
+            let fixed = b.register(buf);
+            let res = host::read(&vol, &*b, offset, HostBytesMut::Fixed(fixed)).await;
+            let buf = b.unregister(fixed);
+            res.map(|()| buf)
         })
     }
 

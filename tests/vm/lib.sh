@@ -133,6 +133,19 @@ json_get() {
 
 state() { json_get state; }
 
+# expect_zero_copy_by_kernel: with the default `ublk.zero_copy: auto` the
+# device runs with zero copy exactly when the kernel's ublk_drv has
+# automatic buffer registration (6.16 and later): status says so.
+expect_zero_copy_by_kernel() {
+    _v=$(uname -r | sed -E 's/^([0-9]+)\.([0-9]+).*/\1 \2/')
+    # shellcheck disable=SC2086  # two words on purpose
+    set -- $_v
+    if [ "$1" -gt 6 ] || { [ "$1" -eq 6 ] && [ "$2" -ge 16 ]; }; then _want=true; else _want=false; fi
+    _zc=$(json_get zero_copy)
+    [ "$_zc" = "$_want" ] || fail "zero_copy is '$_zc' on kernel $(uname -r), expected $_want"
+    info "zero copy: $_zc (kernel $(uname -r))"
+}
+
 # expect_state S: current state must be S
 expect_state() {
     _s=$(state)

@@ -107,6 +107,19 @@ pub struct UblkConfig {
     /// Bytes per host request; a multiple of 4096 up to [`MAX_IO_LIMIT`].
     #[serde(deserialize_with = "de_max_io")]
     pub max_io: u32,
+    pub zero_copy: ZeroCopy,
+}
+
+/// Whether host data stays in the kernel's pages (`ublk.zero_copy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ZeroCopy {
+    /// Zero copy when the driver offers automatic buffer registration
+    /// (`UBLK_F_AUTO_BUF_REG`, Linux 6.16 and later); copies otherwise.
+    #[default]
+    Auto,
+    /// The kernel copies every request's bytes to and from the server.
+    Off,
 }
 
 /// How copies run: restore, and also establish and resync.
@@ -214,6 +227,7 @@ impl Default for UblkConfig {
             queues: 1,
             depth: 128,
             max_io: 512 << 10,
+            zero_copy: ZeroCopy::Auto,
         }
     }
 }

@@ -15,6 +15,7 @@ set_restore_rate 8MiB
 cat "$CONFIG"
 start_server
 expect_state established
+expect_zero_copy_by_kernel
 SIZE=$(dev_size "$DEVICE"); MIB=$((SIZE / 1048576)); N=$((SIZE / TRACK))
 [ "$(json_get tracks)" = "$N" ] || fail "status tracks != $N"
 

@@ -12,6 +12,7 @@ run splitmirror format -c "$CONFIG" --assume-clean
 set_restore_rate 16MiB
 start_server
 expect_state established
+expect_zero_copy_by_kernel
 SIZE=$(dev_size "$DEVICE"); MIB=$((SIZE / 1048576))
 
 step "write A, split, overwrite everything"

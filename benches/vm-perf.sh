@@ -23,9 +23,10 @@
 #                    started with it; rublk-async = rublk --async-await, the
 #                    executor design splitmirror uses; rublk-zc = rublk
 #                    --zero-copy, what zero copy buys where the kernel has it
-#                    (after 6.12); established-copy and split-copy =
-#                    splitmirror with ublk.zero_copy: off, against which
-#                    established and split show what zero copy buys it;
+#                    (after 6.12); established-copy, split-copy and
+#                    restore-load-copy = splitmirror with ublk.zero_copy:
+#                    off, against which established, split and restore-load
+#                    show what zero copy buys it;
 #                    raw and rublk required)
 #   VM_PERF_LOAD_JOB the job of restore-load (default randwrite-4k-qd32)
 #   RUBLK_BIN        prebuilt static rublk (default: built once with
@@ -83,7 +84,7 @@ done
 NJOBS=${#JOB_LIST[@]}
 read -r -a TARGET_LIST <<<"$TARGETS"
 for t in "${TARGET_LIST[@]}"; do
-  case $t in raw|raw2|dm-mirror|rublk|rublk-async|rublk-zc|established|split|established-copy|split-copy|restoring|restore-load) ;; *) die "unknown target $t in VM_PERF_TARGETS" ;; esac
+  case $t in raw|raw2|dm-mirror|rublk|rublk-async|rublk-zc|established|split|established-copy|split-copy|restoring|restore-load|restore-load-copy) ;; *) die "unknown target $t in VM_PERF_TARGETS" ;; esac
 done
 for t in raw rublk; do
   case " $TARGETS " in *" $t "*) ;; *) die "VM_PERF_TARGETS must include $t" ;; esac
@@ -203,7 +204,7 @@ function median(a, n,    i, j, t, b) {
   for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
   k = f["job"] SUBSEP f["target"] SUBSEP f["round"]
   v[k] = f["iops"]
-  if ("restore_s" in f) rs[f["round"]] = f["restore_s"]
+  if ("restore_s" in f) rs[f["target"], f["round"]] = f["restore_s"]
   # server CPU per I/O: ticks are 10 ms; fio counts I/Os after its 2 s ramp,
   # the ticks include it, so this slightly overstates the cost
   if (f["server_ticks"] > 0) cpu[k] = f["server_ticks"] * 10000 / (f["iops"] * (runtime + 2))
@@ -213,15 +214,15 @@ function median(a, n,    i, j, t, b) {
 END {
   nj = split(jobs, J, " "); nt = split(targets, T, " ")
   printf "IOPS per round (within a round: %s)\n", targets
-  printf "%-20s %-12s", "job", "target"
+  printf "%-20s %-17s", "job", "target"
   for (r = 1; r <= rounds; r++) printf " %8s", "r" r
   printf " %8s %9s\n", "median", "MiB/s"
   for (a = 1; a <= nj; a++) {
     j = J[a]; bs = (j ~ /128k/) ? 128 : 4
     for (b = 1; b <= nt; b++) {
       t = T[b]; n = 0
-      if (t == "restore-load" && j != loadjob) continue
-      printf "%-20s %-12s", j, t
+      if (t ~ /^restore-load/ && j != loadjob) continue
+      printf "%-20s %-17s", j, t
       for (r = 1; r <= rounds; r++) {
         if ((j, t, r) in v) { printf " %8d", v[j, t, r]; x[++n] = v[j, t, r] } else printf " %8s", "-"
       }
@@ -231,16 +232,16 @@ END {
     }
   }
   printf "\nmedians over rounds: ublk server CPU time per I/O (approx.), guest CPU busy\n"
-  printf "%-20s %-12s %12s %9s\n", "job", "target", "server_us/io", "busy_%"
+  printf "%-20s %-17s %12s %9s\n", "job", "target", "server_us/io", "busy_%"
   for (a = 1; a <= nj; a++) for (b = 1; b <= nt; b++) {
     j = J[a]; t = T[b]; n = 0; nb = 0
-    if (t == "restore-load" && j != loadjob) continue
+    if (t ~ /^restore-load/ && j != loadjob) continue
     for (r = 1; r <= rounds; r++) {
       if ((j, t, r) in cpu) x[++n] = cpu[j, t, r]
       if ((j, t, r) in busy) y[++nb] = busy[j, t, r]
     }
     cu[j, t] = n ? median(x, n) : -1
-    printf "%-20s %-12s %12s %9.0f\n", j, t, n ? sprintf("%.1f", cu[j, t]) : "-", nb ? median(y, nb) : 0
+    printf "%-20s %-17s %12s %9.0f\n", j, t, n ? sprintf("%.1f", cu[j, t]) : "-", nb ? median(y, nb) : 0
   }
   print ""
   for (a = 1; a <= nj; a++) for (b = 1; b <= nt; b++) if ((J[a], T[b]) in m) printf "%s.%s.median_iops: %d\n", J[a], T[b], m[J[a], T[b]]
@@ -248,7 +249,7 @@ END {
   # every ratio, taken within each round (same boot, neighbouring
   # minutes), then the median and the spread (lowest..highest) over rounds;
   # against each reference target measured
-  nr = split("rublk raw raw2 dm-mirror established established-copy split-copy", R, " ")
+  nr = split("rublk raw raw2 dm-mirror established established-copy split-copy restore-load-copy", R, " ")
   for (a = 1; a <= nj; a++) for (c = 1; c <= nr; c++) {
     j = J[a]; ref = R[c]
     if (!((j, ref) in m)) continue
@@ -264,9 +265,12 @@ END {
       printf "%s.%s_vs_%s: %.3f (spread %.3f..%.3f, %d rounds)\n", j, t, ref, q, lo, hi, n
     }
   }
-  n = 0; lo = 1e9; hi = 0
-  for (r = 1; r <= rounds; r++) if (r in rs) { x[++n] = rs[r]; if (rs[r] < lo) lo = rs[r]; if (rs[r] > hi) hi = rs[r] }
-  if (n) printf "restore_load.restore_s: %.2f (spread %.2f..%.2f, %d rounds)\n", median(x, n), lo, hi, n
+  for (b = 1; b <= nt; b++) {
+    t = T[b]; n = 0; lo = 1e9; hi = 0
+    for (r = 1; r <= rounds; r++) if ((t, r) in rs) { x[++n] = rs[t, r]; if (rs[t, r] < lo) lo = rs[t, r]; if (rs[t, r] > hi) hi = rs[t, r] }
+    name = t; gsub(/-/, "_", name)
+    if (n) printf "%s.restore_s: %.2f (spread %.2f..%.2f, %d rounds)\n", name, median(x, n), lo, hi, n
+  }
   # the goals of issue 13 (medians of the per-round ratios)
   goal("established_vs_raw2_ge_0.9", "randwrite-4k-qd32", "established", "raw2", 0.9)
   goal("established_vs_dm_mirror_ge_1.2", "randwrite-4k-qd32", "established", "dm-mirror", 1.2)

@@ -283,36 +283,46 @@ fn claim_6_partial_write_merges_secondary_track() {
     assert_eq!(h.read(6 * TRACK, TRACK), expect);
 }
 
-/// Zero copy: the host's bytes are in a registered buffer the server
-/// cannot copy from, so the merge writes the secondary's bytes around them
-/// and the host's bytes as three pieces; the track is still whole.
+/// Zero copy: the host's bytes are in a registered buffer. Where the
+/// backend can copy them into the track buffer (a ublk queue's memfd
+/// buffers), the merged track is one write; where it cannot, the merge
+/// writes the secondary's bytes around them and the host's bytes as
+/// three pieces. Either way the track is whole.
 #[test]
 fn claim_6_partial_write_merges_secondary_track_with_zero_copy() {
-    let (mut h, base, _) = split_and_overwrite(17);
-    held_restore(&mut h, RESTORE_FULL);
-    let host = pattern(78, 2048);
-    h.disks.write_log.borrow_mut().clear();
-    let slot = h.spawn_write_as(6 * TRACK + 1024, host.clone(), false, true);
-    h.wait(&slot).unwrap();
-    let mut expect = base[track_range(6)].to_vec();
-    expect[1024..3072].copy_from_slice(&host);
-    assert_eq!(&h.primary()[track_range(6)], &expect[..]);
-    let mut pieces: Vec<_> = h
-        .disks
-        .write_log
-        .borrow()
-        .iter()
-        .filter(|(dev, off, _)| *dev == Dev::Primary && track_range(6).contains(&(*off as usize)))
-        .map(|&(_, off, len)| (off - 6 * TRACK, len))
-        .collect();
-    pieces.sort();
-    assert_eq!(pieces, [(0, 1024), (1024, 2048), (3072, TRACK - 3072)]);
-    assert!(!h.vol.table(TableId::Pending).get(6));
-    // Claim 4 with zero copy: a pending track reads from the secondary.
-    let slot = h.start_read_as(7 * TRACK, TRACK, true);
-    assert_eq!(h.wait(&slot).unwrap(), &base[track_range(7)]);
-    let slot = h.start_read_as(6 * TRACK, TRACK, true);
-    assert_eq!(h.wait(&slot).unwrap(), expect);
+    for (copies, want) in [
+        (true, vec![(0, TRACK)]),
+        (false, vec![(0, 1024), (1024, 2048), (3072, TRACK - 3072)]),
+    ] {
+        let (mut h, base, _) = split_and_overwrite(17);
+        held_restore(&mut h, RESTORE_FULL);
+        h.b.copies_fixed.set(copies);
+        let host = pattern(78, 2048);
+        h.disks.write_log.borrow_mut().clear();
+        let slot = h.spawn_write_as(6 * TRACK + 1024, host.clone(), false, true);
+        h.wait(&slot).unwrap();
+        let mut expect = base[track_range(6)].to_vec();
+        expect[1024..3072].copy_from_slice(&host);
+        assert_eq!(&h.primary()[track_range(6)], &expect[..]);
+        let mut pieces: Vec<_> = h
+            .disks
+            .write_log
+            .borrow()
+            .iter()
+            .filter(|(dev, off, _)| {
+                *dev == Dev::Primary && track_range(6).contains(&(*off as usize))
+            })
+            .map(|&(_, off, len)| (off - 6 * TRACK, len))
+            .collect();
+        pieces.sort();
+        assert_eq!(pieces, want, "copy into the track buffer: {copies}");
+        assert!(!h.vol.table(TableId::Pending).get(6));
+        // Claim 4 with zero copy: a pending track reads from the secondary.
+        let slot = h.start_read_as(7 * TRACK, TRACK, true);
+        assert_eq!(h.wait(&slot).unwrap(), &base[track_range(7)]);
+        let slot = h.start_read_as(6 * TRACK, TRACK, true);
+        assert_eq!(h.wait(&slot).unwrap(), expect);
+    }
 }
 
 #[test]

@@ -15,9 +15,10 @@
 #              driver's automatic buffer registration; kernels after 6.12)
 #   established  splitmirror (primary + secondary), mirroring
 #   split      splitmirror after `split`
-#   established-copy, split-copy  (only if asked for) the same with
-#              `ublk.zero_copy: off` (the server restarted for them): what
-#              zero copy buys splitmirror where the driver offers it
+#   established-copy, split-copy, restore-load-copy  (only if asked for)
+#              the same with `ublk.zero_copy: off` (the server restarted
+#              for them): what zero copy buys splitmirror where the driver
+#              offers it
 #   restoring  splitmirror during a full `restore`, a fresh one per job
 #              (rate-limited; the state and progress at the job's end are
 #              printed with its figure)
@@ -218,9 +219,9 @@ measure_dm_mirror() {
     start_server
 }
 
-# restore_load ROUND: a default full restore (no rate limit) with
+# restore_load ROUND [TARGET]: a default full restore (no rate limit) with
 # PERF_LOAD_JOB started with it, without fio's ramp; host IOPS of the job,
-# time until the state leaves `restoring`
+# time until the state leaves `restoring`; printed as TARGET (restore-load)
 restore_load() {
     to_state split
     sed 's/^ramp_time=.*/ramp_time=0/' "$SCRATCH/$PERF_LOAD_JOB.fio" >"$SCRATCH/load.fio"
@@ -233,7 +234,7 @@ restore_load() {
     wait "$_fio" || { cat "$SCRATCH/load.err" >&2; fail "fio $PERF_LOAD_JOB during the restore failed"; }
     _iops=$(awk -F';' 'NF > 49 { printf "%d\n", $8 + $49; exit }' "$SCRATCH/load.out")
     { [ -n "$_iops" ] && [ "$_iops" -gt 0 ]; } || fail "fio $PERF_LOAD_JOB during the restore: no IOPS"
-    echo "PERF round=$1 target=restore-load job=$PERF_LOAD_JOB iops=$_iops restore_s=$(echo "$_t0 $_t1" | awk '{ printf "%.2f", $2 - $1 }') server_ticks=0 idle_ticks=0 wall=0"
+    echo "PERF round=$1 target=${2:-restore-load} job=$PERF_LOAD_JOB iops=$_iops restore_s=$(echo "$_t0 $_t1" | awk '{ printf "%.2f", $2 - $1 }') server_ticks=0 idle_ticks=0 wall=0"
     wait_idle 600
     expect_state established
 }
@@ -320,12 +321,16 @@ round() {
             split)
                 to_state split
                 measure "$1" split "$DEVICE" "$SERVER_PID" "$2" ;;
-            established-copy|split-copy)
+            established-copy|split-copy|restore-load-copy)
                 stop_server
                 set_zero_copy off
                 start_server
-                to_state "${t%-copy}"
-                measure "$1" "$t" "$DEVICE" "$SERVER_PID" "$2"
+                if [ "$t" = restore-load-copy ]; then
+                    restore_load "$1" "$t"
+                else
+                    to_state "${t%-copy}"
+                    measure "$1" "$t" "$DEVICE" "$SERVER_PID" "$2"
+                fi
                 stop_server
                 set_zero_copy auto
                 start_server ;;

@@ -166,9 +166,132 @@ impl Drop for BufCache {
     }
 }
 
+/// Track buffers that are also ranges of one memfd, mapped shared: with
+/// zero copy a merge cannot copy the host's bytes (pages registered in the
+/// queue's ring, reachable only by fixed-buffer I/O) into a heap buffer,
+/// but a fixed-buffer write to the memfd puts them into these pages. The
+/// merged track then goes to the device as one write, as without zero
+/// copy, instead of three.
+pub struct FileBufs {
+    fd: std::os::fd::OwnedFd,
+    base: std::ptr::NonNull<u8>,
+    len: usize,
+    slots: usize,
+    free: std::sync::Mutex<Vec<usize>>,
+}
+
+// SAFETY: the mapping lives as long as the FileBufs; each slot is lent to
+// one AlignedBuf at a time (the free list), like BufCache's buffers.
+unsafe impl Send for FileBufs {}
+unsafe impl Sync for FileBufs {}
+
+impl FileBufs {
+    /// `slots` buffers of `len` bytes (a multiple of the page size).
+    pub fn new(len: usize, slots: usize) -> std::io::Result<std::sync::Arc<Self>> {
+        use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+        use std::os::fd::AsRawFd;
+        assert!(len.is_multiple_of(AlignedBuf::ALIGN) && slots > 0);
+        let fd = memfd_create(c"splitmirror-merge", MemFdCreateFlag::MFD_CLOEXEC)?;
+        let size = len * slots;
+        nix::unistd::ftruncate(&fd, size as libc::off_t)?;
+        // SAFETY: a fresh shared mapping of the whole memfd; unmapped on drop.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let base = std::ptr::NonNull::new(raw.cast()).expect("mmap returned null");
+        Ok(std::sync::Arc::new(FileBufs {
+            fd,
+            base,
+            len,
+            slots,
+            free: std::sync::Mutex::new((0..slots).rev().collect()),
+        }))
+    }
+
+    fn free(&self) -> std::sync::MutexGuard<'_, Vec<usize>> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A free buffer of the slot size, if `len` is that and one is free.
+    pub fn get(self: &std::sync::Arc<Self>, len: usize) -> Option<AlignedBuf> {
+        if len != self.len {
+            return None;
+        }
+        let slot = self.free().pop()?;
+        // SAFETY: slot < slots, so the range is inside the mapping,
+        // page-aligned, and lent to nobody else until given back.
+        unsafe {
+            let ptr = std::ptr::NonNull::new_unchecked(self.base.as_ptr().add(slot * self.len));
+            Some(AlignedBuf::lent(ptr, self.len, self.clone()))
+        }
+    }
+
+    /// The memfd offset of `buf[at]`, if `buf` is one of these buffers.
+    pub fn file_offset(&self, buf: &AlignedBuf, at: usize) -> Option<u64> {
+        let start = self.base.as_ptr() as usize;
+        let p = buf.as_ptr() as usize;
+        let size = self.len * self.slots;
+        (p >= start && p < start + size && at <= buf.len()).then(|| (p - start + at) as u64)
+    }
+
+    /// The memfd, for I/O into the buffers.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Lender for FileBufs {
+    fn give_back(&self, ptr: std::ptr::NonNull<u8>, _len: usize) {
+        let slot = (ptr.as_ptr() as usize - self.base.as_ptr() as usize) / self.len;
+        self.free().push(slot);
+    }
+}
+
+impl Drop for FileBufs {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; no buffer outlives its lender.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len * self.slots) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_buffers_are_ranges_of_their_memfd() {
+        use std::os::unix::fs::FileExt;
+        let bufs = FileBufs::new(8192, 2).unwrap();
+        let mut a = bufs.get(8192).unwrap();
+        let b = bufs.get(8192).unwrap();
+        assert!(bufs.get(8192).is_none(), "two slots");
+        assert!(bufs.get(4096).is_none(), "one size");
+        assert_eq!(a.as_ptr() as usize % AlignedBuf::ALIGN, 0);
+        let at = bufs.file_offset(&a, 100).unwrap();
+        assert_ne!(bufs.file_offset(&b, 100), Some(at));
+        assert_eq!(bufs.file_offset(&AlignedBuf::new(8192), 0), None);
+        // What goes into the memfd at that offset is in the buffer.
+        let file = std::fs::File::from(bufs.fd.try_clone().unwrap());
+        file.write_all_at(b"host", at).unwrap();
+        assert_eq!(&a[100..104], b"host");
+        a[0] = 7;
+        let mut one = [0u8];
+        file.read_exact_at(&mut one, at - 100).unwrap();
+        assert_eq!(one[0], 7);
+        drop(a);
+        assert!(bufs.get(8192).is_some(), "given back");
+    }
 
     #[test]
     fn the_buffer_cache_reuses_track_buffers_and_keeps_only_so_many() {

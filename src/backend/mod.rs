@@ -65,6 +65,13 @@ pub trait Backend {
     ) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
     }
+    /// Copies registered host bytes into `buf[at..at + f.len]`, where `buf`
+    /// is a buffer this backend lent ([`Backend::buffer`]) that I/O can
+    /// reach (a ublk queue's memfd buffers with zero copy). `Ok(false)`:
+    /// not this buffer; the caller writes around the host's bytes instead.
+    async fn copy_fixed(&self, _f: Fixed, _buf: &mut AlignedBuf, _at: usize) -> io::Result<bool> {
+        Ok(false)
+    }
     /// Reads into a host request's bytes, wherever they are.
     async fn read_host(&self, dev: Dev, offset: u64, buf: HostBytesMut<'_>) -> io::Result<()> {
         match buf {

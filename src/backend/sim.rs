@@ -157,6 +157,10 @@ pub struct SimBackend {
     /// requests' pages: only `read_host` and `write_host` reach them, so
     /// the host path's zero-copy branches run in the simulation too.
     registered: RefCell<Vec<Option<Vec<u8>>>>,
+    /// Whether [`Backend::copy_fixed`] can copy registered bytes into a
+    /// track buffer (as a zero-copy ublk queue's memfd buffers can); when
+    /// not, merges write around the host's bytes. Set by default.
+    pub copies_fixed: Cell<bool>,
 }
 
 impl SimBackend {
@@ -168,6 +172,7 @@ impl SimBackend {
             commit_wanted: Cell::new(false),
             commits_fail: Cell::new(false),
             registered: RefCell::new(Vec::new()),
+            copies_fixed: Cell::new(true),
         }
     }
 
@@ -248,6 +253,20 @@ impl Backend for SimBackend {
         self.read(dev, offset, &mut data).await?;
         self.with_registered(f, |r| r.copy_from_slice(&data));
         Ok(())
+    }
+
+    async fn copy_fixed(
+        &self,
+        f: Fixed,
+        buf: &mut crate::backend::buf::AlignedBuf,
+        at: usize,
+    ) -> io::Result<bool> {
+        if !self.copies_fixed.get() {
+            return Ok(false);
+        }
+        self.jitter().await;
+        self.with_registered(f, |r| buf[at..at + f.len].copy_from_slice(r));
+        Ok(true)
     }
 
     async fn write_fixed(&self, dev: Dev, offset: u64, f: Fixed, fua: bool) -> io::Result<()> {

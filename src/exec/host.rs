@@ -387,11 +387,12 @@ async fn put<B: Backend>(
 /// the copy engine starts no new copies, so its I/Os do not queue behind
 /// them.
 ///
-/// Host bytes in a registered buffer (zero copy) cannot be copied into the
-/// track: the secondary's bytes around them and the host's bytes go to the
-/// primary as up to three writes at once instead. The track is whole on
-/// the primary once all of them are done, before anything marks it
-/// restored.
+/// Host bytes in a registered buffer (zero copy) reach the track buffer by
+/// a fixed-buffer write into it where the backend can (its buffers are
+/// ranges of a memfd). Where it cannot, the secondary's bytes around them
+/// and the host's bytes go to the primary as up to three writes at once:
+/// the track is whole on the primary once all of them are done, before
+/// anything marks it restored.
 async fn merge<B: Backend>(
     vol: &Volume,
     b: &B,
@@ -409,6 +410,7 @@ async fn merge<B: Backend>(
     match host {
         Some(HostBytes::Mem(host)) => track[range].copy_from_slice(host),
         None => track[range].fill(0),
+        Some(HostBytes::Fixed(f)) if b.copy_fixed(f, &mut track, range.start).await? => {}
         Some(host @ HostBytes::Fixed(_)) => {
             async fn around<B: Backend>(b: &B, at: u64, bytes: &[u8], fua: bool) -> io::Result<()> {
                 match bytes.is_empty() {

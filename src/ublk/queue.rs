@@ -4,7 +4,7 @@
 
 use super::ring::{watch_kicks, RingBackend, MERGE_BUFS_KEPT};
 use super::QueueCtx;
-use crate::backend::buf::BufCache;
+use crate::backend::buf::{BufCache, FileBufs};
 use crate::backend::hostbuf::{Fixed, HostBytes, HostBytesMut};
 use crate::backend::kick::Kick;
 use crate::core::{Volume, VolumeState};
@@ -32,13 +32,23 @@ pub(super) fn queue_thread(qid: u16, dev: &UblkDev, ctx: QueueCtx) {
             return;
         }
     };
+    let track = ctx.vol.geometry().track_size() as usize;
+    // Without them a merge writes around the host's bytes (three writes).
+    let file_bufs = q
+        .support_auto_buf_zc()
+        .then(|| FileBufs::new(track, MERGE_BUFS_KEPT))
+        .and_then(|r| {
+            r.map_err(|e| log::warn!("ublk queue {qid}: no memfd merge buffers: {e}"))
+                .ok()
+        });
     let backend = Rc::new(RingBackend {
         fds: ctx.fds,
         commit: ctx.commit.clone(),
         load: ctx.load.clone(),
         metrics: ctx.metrics.clone(),
         degraded_logged: std::cell::Cell::new(false),
-        merge_bufs: BufCache::new(ctx.vol.geometry().track_size() as usize, MERGE_BUFS_KEPT),
+        merge_bufs: BufCache::new(track, MERGE_BUFS_KEPT),
+        file_bufs,
         kick: kick.clone(),
     });
     // Not among `tasks`: the queue is done when its tags are.

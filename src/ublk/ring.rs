@@ -1,7 +1,7 @@
 //! `RingBackend`: the host path's backend on a ublk queue. Target I/O goes
 //! onto the queue's own io_uring as SQEs, awaited by the tag's task.
 
-use crate::backend::buf::{AlignedBuf, BufCache};
+use crate::backend::buf::{AlignedBuf, BufCache, FileBufs};
 use crate::backend::hostbuf::Fixed;
 use crate::backend::kick::Kick;
 use crate::backend::transfer::Transfer;
@@ -27,6 +27,9 @@ pub(super) struct RingBackend {
     pub(super) degraded_logged: std::cell::Cell<bool>,
     /// Track buffers for merges, reused.
     pub(super) merge_bufs: Arc<BufCache>,
+    /// With zero copy: track buffers in a memfd, so that a merge can copy
+    /// registered host bytes into one (see [`FileBufs`]).
+    pub(super) file_bufs: Option<Arc<FileBufs>>,
     /// Wakes this queue's thread out of its ring when a waiting request is
     /// woken from another thread (see [`watch_kicks`]).
     pub(super) kick: Arc<Kick>,
@@ -41,11 +44,12 @@ impl RingBackend {
     }
 
     /// Reads (`write_fua` None) or writes bytes of a request registered in
-    /// this queue's ring (zero copy). The kernel addresses a registered
-    /// request's pages from 0, so the "address" is the offset into them.
+    /// this queue's ring (zero copy) at `offset` of `fd`. The kernel
+    /// addresses a registered request's pages from 0, so the "address" is
+    /// the offset into them.
     async fn fixed_io(
         &self,
-        dev: Dev,
+        fd: types::Fd,
         offset: u64,
         f: Fixed,
         write_fua: Option<bool>,
@@ -56,10 +60,10 @@ impl RingBackend {
             let len = t.remaining() as u32;
             let pos = offset + t.done() as u64;
             let sqe = match write_fua {
-                None => opcode::ReadFixed::new(self.fd(dev), at as *mut u8, len, f.index)
+                None => opcode::ReadFixed::new(fd, at as *mut u8, len, f.index)
                     .offset(pos)
                     .build(),
-                Some(fua) => opcode::WriteFixed::new(self.fd(dev), at as *const u8, len, f.index)
+                Some(fua) => opcode::WriteFixed::new(fd, at as *const u8, len, f.index)
                     .offset(pos)
                     .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
                     .build(),
@@ -123,11 +127,25 @@ impl Backend for RingBackend {
     }
 
     async fn read_fixed(&self, dev: Dev, offset: u64, f: Fixed) -> io::Result<()> {
-        self.fixed_io(dev, offset, f, None).await
+        self.fixed_io(self.fd(dev), offset, f, None).await
     }
 
     async fn write_fixed(&self, dev: Dev, offset: u64, f: Fixed, fua: bool) -> io::Result<()> {
-        self.fixed_io(dev, offset, f, Some(fua)).await
+        self.fixed_io(self.fd(dev), offset, f, Some(fua)).await
+    }
+
+    async fn copy_fixed(&self, f: Fixed, buf: &mut AlignedBuf, at: usize) -> io::Result<bool> {
+        let Some(fb) = &self.file_bufs else {
+            return Ok(false);
+        };
+        let Some(offset) = fb.file_offset(buf, at) else {
+            return Ok(false);
+        };
+        assert!(at + f.len <= buf.len());
+        // Into the memfd's page cache, which is `buf`'s memory.
+        self.fixed_io(types::Fd(fb.fd()), offset, f, Some(false))
+            .await
+            .map(|()| true)
     }
 
     async fn flush(&self, dev: Dev) -> io::Result<()> {
@@ -167,7 +185,10 @@ impl Backend for RingBackend {
     }
 
     fn buffer(&self, len: usize) -> AlignedBuf {
-        self.merge_bufs.get(len)
+        match self.file_bufs.as_ref().and_then(|fb| fb.get(len)) {
+            Some(b) => b,
+            None => self.merge_bufs.get(len),
+        }
     }
 
     fn commit_failed(&self) -> bool {

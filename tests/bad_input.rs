@@ -297,6 +297,11 @@ fn bad_on_error_value() {
 }
 
 #[test]
+fn bad_zero_copy_value() {
+    format_refuses("ublk:\n  zero_copy: maybe\n", "zero_copy");
+}
+
+#[test]
 fn same_device_twice() {
     let f = Fixture::formatted();
     f.write_config_with("primary.img", "primary.img", "vol.meta", "");

@@ -208,6 +208,7 @@ function median(a, n,    i, j, t, b) {
   # server CPU per I/O: ticks are 10 ms; fio counts I/Os after its 2 s ramp,
   # the ticks include it, so this slightly overstates the cost
   if (f["server_ticks"] > 0) cpu[k] = f["server_ticks"] * 10000 / (f["iops"] * (runtime + 2))
+  if (f["ring_waits"] > 0) batch[k] = f["requests"] / f["ring_waits"]
   if (f["wall"] > 0) busy[k] = 100 * (1 - f["idle_ticks"] / (f["wall"] * 100 * ncpu))
   delete f
 }
@@ -231,21 +232,25 @@ END {
       printf " %8d %9.1f\n", m[j, t], m[j, t] * bs / 1024
     }
   }
-  printf "\nmedians over rounds: ublk server CPU time per I/O (approx.), guest CPU busy\n"
-  printf "%-20s %-17s %12s %9s\n", "job", "target", "server_us/io", "busy_%"
+  printf "\nmedians over rounds: ublk server CPU time per I/O (approx.), guest CPU busy,\n"
+  printf "req/wait: splitmirror host requests per wait of a queue thread in its ring\n"
+  printf "%-20s %-17s %12s %9s %9s\n", "job", "target", "server_us/io", "busy_%", "req/wait"
   for (a = 1; a <= nj; a++) for (b = 1; b <= nt; b++) {
-    j = J[a]; t = T[b]; n = 0; nb = 0
+    j = J[a]; t = T[b]; n = 0; nb = 0; nw = 0
     if (t ~ /^restore-load/ && j != loadjob) continue
     for (r = 1; r <= rounds; r++) {
       if ((j, t, r) in cpu) x[++n] = cpu[j, t, r]
       if ((j, t, r) in busy) y[++nb] = busy[j, t, r]
+      if ((j, t, r) in batch) z[++nw] = batch[j, t, r]
     }
     cu[j, t] = n ? median(x, n) : -1
-    printf "%-20s %-17s %12s %9.0f\n", j, t, n ? sprintf("%.1f", cu[j, t]) : "-", nb ? median(y, nb) : 0
+    printf "%-20s %-17s %12s %9.0f %9s\n", j, t, n ? sprintf("%.1f", cu[j, t]) : "-", nb ? median(y, nb) : 0, nw ? sprintf("%.2f", median(z, nw)) : "-"
+    if (nw) wb[j, t] = median(z, nw)
   }
   print ""
   for (a = 1; a <= nj; a++) for (b = 1; b <= nt; b++) if ((J[a], T[b]) in m) printf "%s.%s.median_iops: %d\n", J[a], T[b], m[J[a], T[b]]
   for (a = 1; a <= nj; a++) for (b = 2; b <= nt; b++) if (cu[J[a], T[b]] >= 0) printf "%s.%s.server_us_per_io: %.1f\n", J[a], T[b], cu[J[a], T[b]]
+  for (a = 1; a <= nj; a++) for (b = 1; b <= nt; b++) if ((J[a], T[b]) in wb) printf "%s.%s.requests_per_ring_wait: %.2f\n", J[a], T[b], wb[J[a], T[b]]
   # every ratio, taken within each round (same boot, neighbouring
   # minutes), then the median and the spread (lowest..highest) over rounds;
   # against each reference target measured

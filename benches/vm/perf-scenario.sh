@@ -32,7 +32,10 @@
 #              (no ramp) started with it: the host IOPS of the job and the
 #              restore's time to done (state leaves `restoring`)
 # The targets run in a shuffled order each round (shuf), each bringing the
-# volume to the state it needs.
+# volume to the state it needs. For splitmirror's targets the PERF line also
+# has the server's own counters over the job (its /metrics): ring_waits,
+# the waits of its queue threads in their io_urings, and requests, the host
+# requests; requests per wait is how well the queues batch.
 # After each restoring job the server is restarted without a rate limit to
 # finish the restore and its resync quickly. Content is irrelevant here: raw and rublk write to the primary
 # behind splitmirror's back.
@@ -159,6 +162,17 @@ prof_report() {
     rm -f "$SCRATCH/perf-report.raw"
 }
 
+# server_counters: "RING_WAITS HOST_REQUESTS" from the server's /metrics
+# (metrics.listen is set below; busybox's wget in the guest)
+server_counters() {
+    wget -q -O - "http://127.0.0.1:$METRICS_PORT/metrics" >"$SCRATCH/metrics.txt" \
+        || fail "cannot read the server's /metrics"
+    awk '/^splitmirror_queue_ring_waits_total/ { w = $NF }
+         /^splitmirror_host_requests_total/ { r += $NF }
+         END { printf "%d %d\n", w, r }' "$SCRATCH/metrics.txt"
+}
+METRICS_PORT=9477
+
 # measure ROUND TARGET DEV [SERVER_PID [JOBS]]: every job once on DEV; one
 # PERF line per job (PERF-PROF, under perf record, in the profiled round,
 # with the profile of SERVER_PID). The fio jobs are time-based; terse field 8 = read IOPS,
@@ -168,6 +182,10 @@ prof_report() {
 measure() {
     for j in ${5:-$PERF_JOBS}; do
         [ -n "$PROFILING" ] && prof_start "$2" "$j" "${4:-}"
+        _m0w=0; _m0r=0; _m1w=0; _m1r=0
+        [ -n "${4:-}" ] && [ "${4:-}" = "$SERVER_PID" ] && read -r _m0w _m0r <<EOF2
+$(server_counters)
+EOF2
         _c0=$(cpu_ticks "${4:-}"); _i0=$(idle_ticks); _t0=$(cut -d' ' -f1 /proc/uptime)
         _out=$(DEV=$3 RUNTIME=$PERF_RUNTIME fio --minimal "$SCRATCH/$j.fio" 2>"$SCRATCH/fio.err") \
             || { cat "$SCRATCH/fio.err" >&2; fail "fio $j on $2 ($3) failed"; }
@@ -176,7 +194,15 @@ measure() {
             printf '%s\n' "$_out" >&2; fail "fio $j on $2: no IOPS in its output"
         fi
         _c1=$(cpu_ticks "${4:-}"); _i1=$(idle_ticks); _t1=$(cut -d' ' -f1 /proc/uptime)
+        [ -n "${4:-}" ] && [ "${4:-}" = "$SERVER_PID" ] && read -r _m1w _m1r <<EOF2
+$(server_counters)
+EOF2
         _extra=
+        # splitmirror's own counters: host requests per wait of its queue
+        # threads in their rings (the batching)
+        if [ -n "${4:-}" ] && [ "${4:-}" = "$SERVER_PID" ]; then
+            _extra=" ring_waits=$((_m1w - _m0w)) requests=$((_m1r - _m0r))"
+        fi
         [ "$2" = restoring ] && _extra=" state_end=$(state) restored=$(json_get "done")/$(json_get total)"
         echo "PERF${PROFILING:+-PROF} round=$1 target=$2 job=$j iops=$_iops server_ticks=$((_c1 - _c0)) idle_ticks=$((_i1 - _i0)) wall=$(echo "$_t0 $_t1" | awk '{ printf "%.1f", $2 - $1 }')$_extra"
         [ -n "$PROFILING" ] && prof_stop "$2" "$j"
@@ -281,6 +307,8 @@ start_rublk() {
     info "rublk pid $RUBLK_PID serves /dev/ublkb$_id (loop over $PRIMARY${*:+; $*})"
 }
 
+ip link set lo up || fail "ip link set lo up (for the server's /metrics)"
+printf 'metrics:\n  listen: 127.0.0.1:%s\n' "$METRICS_PORT" >>"$CONFIG"
 step "format --assume-clean; rublk loop over $PRIMARY"
 run splitmirror format -c "$CONFIG" --assume-clean
 set_restore_rate 0

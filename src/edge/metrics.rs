@@ -71,6 +71,7 @@ pub struct Metrics {
     copied_tracks: AtomicU64,
     copied_bytes: AtomicU64,
     copy_errors: AtomicU64,
+    ring_waits: AtomicU64,
 }
 
 impl Metrics {
@@ -90,6 +91,12 @@ impl Metrics {
             .position(|b| us <= *b)
             .unwrap_or(BUCKETS_US.len());
         c.buckets[i].fetch_add(1, Relaxed);
+    }
+
+    /// A ublk queue thread waited in its ring once. Host requests per wait
+    /// say how well the queues batch their I/O.
+    pub fn ring_wait(&self) {
+        self.ring_waits.fetch_add(1, Relaxed);
     }
 
     /// Tracks the copy engine finished (restore, establish, resync).
@@ -242,6 +249,12 @@ impl Scrape {
             "splitmirror_copy_errors",
             "Copy errors",
             m.copy_errors.load(Relaxed),
+        )?;
+        counter(
+            e,
+            "splitmirror_queue_ring_waits",
+            "Waits of the ublk queue threads in their io_uring (host requests per wait: the batching)",
+            m.ring_waits.load(Relaxed),
         )
     }
 
@@ -422,6 +435,8 @@ mod tests {
         m.host(HostOp::Write, 4096, Duration::from_micros(80), true);
         m.host(HostOp::Write, 4096, Duration::from_millis(3), false);
         m.copied(3, 3 * 131072, 0);
+        m.ring_wait();
+        m.ring_wait();
         let text = m.render(&status());
         assert!(text.contains("splitmirror_state{volume=\"vol0\",state=\"restoring\"} 1"));
         assert!(text.contains("splitmirror_state{volume=\"vol0\",state=\"split\"} 0"));
@@ -437,6 +452,7 @@ mod tests {
         ));
         assert!(text.contains("splitmirror_copied_tracks_total{volume=\"vol0\"} 3"));
         assert!(text.contains("splitmirror_read_repairs_total{volume=\"vol0\"} 3"));
+        assert!(text.contains("splitmirror_queue_ring_waits_total{volume=\"vol0\"} 2"));
         assert!(text.contains("splitmirror_tracks_restore_pending{volume=\"vol0\"} 7"));
     }
 

@@ -66,8 +66,14 @@ pub(super) fn queue_thread(qid: u16, dev: &UblkDev, ctx: QueueCtx) {
         }));
     }
     let ex = exe.clone();
+    let metrics = ctx.metrics.clone();
     smol::block_on(exe.run(async move {
-        let run_ops = || while ex.try_tick() {};
+        // Called once per wait in the ring, after the completions it
+        // brought have been handed to their tasks.
+        let run_ops = || {
+            metrics.ring_wait();
+            while ex.try_tick() {}
+        };
         let done = || tasks.iter().all(|t| t.is_finished());
         if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await {
             log::error!("ublk queue {qid}: {e}");
@@ -100,17 +106,33 @@ fn auto_reg(tag: u16) -> sys::ublk_auto_buf_reg {
     }
 }
 
+/// What a tag's task serves its requests with, for all of them.
+struct Tag<'a, 'q> {
+    q: &'a UblkQueue<'q>,
+    tag: u16,
+    vol: &'a Volume,
+    b: &'a RingBackend,
+    /// The largest request the device takes (bytes).
+    max: usize,
+}
+
 async fn io_task(
     q: &UblkQueue<'_>,
     tag: u16,
     vol: &Volume,
     b: &RingBackend,
 ) -> Result<(), UblkError> {
-    let max = q.dev.dev_info.max_io_buf_bytes as usize;
+    let t = Tag {
+        q,
+        tag,
+        vol,
+        b,
+        max: q.dev.dev_info.max_io_buf_bytes as usize,
+    };
     let mut buf = if q.support_auto_buf_zc() {
         TagBuf::Registered
     } else {
-        TagBuf::Mem(IoBuf::<u8>::new(max))
+        TagBuf::Mem(IoBuf::<u8>::new(t.max))
     };
     match &buf {
         TagBuf::Mem(m) => {
@@ -123,7 +145,7 @@ async fn io_task(
         }
     };
     loop {
-        let res = handle(q, tag, vol, b, &mut buf, max).await;
+        let res = t.handle(&mut buf).await;
         let desc = match &buf {
             TagBuf::Mem(m) => BufDesc::Slice(m.as_slice()),
             TagBuf::Registered => BufDesc::AutoReg(auto_reg(tag)),
@@ -132,131 +154,124 @@ async fn io_task(
     }
 }
 
-/// Runs one request; returns its result for the kernel (bytes or -errno).
-async fn handle(
-    q: &UblkQueue<'_>,
-    tag: u16,
-    vol: &Volume,
-    b: &RingBackend,
-    buf: &mut TagBuf,
-    max: usize,
-) -> i32 {
-    // The kernel could not register this request's pages on its own (it
-    // says so with `UBLK_IO_F_NEED_REG_BUF`): registered here at the same
-    // index for this request, and unregistered before it completes.
-    let iod = q.get_iod(tag);
-    let register =
-        matches!(buf, TagBuf::Registered) && iod.op_flags & sys::UBLK_IO_F_NEED_REG_BUF != 0;
-    if register {
-        let r = q.submit_register_io_buf(tag, tag).await;
-        if r < 0 {
-            // Its bytes are reachable no other way.
-            log::error!("tag {tag}: registering the request's buffer: {}", errno(r));
-            return -libc::EIO;
+impl Tag<'_, '_> {
+    /// Runs one request; returns its result for the kernel (bytes or
+    /// -errno).
+    async fn handle(&self, buf: &mut TagBuf) -> i32 {
+        let (q, tag) = (self.q, self.tag);
+        // The kernel could not register this request's pages on its own
+        // (it says so with `UBLK_IO_F_NEED_REG_BUF`): registered here at
+        // the same index for this request, and unregistered before it
+        // completes.
+        let iod = q.get_iod(tag);
+        let register =
+            matches!(buf, TagBuf::Registered) && iod.op_flags & sys::UBLK_IO_F_NEED_REG_BUF != 0;
+        if register {
+            let r = q.submit_register_io_buf(tag, tag).await;
+            if r < 0 {
+                // Its bytes are reachable no other way.
+                log::error!("tag {tag}: registering the request's buffer: {}", errno(r));
+                return -libc::EIO;
+            }
         }
+        let res = self.serve(buf).await;
+        if register {
+            let r = q.submit_unregister_io_buf(tag, tag).await;
+            if r < 0 {
+                log::warn!(
+                    "tag {tag}: unregistering the request's buffer: {}",
+                    errno(r)
+                );
+            }
+        }
+        res
     }
-    let res = serve(q, tag, vol, b, buf, max).await;
-    if register {
-        let r = q.submit_unregister_io_buf(tag, tag).await;
-        if r < 0 {
-            log::warn!(
-                "tag {tag}: unregistering the request's buffer: {}",
-                errno(r)
+
+    /// [`Tag::handle`] once the request's bytes are reachable.
+    async fn serve(&self, buf: &mut TagBuf) -> i32 {
+        let (vol, b) = (self.vol, self.b);
+        let iod = self.q.get_iod(self.tag);
+        let op = iod.op_flags & 0xff;
+        let offset = iod.start_sector << 9;
+        let len = (iod.nr_sectors as usize) << 9;
+        let in_range = len <= self.max && vol.geometry().contains(offset, len as u64);
+        let fixed = Fixed {
+            index: self.tag,
+            at: 0,
+            len,
+        };
+        let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
+        let kind = match op {
+            sys::UBLK_IO_OP_READ => HostOp::Read,
+            sys::UBLK_IO_OP_WRITE => HostOp::Write,
+            sys::UBLK_IO_OP_DISCARD => HostOp::Discard,
+            sys::UBLK_IO_OP_WRITE_ZEROES => HostOp::WriteZeroes,
+            _ => HostOp::Flush,
+        };
+        // One clock read serves the metrics and the copy engine's latency
+        // histogram (below).
+        let _busy = b.load.enter_untimed();
+        let started = std::time::Instant::now();
+        let res = match op {
+            sys::UBLK_IO_OP_READ if in_range => {
+                let to = match buf {
+                    TagBuf::Mem(m) => HostBytesMut::Mem(&mut m.as_mut_slice()[..len]),
+                    TagBuf::Registered => HostBytesMut::Fixed(fixed),
+                };
+                host::read(vol, b, offset, to).await
+            }
+            sys::UBLK_IO_OP_WRITE if in_range => {
+                let from = match buf {
+                    TagBuf::Mem(m) => HostBytes::Mem(&m.as_slice()[..len]),
+                    TagBuf::Registered => HostBytes::Fixed(fixed),
+                };
+                host::write(vol, b, offset, from, fua).await
+            }
+            sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => return -libc::EINVAL,
+            sys::UBLK_IO_OP_FLUSH => host::flush(vol, b).await,
+            // No data buffer: the length is bounded by the device's discard
+            // limits, not by the buffer.
+            sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES
+                if vol.geometry().contains(offset, len as u64) =>
+            {
+                // A discard may unmap; so may a write-zeroes unless the
+                // caller asked to keep the range allocated.
+                let unmap =
+                    op == sys::UBLK_IO_OP_DISCARD || iod.op_flags & sys::UBLK_IO_F_NOUNMAP == 0;
+                host::zero(vol, b, offset, len as u64, unmap, fua).await
+            }
+            sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => return -libc::EINVAL,
+            _ => return -libc::EOPNOTSUPP,
+        };
+        let took = started.elapsed();
+        b.metrics.host(kind, len as u64, took, res.is_ok());
+        // Reads' and writes' latencies tell the copy engine how much it may copy.
+        if kind != HostOp::Flush {
+            b.load.record(took);
+        }
+        if matches!(kind, HostOp::Write | HostOp::Discard | HostOp::WriteZeroes)
+            && vol.state() == VolumeState::Degraded
+            && !b.degraded_logged.replace(true)
+        {
+            log::error!(
+                "volume degraded: the secondary failed while mirroring and was split off; \
+                 host I/O goes on to the primary"
             );
         }
+        match res {
+            // The kernel reads no byte count for discard and write-zeroes.
+            Ok(()) if matches!(kind, HostOp::Discard | HostOp::WriteZeroes) => 0,
+            Ok(()) => len as i32,
+            Err(e) => {
+                log::warn!("host request op {op} at {offset}+{len} failed: {e}");
+                -host_errno(&e)
+            }
+        }
     }
-    res
 }
 
 fn errno(negative: i32) -> io::Error {
     io::Error::from_raw_os_error(-negative)
-}
-
-/// [`handle`] once the request's bytes are reachable.
-async fn serve(
-    q: &UblkQueue<'_>,
-    tag: u16,
-    vol: &Volume,
-    b: &RingBackend,
-    buf: &mut TagBuf,
-    max: usize,
-) -> i32 {
-    let iod = q.get_iod(tag);
-    let op = iod.op_flags & 0xff;
-    let offset = iod.start_sector << 9;
-    let len = (iod.nr_sectors as usize) << 9;
-    let in_range = len <= max && vol.geometry().contains(offset, len as u64);
-    let fixed = Fixed {
-        index: tag,
-        at: 0,
-        len,
-    };
-    let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
-    let kind = match op {
-        sys::UBLK_IO_OP_READ => HostOp::Read,
-        sys::UBLK_IO_OP_WRITE => HostOp::Write,
-        sys::UBLK_IO_OP_DISCARD => HostOp::Discard,
-        sys::UBLK_IO_OP_WRITE_ZEROES => HostOp::WriteZeroes,
-        _ => HostOp::Flush,
-    };
-    // One clock read serves the metrics and the copy engine's latency
-    // histogram (below).
-    let _busy = b.load.enter_untimed();
-    let started = std::time::Instant::now();
-    let res = match op {
-        sys::UBLK_IO_OP_READ if in_range => {
-            let to = match buf {
-                TagBuf::Mem(m) => HostBytesMut::Mem(&mut m.as_mut_slice()[..len]),
-                TagBuf::Registered => HostBytesMut::Fixed(fixed),
-            };
-            host::read(vol, b, offset, to).await
-        }
-        sys::UBLK_IO_OP_WRITE if in_range => {
-            let from = match buf {
-                TagBuf::Mem(m) => HostBytes::Mem(&m.as_slice()[..len]),
-                TagBuf::Registered => HostBytes::Fixed(fixed),
-            };
-            host::write(vol, b, offset, from, fua).await
-        }
-        sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => return -libc::EINVAL,
-        sys::UBLK_IO_OP_FLUSH => host::flush(vol, b).await,
-        // No data buffer: the length is bounded by the device's discard
-        // limits, not by the buffer.
-        sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES
-            if vol.geometry().contains(offset, len as u64) =>
-        {
-            // A discard may unmap; so may a write-zeroes unless the
-            // caller asked to keep the range allocated.
-            let unmap = op == sys::UBLK_IO_OP_DISCARD || iod.op_flags & sys::UBLK_IO_F_NOUNMAP == 0;
-            host::zero(vol, b, offset, len as u64, unmap, fua).await
-        }
-        sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => return -libc::EINVAL,
-        _ => return -libc::EOPNOTSUPP,
-    };
-    let took = started.elapsed();
-    b.metrics.host(kind, len as u64, took, res.is_ok());
-    // Reads' and writes' latencies tell the copy engine how much it may copy.
-    if kind != HostOp::Flush {
-        b.load.record(took);
-    }
-    if matches!(kind, HostOp::Write | HostOp::Discard | HostOp::WriteZeroes)
-        && vol.state() == VolumeState::Degraded
-        && !b.degraded_logged.replace(true)
-    {
-        log::error!(
-            "volume degraded: the secondary failed while mirroring and was split off; \
-             host I/O goes on to the primary"
-        );
-    }
-    match res {
-        // The kernel reads no byte count for discard and write-zeroes.
-        Ok(()) if matches!(kind, HostOp::Discard | HostOp::WriteZeroes) => 0,
-        Ok(()) => len as i32,
-        Err(e) => {
-            log::warn!("host request op {op} at {offset}+{len} failed: {e}");
-            -host_errno(&e)
-        }
-    }
 }
 
 /// The errno a failed request reports to the kernel. ENOSPC (a thin or

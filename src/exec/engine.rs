@@ -284,6 +284,12 @@ const GROUP_WAIT: Duration = Duration::from_millis(20);
 /// in-process bench (`restore_p99_ratio`): 4 depths or 50 ms held host
 /// writes up to 20 ms (ratio 165); 1 depth or 20 ms gave 8.8.
 const GROUP_DEPTHS: usize = 1;
+/// How long the engine holds back new copies for host requests that wait
+/// (for a commit, a merge or a track lock) before it starts one batch
+/// anyway. Under a load that always has a request waiting (overlapping
+/// writes wait for each other's track locks) the copy would otherwise
+/// never move; this way it keeps at least one batch per hold-back.
+const MAX_HOLD_BACK: Duration = Duration::from_millis(50);
 
 /// A host-latency window closes after this many host requests...
 const WINDOW_REQUESTS: u64 = 64;
@@ -383,6 +389,7 @@ pub async fn run_copies<B: Backend>(
     // A batch found nothing to pick: start no more until the running ones
     // end, then look at what is left.
     let mut dry = false;
+    let mut hold_back = HoldBack::default();
     loop {
         let halt =
             stop.load(Ordering::Relaxed) || report.paused || vol.state().copy_kind().is_none();
@@ -400,11 +407,12 @@ pub async fn run_copies<B: Backend>(
         }
         let lim = pacer.limits();
         load.set_copy_depth(lim.tracks() as u64);
-        let cap = copy_cap(vol, cfg, &lim, host_busy);
+        let cap = copy_cap(cfg, &lim, host_busy, hold_back.decide(vol));
         let io_bytes = lim.io_bytes(track);
         let size = cfg.batch.min(cap).max(1);
         while !halt && !dry && inflight < cap && bucket.ready() {
             let n = size.min(cap - inflight).max(1);
+            hold_back.started();
             running.push((
                 n,
                 Box::pin(async move { Done::Batch(copy_tracks(vol, b, n, io_bytes, cfg).await) }),
@@ -508,20 +516,62 @@ pub async fn run_copies<B: Backend>(
     Ok(report)
 }
 
+/// Whether host requests are waiting now, and for how long the engine
+/// has held back its copies for them.
+#[derive(Default)]
+struct HoldBack {
+    /// Since when host requests have waited with no copy started.
+    since: Option<Instant>,
+}
+
+/// What [`HoldBack::decide`] allows.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Yield {
+    /// No host request waits: the pacer decides.
+    No,
+    /// Host requests wait: no new copy.
+    Hold,
+    /// They have waited `MAX_HOLD_BACK` with no copy started: one batch.
+    Overdue,
+}
+
+impl HoldBack {
+    fn decide(&mut self, vol: &Volume) -> Yield {
+        if vol.commit_waiters() == 0 && vol.host_ahead() == 0 {
+            self.since = None;
+            return Yield::No;
+        }
+        match self.since {
+            None => {
+                self.since = Some(Instant::now());
+                Yield::Hold
+            }
+            Some(t) if t.elapsed() >= MAX_HOLD_BACK => Yield::Overdue,
+            Some(_) => Yield::Hold,
+        }
+    }
+
+    /// A batch started: the next hold-back counts from now.
+    fn started(&mut self) {
+        if self.since.is_some() {
+            self.since = Some(Instant::now());
+        }
+    }
+}
+
 /// Tracks the engine may have in flight now: what the pacer allows
 /// (bounded by `busy_inflight` while the host is busy), and none while a
 /// host merge runs or a host request waits for a commit or a track (they
 /// go first: the merge's two I/Os would otherwise queue behind new
-/// copies, and the copy holds its tracks until its group's flush).
-fn copy_cap(vol: &Volume, cfg: &EngineConfig, lim: &Limits, host_busy: bool) -> usize {
-    if vol.commit_waiters() > 0 || vol.host_ahead() > 0 {
-        return 0;
-    }
+/// copies, and the copy holds its tracks until its group's flush), except
+/// one track once they have waited [`MAX_HOLD_BACK`].
+fn copy_cap(cfg: &EngineConfig, lim: &Limits, host_busy: bool, waits: Yield) -> usize {
     let cap = lim.tracks().min(cfg.max_inflight);
-    if host_busy {
-        cap.min(cfg.busy_inflight.max(1))
-    } else {
-        cap
+    match waits {
+        Yield::Hold => 0,
+        Yield::Overdue => cap.min(1),
+        Yield::No if host_busy => cap.min(cfg.busy_inflight.max(1)),
+        Yield::No => cap,
     }
 }
 
@@ -832,5 +882,42 @@ mod bucket_tests {
         );
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(!b.wait_blocking(&stop), "stop ends the wait");
+    }
+}
+
+#[cfg(test)]
+mod hold_back_tests {
+    use super::{copy_cap, EngineConfig, HoldBack, Yield, MAX_HOLD_BACK};
+    use crate::core::{Geometry, Volume};
+    use crate::exec::pace::{PaceConfig, Pacer};
+
+    /// Host requests that keep waiting hold the copy back only for a while:
+    /// after `MAX_HOLD_BACK` one batch starts, and the next one waits again.
+    #[test]
+    fn waiting_host_requests_hold_copies_back_for_a_bounded_time() {
+        let vol = Volume::formatted(Geometry::new(1 << 20, 64 << 10).unwrap(), true);
+        let mut h = HoldBack::default();
+        assert_eq!(h.decide(&vol), Yield::No);
+        let waiting = vol.ahead_guard();
+        assert_eq!(h.decide(&vol), Yield::Hold);
+        std::thread::sleep(MAX_HOLD_BACK);
+        assert_eq!(h.decide(&vol), Yield::Overdue);
+        h.started();
+        assert_eq!(h.decide(&vol), Yield::Hold);
+        drop(waiting);
+        assert_eq!(h.decide(&vol), Yield::No);
+
+        let cfg = EngineConfig::default();
+        let track = 64 << 10;
+        let lim = Pacer::new(PaceConfig::for_priority(
+            cfg.priority,
+            cfg.max_inflight,
+            (cfg.max_io / track) as usize,
+            track,
+        ))
+        .limits();
+        assert_eq!(copy_cap(&cfg, &lim, true, Yield::Hold), 0);
+        assert_eq!(copy_cap(&cfg, &lim, true, Yield::Overdue), 1);
+        assert!(copy_cap(&cfg, &lim, false, Yield::No) >= 1);
     }
 }

@@ -97,7 +97,7 @@ enum TagBuf {
 /// of the sparse table libublk registers in the queue's ring (one slot per
 /// tag, so a slot is always free when its tag gets a request). With the
 /// fallback flag a failed registration still delivers the request, marked
-/// `UBLK_IO_F_NEED_REG_BUF`, instead of failing it (see `handle`).
+/// `UBLK_IO_F_NEED_REG_BUF`, instead of failing it (see `Tag::handle`).
 fn auto_reg(tag: u16) -> sys::ublk_auto_buf_reg {
     sys::ublk_auto_buf_reg {
         index: tag,

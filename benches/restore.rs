@@ -426,6 +426,10 @@ struct WriteSample {
     /// Its track was pending when it started: a first touch, which merges
     /// the secondary's track (or waits for the copy that holds it).
     first_touch: bool,
+    /// The copy held its track when it started (this QD1 writer is the
+    /// only other user of the locks): it waited for that copy and its
+    /// group's flush.
+    copy_held: bool,
 }
 
 /// QD1 4 KiB random writes through the host path until `until` says so;
@@ -452,6 +456,7 @@ fn host_writes(
         let off = rng.u64(0..span / 4096) * 4096;
         buf.fill(lat.len() as u8);
         let first_touch = vol.table(TableId::Pending).get(off / track());
+        let copy_held = !vol.track_free(vol.geometry().track_of(off));
         let t = Instant::now();
         let asked_before = asked.get();
         let _busy = load.enter();
@@ -461,6 +466,7 @@ fn host_writes(
             latency: t.elapsed(),
             commit_wait: asked.get() != asked_before,
             first_touch,
+            copy_held,
         });
     }
     lat
@@ -530,26 +536,34 @@ fn merge_io_p99(pair: &Pair, span: u64) -> Duration {
     percentile(lat, 99)
 }
 
-/// The first touches against the writes to tracks already restored: the
-/// evidence that a first touch's merge, not queueing behind the copy,
-/// sets the p99 (`merge_floor_ratio` is what a merge costs with no copy
-/// running, as a multiple of an idle 4 KiB write).
+/// The first touches against the writes to tracks already restored, and
+/// the first touches split by what they met: the copy on their track (it
+/// keeps a track locked until its group is flushed) or nothing, so they
+/// merged at once. `merge_floor_ratio` is what a merge costs with no copy
+/// running, as a multiple of an idle 4 KiB write.
 fn report_first_touches(name: &str, idle: Duration, writes: &[WriteSample], merge_io: Duration) {
-    let (first, restored): (Vec<_>, Vec<_>) = writes.iter().partition(|s| s.first_touch);
-    let p99 = |v: &[&WriteSample]| percentile(v.iter().map(|s| s.latency).collect(), 99);
+    let (first, restored): (Vec<&WriteSample>, Vec<_>) = writes.iter().partition(|s| s.first_touch);
+    let (held, merged): (Vec<_>, Vec<_>) = first.iter().copied().partition(|s| s.copy_held);
     let ratio = |d: Duration| d.as_secs_f64() / idle.as_secs_f64();
+    let share = |part: usize, of: usize| part as f64 / of.max(1) as f64;
     println!(
         "restore_first_touch_fraction{name}: {:.3}",
-        first.len() as f64 / writes.len().max(1) as f64
+        share(first.len(), writes.len())
     );
+    // A share of the first touches, not of all writes.
     println!(
-        "restore_p99_ratio_first_touch{name}: {:.2}",
-        ratio(p99(&first))
+        "restore_first_touch_copy_held_fraction{name}: {:.3}",
+        share(held.len(), first.len())
     );
-    println!(
-        "restore_p99_ratio_restored_track{name}: {:.2}",
-        ratio(p99(&restored))
-    );
+    for (group, part) in [
+        ("first_touch", &first),
+        ("first_touch_copy_held", &held),
+        ("first_touch_merged", &merged),
+        ("restored_track", &restored),
+    ] {
+        let p99 = percentile(part.iter().map(|s| s.latency).collect(), 99);
+        println!("restore_p99_ratio_{group}{name}: {:.2}", ratio(p99));
+    }
     println!("merge_io_p99_us{name}: {}", merge_io.as_micros());
     println!("merge_floor_ratio{name}: {:.2}", ratio(merge_io));
 }

@@ -10,16 +10,26 @@
 //! - [`identity`]: who a data device is, and what is already on it;
 //! - [`restore_log`]: the restore log's writer and replay.
 //!
-//! Use from the server:
+//! Use from the server (`edge::server` does this, with its devices' sync
+//! as the data flush):
 //!
-//! ```ignore
-//! let (store, vol) = MetadataStore::open(&cfg.metadata, &binding)?; // exit 2 on mismatch
-//! let vol = Arc::new(vol);
-//! let committer = Committer::start(store, vol.clone(), data_flush, Duration::from_millis(500));
-//! let commits = committer.handle();
-//! // Backend::request_commit → commits.request();
-//! // Backend::commit_failed  → commits.failed().is_some();
-//! committer.stop()?; // final commit on SIGTERM
+//! ```no_run
+//! use splitmirror::metadata::{Binding, Committer, DataFlush, MetadataStore};
+//! use std::{path::Path, sync::Arc, time::Duration};
+//!
+//! fn serve(path: &Path, binding: &Binding) -> Result<(), Box<dyn std::error::Error>> {
+//!     // A swapped device or foreign metadata is refused here (exit 2).
+//!     let (store, vol) = MetadataStore::open(path, binding)?;
+//!     let vol = Arc::new(vol);
+//!     // Runs before every commit: the data the tables describe is durable first.
+//!     let flush_data: DataFlush = Box::new(|_devs| Ok(()));
+//!     let committer = Committer::start(store, vol.clone(), flush_data, Duration::from_secs(1));
+//!     let commits = committer.handle();
+//!     commits.request(); // what `Backend::request_commit` does
+//!     assert!(commits.failed().is_none()); // `Backend::commit_failed`
+//!     committer.stop()?; // the final commit, on SIGTERM
+//!     Ok(())
+//! }
 //! ```
 
 pub mod committer;

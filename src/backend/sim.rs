@@ -705,7 +705,7 @@ impl crate::metadata::MetaDevice for SimMetaDevice {
         Some(self.disk.power.boot_id())
     }
 
-    fn try_clone(&self) -> io::Result<Self> {
+    fn log_handle(&self) -> io::Result<Self> {
         Ok(self.clone())
     }
 }

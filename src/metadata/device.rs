@@ -37,9 +37,12 @@ pub trait MetaDevice {
         }
         Some(id)
     }
-    /// A second handle to the same device (the restore log's writer runs
-    /// on its own thread); devices that cannot have no restore log.
-    fn try_clone(&self) -> io::Result<Self>
+    /// A second handle to the same device for the restore log's writer
+    /// (it runs on its own thread). A record only has to outlive the
+    /// process, not the machine (`core::restore_log`), so the handle may
+    /// write through the kernel's page cache. Devices that cannot give one
+    /// have no restore log.
+    fn log_handle(&self) -> io::Result<Self>
     where
         Self: Sized,
     {
@@ -182,11 +185,30 @@ impl MetaDevice for FileMeta {
         self.file.seek(io::SeekFrom::End(0))
     }
 
-    /// A dup of the descriptor: the same open file (its O_DIRECT and its
-    /// lock), written at explicit offsets only.
-    fn try_clone(&self) -> io::Result<Self> {
+    /// The same file opened again, buffered: a record's write then ends in
+    /// the page cache, which a killed process leaves behind, instead of
+    /// queueing on a device the copy keeps busy (a merge waits for it).
+    /// Direct I/O on the main handle stays coherent with it: the kernel
+    /// writes a range's dirty pages back before a direct read or write of
+    /// that range, and every record is whole 4 KiB pages of its own slot.
+    /// Reopened through `/proc/self/fd`, so it is the same file even if the
+    /// path changed, without `O_EXCL` (which the main handle holds) and
+    /// without a second lock. Where that fails: a dup of the main handle.
+    fn log_handle(&self) -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let file = match open_file(Path::new(&proc_path), false, 0) {
+            Ok(f) => f,
+            Err(e) => {
+                log::debug!(
+                    "{}: no buffered handle for the restore log ({e})",
+                    self.path
+                );
+                self.file.try_clone()?
+            }
+        };
         Ok(FileMeta {
-            file: self.file.try_clone()?,
+            file,
             path: self.path.clone(),
             block_device: self.block_device,
         })
@@ -203,5 +225,64 @@ impl MetaDevice for FileMeta {
 
     fn describe(&self) -> String {
         self.path.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::buf::AlignedBuf;
+
+    fn flags(m: &FileMeta) -> i32 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_GETFL on a descriptor the FileMeta owns.
+        unsafe { libc::fcntl(m.file.as_raw_fd(), libc::F_GETFL) }
+    }
+
+    /// The restore log's handle writes through the page cache, and the
+    /// main (O_DIRECT) handle sees its records, and it the main handle's
+    /// clearing: a restart after a kill reads the records the killed
+    /// process left in the page cache.
+    #[test]
+    fn the_log_handle_is_buffered_and_coherent_with_the_direct_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta");
+        std::fs::write(&path, vec![0u8; 64 << 10]).unwrap();
+        let mut main = FileMeta::open(&path, false).unwrap();
+        let mut log = main.log_handle().unwrap();
+        assert_eq!(
+            flags(&log) & libc::O_DIRECT,
+            0,
+            "the log handle is buffered"
+        );
+
+        let mut record = AlignedBuf::new(8192);
+        record.fill(0xa5);
+        log.write_at(&record, 16384).unwrap();
+        let mut seen = AlignedBuf::new(8192);
+        main.read_at(&mut seen, 16384).unwrap();
+        assert!(
+            seen.iter().all(|&b| b == 0xa5),
+            "the direct handle reads the record"
+        );
+
+        let zero = AlignedBuf::new(8192);
+        main.write_at(&zero, 16384).unwrap();
+        log.read_at(&mut seen, 16384).unwrap();
+        assert!(
+            seen.iter().all(|&b| b == 0),
+            "the log handle sees the clearing"
+        );
+
+        // The main handle keeps its lock; the log handle took none.
+        assert!(
+            FileMeta::open(&path, false).is_err(),
+            "still locked by the main handle"
+        );
+        drop(main);
+        assert!(
+            FileMeta::open(&path, false).is_ok(),
+            "the log handle holds no lock"
+        );
     }
 }

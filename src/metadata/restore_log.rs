@@ -8,9 +8,10 @@ use crate::backend::buf::AlignedBuf;
 use crate::core::{Track, Volume};
 use std::io;
 
-/// Writes restore log records, on a handle of its own to the metadata, so
-/// that a host write waiting for a record never waits behind a commit's
-/// flushes.
+/// Writes restore log records, on a handle of its own to the metadata
+/// ([`MetaDevice::log_handle`]: buffered, so a record's write ends in the
+/// page cache), so that a host write waiting for a record never waits
+/// behind a commit's flushes or the copy's I/O.
 pub struct RestoreLogWriter<D> {
     dev: D,
     uuid: [u8; 16],
@@ -28,7 +29,7 @@ impl<D: MetaDevice> RestoreLogWriter<D> {
             );
             return None;
         };
-        let dev = dev.try_clone().ok()?;
+        let dev = dev.log_handle().ok()?;
         Some(RestoreLogWriter {
             dev,
             uuid: sb.uuid,

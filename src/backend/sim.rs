@@ -113,6 +113,7 @@ impl SimDisks {
             }
             if let Some(v) = &self.volatile {
                 v.power.tick()?;
+                v.power.flushing();
                 v.caches[dev.index()].flush();
             }
             self.flush_log.borrow_mut().push(dev);
@@ -124,6 +125,17 @@ impl SimDisks {
     pub fn crash_images(&self, rng: &mut fastrand::Rng) -> (Vec<u8>, Vec<u8>) {
         let v = self.volatile.as_ref().expect("volatile disks");
         (v.caches[0].crash_image(rng), v.caches[1].crash_image(rng))
+    }
+
+    /// What survives when the devices share one cache and lose it (see
+    /// [`WriteCache::one_cache_image`]): (primary, secondary).
+    pub fn one_cache_images(&self) -> (Vec<u8>, Vec<u8>) {
+        let v = self.volatile.as_ref().expect("volatile disks");
+        let upto = v.power.flushed_upto();
+        (
+            v.caches[0].one_cache_image(upto),
+            v.caches[1].one_cache_image(upto),
+        )
     }
 
     /// A write covering the whole failing read range of the primary heals
@@ -334,7 +346,7 @@ impl SimBackend {
         }
         if let Some(v) = &self.disks.volatile {
             v.power.tick()?;
-            v.caches[dev.index()].record(offset, buf, fua);
+            v.caches[dev.index()].record(offset, buf, fua, v.power.next_write());
         }
         if dev == Dev::Secondary {
             let w = &self.disks.secondary_written;
@@ -456,6 +468,13 @@ pub struct Power {
     cut_at: Cell<u64>,
     off: Cell<bool>,
     boot: u64,
+    /// Device writes so far, in completion order: each cached write is
+    /// tagged with its number.
+    writes: Cell<u64>,
+    /// Writes numbered up to this were completed before a flush of any
+    /// device began: what survives when all the devices share one cache
+    /// ([`WriteCache::one_cache_image`]).
+    flushed_upto: Cell<u64>,
 }
 
 thread_local! {
@@ -468,6 +487,8 @@ impl Default for Power {
             ops: Cell::new(0),
             cut_at: Cell::new(u64::MAX),
             off: Cell::new(false),
+            writes: Cell::new(0),
+            flushed_upto: Cell::new(0),
             boot: BOOTS.with(|b| {
                 b.set(b.get() + 1);
                 b.get()
@@ -513,6 +534,23 @@ impl Power {
         self.off.set(true);
     }
 
+    /// Numbers a device write that completed.
+    fn next_write(&self) -> u64 {
+        self.writes.set(self.writes.get() + 1);
+        self.writes.get()
+    }
+
+    /// A flush of any device began: in the one-cache view every write
+    /// completed so far is durable.
+    fn flushing(&self) {
+        self.flushed_upto.set(self.writes.get());
+    }
+
+    /// See [`WriteCache::one_cache_image`].
+    pub fn flushed_upto(&self) -> u64 {
+        self.flushed_upto.get()
+    }
+
     pub fn is_off(&self) -> bool {
         self.off.get()
     }
@@ -538,7 +576,8 @@ impl Power {
 /// keeps or loses.
 pub struct WriteCache {
     durable: RefCell<Vec<u8>>,
-    unflushed: RefCell<Vec<(u64, Vec<u8>)>>,
+    /// (offset, bytes, write number) of each unflushed unit.
+    unflushed: RefCell<Vec<(u64, Vec<u8>, u64)>>,
 }
 
 const UNIT: u64 = 4096;
@@ -551,13 +590,14 @@ impl WriteCache {
         }
     }
 
-    pub fn record(&self, offset: u64, data: &[u8], fua: bool) {
+    /// `n`: the write's number ([`Power`]).
+    pub fn record(&self, offset: u64, data: &[u8], fua: bool, n: u64) {
         if fua {
             // Written through. The cache keeps earlier unflushed writes of
             // the same units, now with these bytes on top: a later flush
             // still makes the rest of such a unit durable.
             let end = offset + data.len() as u64;
-            for (o, d) in self.unflushed.borrow_mut().iter_mut() {
+            for (o, d, _) in self.unflushed.borrow_mut().iter_mut() {
                 let (from, to) = (offset.max(*o), end.min(*o + d.len() as u64));
                 if from < to {
                     d[(from - *o) as usize..(to - *o) as usize]
@@ -570,14 +610,14 @@ impl WriteCache {
         let mut pos = offset;
         let mut unflushed = self.unflushed.borrow_mut();
         for unit in data_units(offset, data) {
-            unflushed.push((pos, unit.to_vec()));
+            unflushed.push((pos, unit.to_vec(), n));
             pos += unit.len() as u64;
         }
     }
 
     pub fn flush(&self) {
         let mut durable = self.durable.borrow_mut();
-        for (o, d) in self.unflushed.borrow_mut().drain(..) {
+        for (o, d, _) in self.unflushed.borrow_mut().drain(..) {
             apply(&mut durable, o, &d);
         }
     }
@@ -593,9 +633,24 @@ impl WriteCache {
         let mut img = self.durable.borrow().clone();
         let mut units = self.unflushed.borrow().clone();
         rng.shuffle(&mut units);
-        for (o, d) in units {
+        for (o, d, _) in units {
             if rng.bool() {
                 apply(&mut img, o, &d);
+            }
+        }
+        img
+    }
+
+    /// The durable image plus the unflushed writes numbered up to `upto`,
+    /// in order: what survives when every device sits behind one cache
+    /// that a flush of any of them empties (one disk carved into
+    /// partitions; the VM's power-cut test logs all three devices through
+    /// one dm-log-writes target this way), cut just before the next flush.
+    pub fn one_cache_image(&self, upto: u64) -> Vec<u8> {
+        let mut img = self.durable.borrow().clone();
+        for (o, d, n) in self.unflushed.borrow().iter() {
+            if *n <= upto {
+                apply(&mut img, *o, d);
             }
         }
         img
@@ -632,12 +687,38 @@ fn apply(img: &mut Vec<u8>, offset: u64, data: &[u8]) {
 #[derive(Clone)]
 pub struct SimMetaDevice {
     disk: Rc<SimMetaDisk>,
+    /// The restore log's handle ([`MetaDevice::log_handle`]): its writes
+    /// stay in a page cache until the main handle flushes the device or
+    /// writes over them, as a buffered handle's do.
+    ///
+    /// [`MetaDevice::log_handle`]: crate::metadata::MetaDevice::log_handle
+    buffered: bool,
 }
 
 struct SimMetaDisk {
+    /// What a read sees: the device with the page cache on top.
     current: RefCell<Vec<u8>>,
     cache: WriteCache,
+    /// Buffered writes not yet written back to the device: a killed
+    /// process leaves them behind (`current` has them), a power cut loses
+    /// them.
+    page_cache: RefCell<Vec<(u64, Vec<u8>)>>,
     power: Rc<Power>,
+}
+
+impl SimMetaDisk {
+    /// Writes back the page cache's writes that overlap `range` (all of
+    /// them for `None`), as the kernel does before a direct write of a
+    /// range and on fdatasync.
+    fn write_back(&self, range: Option<(u64, u64)>) {
+        let mut pages = self.page_cache.borrow_mut();
+        let overlaps =
+            |o: u64, len: usize| range.is_none_or(|(at, end)| o < end && at < o + len as u64);
+        for (o, d) in pages.iter().filter(|(o, d)| overlaps(*o, d.len())) {
+            self.cache.record(*o, d, false, self.power.next_write());
+        }
+        pages.retain(|(o, d)| !overlaps(*o, d.len()));
+    }
 }
 
 impl SimMetaDevice {
@@ -647,13 +728,22 @@ impl SimMetaDevice {
             disk: Rc::new(SimMetaDisk {
                 current: RefCell::new(image.clone()),
                 cache: WriteCache::new(image),
+                page_cache: RefCell::new(Vec::new()),
                 power,
             }),
+            buffered: false,
         }
     }
 
     pub fn crash_image(&self, rng: &mut fastrand::Rng) -> Vec<u8> {
         self.disk.cache.crash_image(rng)
+    }
+
+    /// See [`WriteCache::one_cache_image`].
+    pub fn one_cache_image(&self) -> Vec<u8> {
+        self.disk
+            .cache
+            .one_cache_image(self.disk.power.flushed_upto())
     }
 
     /// Everything written, cached or not: what a restart after `kill -9`
@@ -677,12 +767,35 @@ impl crate::metadata::MetaDevice for SimMetaDevice {
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.disk.power.tick()?;
         apply(&mut self.disk.current.borrow_mut(), offset, buf);
-        self.disk.cache.record(offset, buf, false);
+        if self.buffered {
+            let mut pages = self.disk.page_cache.borrow_mut();
+            pages.retain(|(o, d)| !(*o == offset && d.len() == buf.len()));
+            pages.push((offset, buf.to_vec()));
+            return Ok(());
+        }
+        let n = buf.len() as u64;
+        self.disk.write_back(Some((offset, offset + n)));
+        self.disk
+            .cache
+            .record(offset, buf, false, self.disk.power.next_write());
         Ok(())
     }
 
+    /// fdatasync: the page cache is written back first.
     fn flush(&mut self) -> io::Result<()> {
         self.disk.power.tick()?;
+        self.disk.write_back(None);
+        self.disk.power.flushing();
+        self.disk.cache.flush();
+        Ok(())
+    }
+
+    /// A synchronous direct write writes back only its own range of the
+    /// page cache before the device flush that makes it durable.
+    fn write_at_durable(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)?;
+        self.disk.power.tick()?;
+        self.disk.power.flushing();
         self.disk.cache.flush();
         Ok(())
     }
@@ -706,6 +819,9 @@ impl crate::metadata::MetaDevice for SimMetaDevice {
     }
 
     fn log_handle(&self) -> io::Result<Self> {
-        Ok(self.clone())
+        Ok(SimMetaDevice {
+            disk: self.disk.clone(),
+            buffered: true,
+        })
     }
 }

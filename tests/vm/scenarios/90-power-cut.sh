@@ -330,7 +330,12 @@ check_point() {
     CHECKED=$((CHECKED + 1))
     if [ $((CHECKED % VERIFY_EVERY)) = 0 ]; then
         timeout 300 splitmirror wait -c "$CONFIG" --timeout 300 >/dev/null || problem "wait for the resumed operation failed (rc=$?)"
-        timeout 300 splitmirror verify -c "$CONFIG" >"$PC/verify.out" 2>&1 || problem "verify rc=$?: $(tail -n 3 "$PC/verify.out" | tr '\n' ' ')"
+        if ! timeout 300 splitmirror verify -c "$CONFIG" >"$PC/verify.out" 2>&1; then
+            problem "verify rc=$?: $(tail -n 3 "$PC/verify.out" | tr '\n' ' ')"
+            # what a post-mortem needs: the restart's state and its log
+            info "status after the failed verify: $(status_json)"
+            info "the restarted server's log:"; sed 's/^/    | /' "$PC/srv.err"
+        fi
         info "resumed operation done, verify clean, state $(state)"
     fi
     stop_server

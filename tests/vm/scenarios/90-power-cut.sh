@@ -330,13 +330,26 @@ check_point() {
     CHECKED=$((CHECKED + 1))
     if [ $((CHECKED % VERIFY_EVERY)) = 0 ]; then
         timeout 300 splitmirror wait -c "$CONFIG" --timeout 300 >/dev/null || problem "wait for the resumed operation failed (rc=$?)"
-        if ! timeout 300 splitmirror verify -c "$CONFIG" >"$PC/verify.out" 2>&1; then
-            problem "verify rc=$?: $(tail -n 3 "$PC/verify.out" | tr '\n' ' ')"
+        timeout 300 splitmirror verify -c "$CONFIG" >"$PC/verify.out" 2>&1; _vrc=$?
+        if [ "$_vrc" != 0 ]; then
+            problem "verify rc=$_vrc: $(tail -n 3 "$PC/verify.out" | tr '\n' ' ')"
             # what a post-mortem needs: the restart's state and its log
             info "status after the failed verify: $(status_json)"
             info "the restarted server's log:"; sed 's/^/    | /' "$PC/srv.err"
+            # each 64 KiB of the first mismatching tracks on both devices
+            # (raw blocks start with their own name; zeros: never written)
+            for _t in $(sed -n 's/^mismatching tracks: //p' "$PC/verify.out" | tr -cs '0-9' ' ' | cut -d' ' -f1-3); do
+                for _dev in pc-primary pc-secondary; do
+                    _k=0
+                    while [ $_k -lt $((TRACK / BLK)) ]; do
+                        info "track $_t +$((_k * BLK / 1024))K on $_dev: $(dd if=/dev/mapper/$_dev bs="$BLK" skip=$((_t * TRACK / BLK + _k)) count=1 iflag=direct 2>/dev/null | head -c 24 | od -An -c | tr -s ' ' | head -n 2 | tr '\n' ' ')"
+                        _k=$((_k + 1))
+                    done
+                done
+            done
+        else
+            info "resumed operation done, verify clean, state $(state)"
         fi
-        info "resumed operation done, verify clean, state $(state)"
     fi
     stop_server
 }

@@ -719,6 +719,12 @@ impl SimMetaDisk {
         }
         pages.retain(|(o, d)| !overlaps(*o, d.len()));
     }
+
+    /// The device's own cache flush (a FLUSH that has drawn on the power).
+    fn flush_cache(&self) {
+        self.power.flushing();
+        self.cache.flush();
+    }
 }
 
 impl SimMetaDevice {
@@ -785,8 +791,7 @@ impl crate::metadata::MetaDevice for SimMetaDevice {
     fn flush(&mut self) -> io::Result<()> {
         self.disk.power.tick()?;
         self.disk.write_back(None);
-        self.disk.power.flushing();
-        self.disk.cache.flush();
+        self.disk.flush_cache();
         Ok(())
     }
 
@@ -795,8 +800,7 @@ impl crate::metadata::MetaDevice for SimMetaDevice {
     fn write_at_durable(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.write_at(buf, offset)?;
         self.disk.power.tick()?;
-        self.disk.power.flushing();
-        self.disk.cache.flush();
+        self.disk.flush_cache();
         Ok(())
     }
 

@@ -458,21 +458,19 @@ scenario_timeout() {
   echo "${t:-$DEFAULT_TIMEOUT}"
 }
 
+# The first line of a guest kernel's crash report on the console
+KERNEL_CRASH_RE='\] (Oops|BUG|general protection fault)|Kernel panic - not syncing'
 # True when the guest kernel oopsed or panicked before the scenario printed
 # its result, and no frame of the trace is ublk_drv's (the "Modules linked
 # in" line always names it, so only "function+0x../0x.." frames count).
 guest_kernel_crashed() {
   grep -aq 'SPLITMIRROR-VM-RESULT' "$1" && return 1
-  grep -aqE 'Kernel panic - not syncing|\] (Oops|BUG|general protection fault)' "$1" || return 1
+  grep -aqE "$KERNEL_CRASH_RE" "$1" || return 1
   ! sed -n '/SPLITMIRROR-VM-START/,$p' "$1" | grep -aqE 'ublk[a-z0-9_]*\+0x[0-9a-f]+/0x'
 }
 # The first lines of the guest's kernel report, or the log's tail
 crash_excerpt() {
-  if grep -aqE '\] (Oops|BUG|general protection fault)|Kernel panic' "$1"; then
-    grep -aE -m 1 -A 14 '\] (Oops|BUG|general protection fault)|Kernel panic' "$1"
-  else
-    tail -n 8 "$1"
-  fi
+  grep -aE -m 1 -A 14 "$KERNEL_CRASH_RE" "$1" || tail -n 8 "$1"
 }
 
 passed=0 failed=0 retried=0
